@@ -1,0 +1,131 @@
+"""Resolving backends by name, environment variable and third-party entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import statebackends
+from statebackends import StateStore, get_store, store_from_config
+
+BUILTINS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
+
+
+def test_available_lists_the_five_builtins() -> None:
+    assert set(BUILTINS) <= set(statebackends.available())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_get_store_by_name(name: str) -> None:
+    store = get_store(name, dict)
+    assert isinstance(store, StateStore) and store.name == name
+    assert get_store(f"  {name.upper()} ", dict).name == name
+
+
+def test_get_store_passes_a_store_through() -> None:
+    store = get_store("contextvar", dict)
+    assert get_store(store, list) is store
+
+
+@pytest.mark.parametrize("bad", ["nope", "", 42, None])
+def test_unknown_backend_names_the_value_and_every_valid_name(bad: object) -> None:
+    with pytest.raises(ValueError) as info:
+        get_store(bad, dict)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert repr(bad) in message
+    assert all(name in message for name in BUILTINS)
+
+
+def test_bad_factory_is_rejected() -> None:
+    with pytest.raises(TypeError, match="factory"):
+        get_store("contextvar", "not callable")  # type: ignore[arg-type]
+
+
+def test_store_from_config_precedence() -> None:
+    env = {"FIRST": "threadlocal", "SECOND": "instance"}
+    assert store_from_config("invocation_id", dict, env_vars=["FIRST", "SECOND"], environ=env).name == "invocation_id"
+    assert store_from_config(None, dict, env_vars=["FIRST", "SECOND"], environ=env).name == "threadlocal"
+    assert store_from_config(None, dict, env_vars=["UNSET", "SECOND"], environ=env).name == "instance"
+    assert store_from_config(None, dict, env_vars=["UNSET"], environ=env).name == "contextvar"
+
+
+def test_store_from_config_bad_env_logs_and_uses_default(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="statebackends"):
+        store = store_from_config(None, dict, env_vars=["SB_VAR"], environ={"SB_VAR": "bogus"}, default="threadlocal")
+    assert store.name == "threadlocal"
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "SB_VAR" in record.getMessage() and "bogus" in record.getMessage() and "contextvar" in record.getMessage()
+
+
+def test_store_from_config_bad_value_raises() -> None:
+    with pytest.raises(ValueError, match="bogus"):
+        store_from_config("bogus", dict, env_vars=[], environ={})
+
+
+def _write_dist(root: Path, dist: str, module: str, source: str, entry: str) -> None:
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[statebackends]\n{entry}\n")
+
+
+@pytest.fixture
+def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for mod in ("sb_thirdparty_ok", "sb_thirdparty_broken"):
+        sys.modules.pop(mod, None)
+
+
+def test_third_party_backend_through_a_real_entry_point(plugin_path: Path) -> None:
+    _write_dist(
+        plugin_path,
+        "sb_thirdparty_ok",
+        "sb_thirdparty_ok",
+        """
+        from statebackends.contextvar import ContextVarStore
+
+        class TaskLocalStore(ContextVarStore):
+            \"\"\"A third-party backend: a ContextVar store under another name.\"\"\"
+            name = "tasklocal"
+        """,
+        "tasklocal = sb_thirdparty_ok:TaskLocalStore",
+    )
+    assert "tasklocal" in statebackends.available()
+    store = get_store("tasklocal", dict)
+    with store.invocation(object()) as state:
+        assert store.current(None) is state
+    assert type(store).__module__ == "sb_thirdparty_ok"
+
+
+def test_broken_third_party_entry_point_is_reported_and_hides_nothing(
+    plugin_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_dist(plugin_path, "sb_thirdparty_broken", "sb_thirdparty_broken", "raise ImportError('no such dep')\n",
+                "brokenstore = sb_thirdparty_broken:Store")
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        names = statebackends.available()
+    assert set(BUILTINS) <= set(names) and "brokenstore" not in names
+    assert any("brokenstore" in r.getMessage() and "no such dep" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError) as info:
+        get_store("brokenstore", dict)
+    assert "failed to load" in str(info.value) and "no such dep" in str(info.value)
+    assert get_store("contextvar", dict).name == "contextvar"
+
+
+def test_isolation_table_is_made_from_the_declarations() -> None:
+    table = statebackends.isolation_table()
+    for name in BUILTINS:
+        assert f"`{name}`" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert rows["asyncio tasks on one loop"].count("**no**") == 2  # instance, threadlocal
+
+
+def test_readme_embeds_the_current_isolation_table() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert statebackends.isolation_table() in readme, "README's backend table drifted: paste isolation_table()"
