@@ -30,6 +30,9 @@ of the request's ``messages``; they may appear anywhere in that text):
                           present, answer ``"done TAG"`` (finish ``"stop"``).
                           With N = 0 (default) the first answer is final.
 ``[tool:NAME]``           use tool NAME instead of ``sb_echo``.
+``[tool_ms:D]``           add ``"sleep_ms": D`` to each tool call's args (the
+                          harness's ``sb_echo`` sleeps that long, so the calls
+                          of one batch overlap in Hermes's tool pool).
 ``[delegate:KID]``        first turn calls Hermes ``delegate_task`` with
                           ``{"goal": "[conv:KID] ..."}`` (id ``call_TAG_delegate``)
                           so the child agent's own requests carry tag KID.
@@ -69,8 +72,11 @@ __all__ = [
     "DEFAULT_MODELS",
 ]
 
-#: HTTP status used for ``[llm_error]``.  400 is a non-retryable client error
-#: for Hermes (see the report in the module's companion harness).
+#: HTTP status used for ``[llm_error]``.  Hermes 0.19 classifies 400 as a
+#: non-retryable client error: one request, no retry, and ``run_conversation``
+#: RETURNS (does not raise) ``{"failed": True, "completed": False,
+#: "error": "HTTP 400: ...", "final_response": "HTTP 400: ...", ...}``;
+#: ``AIAgent.chat`` returns that error text.
 ERROR_STATUS = 400
 #: Models listed by ``GET /v1/models``.
 DEFAULT_MODELS: Tuple[str, ...] = ("fake-model",)
@@ -90,6 +96,7 @@ class Directives:
     delegate: Optional[str] = None
     delegate_batch: Tuple[str, ...] = ()
     child_tools: int = 0
+    tool_ms: int = 0
     llm_error: bool = False
     delay_ms: int = 0
 
@@ -118,6 +125,7 @@ def parse_directives(text: str) -> Directives:
         delegate=(found.get("delegate") or "").strip() or None,
         delegate_batch=tuple(t.strip() for t in batch.split(",") if t.strip()) if batch else (),
         child_tools=_int("child_tools"),
+        tool_ms=_int("tool_ms"),
         llm_error="llm_error" in found,
         delay_ms=_int("delay_ms"),
     )
@@ -317,10 +325,13 @@ class Script:
             calls = ((f"call_{d.conv}_delegate", "delegate_task", json.dumps(args)),)
             content, finish = None, "tool_calls"
         elif d.tools > 0:
-            calls = tuple(
-                (f"call_{d.conv}_{i}", d.tool, json.dumps({"text": f"{d.conv}-{i}"}))
-                for i in range(1, d.tools + 1)
-            )
+            def _args(i: int) -> str:
+                a: Dict[str, Any] = {"text": f"{d.conv}-{i}"}
+                if d.tool_ms:
+                    a["sleep_ms"] = d.tool_ms
+                return json.dumps(a)
+
+            calls = tuple((f"call_{d.conv}_{i}", d.tool, _args(i)) for i in range(1, d.tools + 1))
             content, finish = None, "tool_calls"
         else:
             content, finish = f"done {d.conv}", "stop"

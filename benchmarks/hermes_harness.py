@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from benchmarks.fakellm import ERROR_STATUS, LogEntry, Reply, Script
+from benchmarks.fakellm import LogEntry, Reply, Script
 
 if TYPE_CHECKING:  # pragma: no cover
     from run_agent import AIAgent
@@ -140,6 +140,9 @@ _tool_log_lock = threading.Lock()
 
 def _record(name: str, args: Dict[str, Any]) -> str:
     text = str(args.get("text", ""))
+    sleep_ms = args.get("sleep_ms")
+    if isinstance(sleep_ms, (int, float)) and sleep_ms > 0:
+        time.sleep(sleep_ms / 1000.0)
     rec = ToolCallRecord(name, text, threading.current_thread().name)
     with _tool_log_lock:
         _tool_log.append(rec)
@@ -159,7 +162,8 @@ def clear_tool_log() -> None:
 
 
 def _sb_echo(args: Dict[str, Any], **_: Any) -> str:
-    """Handler of ``sb_echo``: returns ``args["text"]`` (and records the call)."""
+    """Handler of ``sb_echo``: sleeps ``args["sleep_ms"]`` if given, records the
+    call and returns ``args["text"]``."""
     return _record("sb_echo", args)
 
 
@@ -175,7 +179,10 @@ def _schema(name: str, description: str) -> Dict[str, Any]:
         "description": description,
         "parameters": {
             "type": "object",
-            "properties": {"text": {"type": "string", "description": "Text to echo."}},
+            "properties": {
+                "text": {"type": "string", "description": "Text to echo."},
+                "sleep_ms": {"type": "integer", "description": "Optional delay before answering."},
+            },
             "required": ["text"],
         },
     }
@@ -233,8 +240,12 @@ def make_agent(
     (``delegation=True`` appends :data:`DELEGATION_TOOLSET`, i.e. the
     ``delegate_task`` tool); ``streaming=False`` sets
     ``agent._disable_streaming = True`` (Hermes streams by default).  Extra
-    ``kwargs`` go to ``AIAgent``.  Construction sends ~6 model-probing HTTP
-    requests to ``base_url`` even when the LLM is later faked in process.
+    ``kwargs`` go to ``AIAgent``.  Construction sends ~11 model-probing GETs
+    to ``base_url`` (``/api/v1/models``, ``/api/tags``, ``/v1/props``,
+    ``/props``, ``/version``, ``/v1/models``; 404 is fine) even when the LLM is
+    later faked in process; a closed loopback port is tolerated too.
+    Takes ~0.4-1.5 s: build once, reuse (concurrent non-streaming
+    ``run_conversation`` calls on one agent are fine).
     """
     register_bench_tools()
     from run_agent import AIAgent
@@ -313,15 +324,15 @@ class InProcessLLM:
 
     @staticmethod
     def _error(reply: Reply) -> Exception:
+        """The ``openai`` exception the SDK raises for ``reply``'s HTTP status."""
         import httpx
         import openai
 
-        request = httpx.Request("POST", "http://in-process.invalid/v1/chat/completions")
-        response = httpx.Response(reply.status, json=reply.error_body(), request=request)
         body = reply.error_body()
-        if reply.status == ERROR_STATUS == 400:
-            return openai.BadRequestError(reply.error or "", response=response, body=body["error"])
-        return openai.APIStatusError(reply.error or "", response=response, body=body["error"])
+        request = httpx.Request("POST", "http://in-process.invalid/v1/chat/completions")
+        response = httpx.Response(reply.status, json=body, request=request)
+        cls = openai.BadRequestError if reply.status == 400 else openai.APIStatusError
+        return cls(reply.error or "", response=response, body=body["error"])
 
     def install(self, agent: "AIAgent") -> "AIAgent":
         """Shadow ``agent._create_request_openai_client`` with this fake."""

@@ -1,0 +1,84 @@
+"""OpenTelemetry instrumentation of the Hermes agent (``hermes-agent``, ``run_agent.AIAgent``).
+
+Usage::
+
+    from instrumentation.hermes_agent import HermesAgentInstrumentor
+
+    HermesAgentInstrumentor().instrument(state_backend="contextvar")
+
+The per-call state (open spans, token sums, the last response id) lives in a
+``statebackends`` store: the ``state_backend`` kwarg, else
+``OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND``, else
+``OTEL_PYTHON_STATE_BACKEND``, else ``contextvar``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Collection, Optional
+
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
+
+from statebackends import StateStore
+
+from .config import capture_content, resolve_store
+from .package import _instruments
+from .state import InvocationState
+from .version import __version__
+from .wrappers import HermesWrappers
+
+__all__ = ["HermesAgentInstrumentor"]
+
+_logger = logging.getLogger(__name__)
+
+# (module, attribute path, wrapper method name)
+_WRAPPED = (
+    ("run_agent", "AIAgent.run_conversation", "run_conversation"),
+    ("run_agent", "AIAgent._interruptible_api_call", "api_call"),
+    ("run_agent", "AIAgent._interruptible_streaming_api_call", "streaming_api_call"),
+    ("run_agent", "AIAgent._execute_tool_calls", "execute_tool_calls"),
+    ("run_agent", "AIAgent._invoke_tool", "invoke_tool"),
+    ("run_agent", "AIAgent._dispatch_delegate_task", "dispatch_delegate_task"),
+    ("run_agent", "handle_function_call", "handle_function_call"),
+    ("tools.delegate_tool", "_build_child_agent", "build_child_agent"),
+)
+
+
+class HermesAgentInstrumentor(BaseInstrumentor):
+    """Traces ``AIAgent`` calls: ``invoke_agent``, one step per ReAct round, ``chat`` and ``execute_tool`` spans.
+
+    ``state_backend`` (after ``instrument``) names the backend in use and ``store`` is the store itself.
+    """
+
+    state_backend: Optional[str] = None
+    store: Optional[StateStore[InvocationState]] = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        store = resolve_store(kwargs.get("state_backend"), InvocationState)
+        tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"))
+        meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"))
+        wrappers = HermesWrappers(tracer, store, meter=meter, capture_content=capture_content())
+        self.store, self.state_backend, self._wrappers = store, store.name, wrappers
+        import run_agent  # noqa: F401 - the instrumented module
+        import tools.delegate_tool  # noqa: F401
+
+        for module, name, method in _WRAPPED:
+            wrap_function_wrapper(module, name, getattr(wrappers, method))
+        _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        import importlib
+
+        for module, name, _ in _WRAPPED:
+            owner: Any = importlib.import_module(module)
+            *path, attribute = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            unwrap(owner, attribute)
+        self.store = self.state_backend = None
