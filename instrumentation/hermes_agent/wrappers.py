@@ -66,6 +66,12 @@ def _record_error(span: Span, exc: BaseException) -> None:
     span.record_exception(exc)
 
 
+def _mark_failed(span: Span, result: dict) -> None:
+    """Hermes reports some failures (a non-retryable LLM error) in its result instead of raising."""
+    span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
+    span.set_attribute(ERROR_TYPE, "agent_run_failed")
+
+
 def _tool_error_type(result: Any) -> Optional[tuple[str, str]]:
     """Hermes turns a tool's exception into a JSON ``{"error": ...}`` result: (error.type, message) or None."""
     if not isinstance(result, str) or not result.startswith("{") or '"error"' not in result:
@@ -79,8 +85,10 @@ def _tool_error_type(result: Any) -> Optional[tuple[str, str]]:
     message = str(payload["error"])
     error_type = "tool_error"
     marker = "Tool execution failed: "
-    if message.startswith(marker) and ":" in message[len(marker):]:
-        error_type = message[len(marker):].split(":", 1)[0].strip() or error_type
+    _, found, rest = message.partition(marker)
+    if found and ":" in rest:
+        name = rest.split(":", 1)[0].strip()
+        error_type = name if name.isidentifier() else error_type
     return error_type, message
 
 
@@ -183,9 +191,12 @@ class HermesWrappers:
         scope, token = opened
         state: InvocationState = scope.state
         span = state.agent_span
+        failed = error is None and isinstance(result, dict) and bool(result.get("failed"))
         try:
             if state.step_span is not None:
-                self._end_step(state, "error" if error is not None else None, error)
+                if failed:
+                    _mark_failed(state.step_span, result)
+                self._end_step(state, "error" if error is not None or failed else None, error)
             if span is not None:
                 if state.response_id:
                     span.set_attribute(GenAI.GEN_AI_RESPONSE_ID, state.response_id)
@@ -197,9 +208,8 @@ class HermesWrappers:
                 span.set_attribute(GenAI.GEN_AI_USAGE_OUTPUT_TOKENS, state.output_tokens)
                 if error is not None:
                     _record_error(span, error)
-                elif isinstance(result, dict) and result.get("failed"):
-                    span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
-                    span.set_attribute(ERROR_TYPE, "agent_run_failed")
+                elif failed:
+                    _mark_failed(span, result)
                 if self.capture_content and isinstance(result, dict) and result.get("final_response"):
                     span.set_attribute(
                         _OUTPUT_MESSAGES,
