@@ -296,8 +296,8 @@ class HermesWrappers:
     def _start_chat(self, instance: Any, args: tuple, kwargs: dict, streaming: bool) -> tuple:
         state = self.store.current(instance)
         if state is not None:
-            state.llm_depth += 1
-            if state.llm_depth > 1:  # the streaming path falling back to the plain call: one span
+            if state.llm_depth > 0:  # the streaming path falling back to the plain call: one span
+                state.llm_depth += 1
                 return state, None, 0.0, kwargs
             if state.step_span is None:
                 self._start_step(state)
@@ -331,6 +331,8 @@ class HermesWrappers:
                 return None
 
             kwargs = {**kwargs, "on_first_delta": on_first_delta}
+        if state is not None:
+            state.llm_depth += 1
         return state, span, started, kwargs
 
     def _end_chat(
