@@ -64,6 +64,7 @@ __all__ = [
     "LogEntry",
     "Reply",
     "Script",
+    "ScriptRecords",
     "FakeLLMServer",
     "parse_directives",
     "first_user_text",
@@ -452,7 +453,33 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
-class FakeLLMServer:
+class ScriptRecords:
+    """What a fake LLM sent, read from its :class:`Script` (shared by the server and the in-process fake)."""
+
+    script: "Script"
+
+    def log(self, tag: str) -> List[LogEntry]:
+        """See :meth:`Script.log`."""
+        return self.script.log(tag)
+
+    def totals(self, tag: str) -> Tuple[int, int]:
+        """See :meth:`Script.totals`."""
+        return self.script.totals(tag)
+
+    def errors(self, tag: str) -> int:
+        """See :meth:`Script.errors`."""
+        return self.script.errors(tag)
+
+    def tags(self) -> List[str]:
+        """See :meth:`Script.tags`."""
+        return self.script.tags()
+
+    def reset(self) -> None:
+        """See :meth:`Script.reset`."""
+        self.script.reset()
+
+
+class FakeLLMServer(ScriptRecords):
     """HTTP front of a :class:`Script` on ``127.0.0.1:<ephemeral>``.
 
     Context manager (or ``start()``/``stop()``).  Serves ``GET /v1/models``
@@ -512,26 +539,9 @@ class FakeLLMServer:
         """``http://127.0.0.1:PORT/v1``."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    # -- recording (delegates to the script) --------------------------------
-    def log(self, tag: str) -> List[LogEntry]:
-        """See :meth:`Script.log`."""
-        return self.script.log(tag)
-
-    def totals(self, tag: str) -> Tuple[int, int]:
-        """See :meth:`Script.totals`."""
-        return self.script.totals(tag)
-
-    def errors(self, tag: str) -> int:
-        """See :meth:`Script.errors`."""
-        return self.script.errors(tag)
-
-    def tags(self) -> List[str]:
-        """See :meth:`Script.tags`."""
-        return self.script.tags()
-
     def reset(self) -> None:
         """Clear the script's logs and the HTTP log."""
-        self.script.reset()
+        super().reset()
         with self._log_lock:
             self.http_log.clear()
 

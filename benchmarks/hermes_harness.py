@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from benchmarks.fakellm import LogEntry, Reply, Script
+from benchmarks.fakellm import LogEntry, Reply, Script, ScriptRecords
 
 if TYPE_CHECKING:  # pragma: no cover
     from run_agent import AIAgent
@@ -293,7 +293,7 @@ class _FakeClient:
         return None
 
 
-class InProcessLLM:
+class InProcessLLM(ScriptRecords):
     """The fake LLM without HTTP, sharing :class:`Script` with the server.
 
     ``create(**kw)`` plans the reply with the script, sleeps ``delay_ms`` and
@@ -347,22 +347,6 @@ class InProcessLLM:
     def uninstall(agent: "AIAgent") -> None:
         """Restore the class's client factory on ``agent``."""
         agent.__dict__.pop("_create_request_openai_client", None)
-
-    def log(self, tag: str) -> List[LogEntry]:
-        """See :meth:`Script.log`."""
-        return self.script.log(tag)
-
-    def totals(self, tag: str) -> Tuple[int, int]:
-        """See :meth:`Script.totals`."""
-        return self.script.totals(tag)
-
-    def errors(self, tag: str) -> int:
-        """See :meth:`Script.errors`."""
-        return self.script.errors(tag)
-
-    def reset(self) -> None:
-        """See :meth:`Script.reset`."""
-        self.script.reset()
 
 
 # ---------------------------------------------------------------------------
