@@ -76,6 +76,9 @@ class CallTruth:
     output_tokens: Optional[int] = None
     children: Sequence["CallTruth"] = ()
     error: bool = False
+    errors: Optional[Mapping[str, int]] = None
+    """Spans with ERROR status expected per kind in this call's whole tree (children included);
+    None leaves them unchecked. Kinds not named are expected to have none."""
 
     def all_tags(self) -> set[str]:
         tags = {self.tag}
@@ -100,12 +103,21 @@ class Verdict:
     state_left: int = 0
     wrong_error: int = 0
     notes: list[str] = field(default_factory=list)
+    leaked: int = 0
+    """Objects of the instrumentation (states, spans) still alive after a run that should have freed them."""
+    memory_over_kib: int = 0
+    """How far memory grew past the bound a run allows (KiB), 0 when within it."""
 
     @property
     def ok(self) -> bool:
-        return (
-            self.expected == self.actual
-            and not (self.never_ended or self.orphans or self.cross_talk or self.state_left or self.wrong_error)
+        return self.expected == self.actual and not (
+            self.never_ended
+            or self.orphans
+            or self.cross_talk
+            or self.state_left
+            or self.wrong_error
+            or self.leaked
+            or self.memory_over_kib
         )
 
     def summary(self) -> str:
@@ -121,6 +133,8 @@ class Verdict:
             ("never ended", self.never_ended),
             ("state left", self.state_left),
             ("wrong status", self.wrong_error),
+            ("leaked", self.leaked),
+            ("memory over bound KiB", self.memory_over_kib),
         ):
             if value:
                 parts.append(f"{label} {value}")
@@ -137,6 +151,8 @@ class Verdict:
             "cross_talk": self.cross_talk,
             "state_left": self.state_left,
             "wrong_error": self.wrong_error,
+            "leaked": self.leaked,
+            "memory_over_kib": self.memory_over_kib,
             "notes": self.notes,
         }
 
@@ -167,6 +183,7 @@ def judge(
     actual = {k: 0 for k in KINDS}
     verdict = Verdict(expected=expected, actual=actual, state_left=state_left)
     verdict.never_ended = sum(1 for s in open_spans if kind_of(s) is not None)
+    error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in KINDS} for c in calls}
 
     def root_call(span: ReadableSpan) -> Optional[str]:
         seen = 0
@@ -203,6 +220,8 @@ def judge(
             verdict.orphans += 1
         allowed = truth[owner].all_tags()
         attrs: Mapping[str, Any] = span.attributes or {}
+        if span.status.status_code.name == "ERROR":
+            error_counts[owner][kind] += 1
         for tag in (
             _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
             _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
@@ -226,4 +245,12 @@ def judge(
             is_error = span.status.status_code.name == "ERROR"
             if is_error != call.error:
                 verdict.wrong_error += 1
+    for call in calls:
+        if call.errors is None:
+            continue
+        for kind in KINDS:
+            want, got = int(call.errors.get(kind, 0)), error_counts[call.tag][kind]
+            if want != got:
+                verdict.wrong_error += abs(want - got)
+                verdict.notes.append(f"{call.tag}: {got} {kind} span(s) with error status, expected {want}")
     return verdict

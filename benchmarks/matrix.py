@@ -1,0 +1,210 @@
+"""``statebackends-matrix``: every backend x every concurrency scenario, on this machine, as a markdown table.
+
+Each cell runs one :mod:`benchmarks.scenarios` scenario on the real hermes-agent
+(or the async stub agent) with one backend and judges the exported spans. A cell
+is EXPECTED ok when the backend declares (``type(store).isolates``) everything
+the scenario requires; a cell whose outcome differs from that is marked
+``✗ unexpected`` and makes the exit code 1.
+
+    statebackends-matrix                      # the whole matrix, markdown
+    statebackends-matrix --json               # machine-readable
+    statebackends-matrix --backend contextvar --scenario threads --scenario soak
+
+The fake LLM listens on 127.0.0.1; every other connection is refused while the
+matrix runs. Hermes's own console output goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Optional, Sequence
+
+from statebackends import available
+
+UNEXPECTED = "✗ unexpected"
+
+
+@dataclass
+class Cell:
+    """The outcome of one scenario with one backend."""
+
+    scenario: Any  # benchmarks.scenarios.Scenario
+    backend: str
+    expected: bool
+    verdict: Any = None  # benchmarks.traces.Verdict, None when the run raised
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.verdict is not None and self.verdict.ok
+
+    @property
+    def as_expected(self) -> bool:
+        return self.ok == self.expected
+
+    def text(self) -> str:
+        """``ok``, the broken counts, or the error; prefixed with ``✗ unexpected`` when not as declared."""
+        if self.error is not None:
+            body = f"error: {self.error}"
+        else:
+            body = self.verdict.summary()
+        if self.as_expected:
+            return body
+        return f"**{UNEXPECTED} ok**" if self.ok else f"**{UNEXPECTED}:** {body}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "scenario": self.scenario.id,
+            "title": self.scenario.title,
+            "requires": sorted(c.value for c in self.scenario.requires),
+            "expected": self.expected,
+            "ok": self.ok,
+            "as_expected": self.as_expected,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "verdict": self.verdict.as_dict() if self.verdict is not None else None,
+        }
+
+
+def run_cell(bench: Any, scenario: Any, backend: str) -> Cell:
+    """Run one cell on ``bench``; an exception is recorded in the cell, never raised."""
+    from .scenarios import expected_ok
+
+    cell = Cell(scenario=scenario, backend=backend, expected=expected_ok(scenario, backend))
+    started = time.perf_counter()
+    try:
+        cell.verdict = scenario.run(bench, backend)
+    except Exception as exc:  # noqa: BLE001 - one broken cell must not hide the others
+        cell.error = f"{type(exc).__name__}: {exc}"
+        cell.verdict = None
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        cell.seconds = time.perf_counter() - started
+    return cell
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("hermes-agent", "opentelemetry-sdk", "opentelemetry-api", "statebackends"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["platform"] = f"{platform.system().lower()} {platform.machine()}, {os.cpu_count()} CPUs"
+    return out
+
+
+def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence[Any], info: dict[str, str], wall: float) -> str:
+    header = ", ".join(f"{k} {v}" for k, v in info.items() if k != "platform")
+    by_key = {(c.scenario.id, c.backend): c for c in cells}
+    lines = [
+        f"statebackends correctness matrix: {header} ({info['platform']})",
+        "",
+        "| scenario | requires | " + " | ".join(f"`{b}`" for b in backends) + " |",
+        "|---|---|" + "---|" * len(backends),
+    ]
+    for s in scenarios:
+        requires = ", ".join(sorted(c.value for c in s.requires)) or "-"
+        row = [by_key[(s.id, b)].text() if (s.id, b) in by_key else "" for b in backends]
+        lines.append(f"| {s.title} (`{s.id}`) | {requires} | " + " | ".join(row) + " |")
+    n_ok = sum(c.ok for c in cells)
+    n_exp = sum(c.as_expected for c in cells)
+    lines += [
+        "",
+        f"{n_ok}/{len(cells)} cells ok; {n_exp}/{len(cells)} as expected from the backends' declarations"
+        f"{'' if n_exp == len(cells) else f' ({len(cells) - n_exp} {UNEXPECTED})'}; {wall:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _pick(kind: str, wanted: Optional[list[str]], valid: Sequence[str]) -> list[str]:
+    if not wanted:
+        return list(valid)
+    bad = [w for w in wanted if w not in valid]
+    if bad:
+        raise ValueError(f"unknown {kind} {', '.join(map(repr, bad))}; valid {kind}s: {', '.join(valid)}")
+    return list(dict.fromkeys(wanted))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="statebackends-matrix",
+        description="Run every state backend through every concurrency scenario on the real hermes-agent "
+        "and print which cells are ok, and whether that matches what each backend declares it isolates.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    parser.add_argument("--backend", action="append", metavar="NAME", help="only this backend (repeatable)")
+    parser.add_argument("--scenario", action="append", metavar="ID", help="only this scenario (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="concurrent callers, 2..16 (default 8)")
+    args = parser.parse_args(argv)
+
+    from . import scenarios as sc
+
+    try:
+        backends = _pick("backend", args.backend, list(available()))
+        chosen = [sc.BY_ID[i] for i in _pick("scenario", args.scenario, [s.id for s in sc.SCENARIOS])]
+    except ValueError as exc:
+        print(f"statebackends-matrix: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if not 2 <= args.threads <= 16:
+            print(f"statebackends-matrix: error: --threads must be 2..16, got {args.threads}", file=sys.stderr)
+            return 2
+        sc.N_CALLERS = args.threads
+
+    from .driver import HermesBench
+    from .hermes_harness import loopback_only
+
+    started = time.perf_counter()
+    cells: list[Cell] = []
+    total = len(backends) * len(chosen)
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    with loopback_only() as guard, contextlib.redirect_stdout(sys.stderr):
+        bench = HermesBench()
+        try:
+            for s in chosen:
+                for b in backends:
+                    cell = run_cell(bench, s, b)
+                    cells.append(cell)
+                    mark = "" if cell.as_expected else f"  {UNEXPECTED}"
+                    progress(f"[{len(cells)}/{total}] {s.id} x {b}: {cell.text()} ({cell.seconds:.1f} s){mark}")
+        finally:
+            bench.close()
+    wall = time.perf_counter() - started
+    info = versions()
+    if guard.blocked:
+        progress(f"statebackends-matrix: refused connections beyond loopback: {guard.blocked}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "versions": info,
+                    "callers": sc.N_CALLERS,
+                    "wall_seconds": round(wall, 1),
+                    "cells": [c.as_dict() for c in cells],
+                    "ok": sum(c.ok for c in cells),
+                    "as_expected": sum(c.as_expected for c in cells),
+                    "total": len(cells),
+                    "blocked_connections": [list(b) for b in guard.blocked],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(markdown(cells, backends, chosen, info, wall))
+    return 0 if all(c.as_expected for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

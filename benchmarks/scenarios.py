@@ -1,0 +1,586 @@
+"""The scenarios of the correctness matrix: every backend x every way Hermes (or an async agent) runs calls.
+
+Each :class:`Scenario` drives the REAL instrumentation (the real ``AIAgent`` of
+hermes-agent on the fake LLM, or :class:`benchmarks.stub_agent.AsyncStubAgent`
+through the instrumentor's live wrappers) under ONE backend and returns the
+:class:`benchmarks.traces.Verdict` of what it exported. ``requires`` is the
+isolation a backend must DECLARE (``type(store).isolates``) for the cell to be
+expected ok, so the expected outcome of every cell is derived from the
+backends' declarations (:func:`expected_ok`), never written by hand.
+
+Every cell instruments a fresh store (``bench.instrument(backend)``) and
+starts from ``bench.reset()``, so an earlier cell's leftovers cannot leak into
+the next. Hermes's agents are built once per bench and reused (building one
+costs about 1.5 s); all of them are NON-streaming, because streaming calls
+on one shared ``AIAgent`` instance interfere inside Hermes itself, whatever
+the instrumentation does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import os
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
+
+from statebackends import Concurrency, get_store
+
+from .driver import HermesBench, run_threads
+from .hermes_harness import BENCH_TOOLSET, InProcessLLM, make_agent, register_bench_tools, wait_for_delegations
+from .stub_agent import AsyncStubAgent
+from .traces import CALLER_PREFIX, KINDS, CallTruth, Verdict, _tag_in, kind_of
+
+C = Concurrency
+
+N_CALLERS = 8
+"""Concurrent callers in the overlapping scenarios (threads, tasks); the matrix allows 2..16."""
+
+SOAK_SEQUENTIAL = 1000
+"""Soak: calls one after another (InProcessLLM, about 5-6 ms each with Hermes)."""
+SOAK_THREADS = 8
+SOAK_PER_THREAD = 100
+"""Soak: then SOAK_THREADS threads x SOAK_PER_THREAD calls, overlapping. About 10-12 s per backend in all."""
+SOAK_WARMUP = 100
+SOAK_MEMORY_BOUND_KIB = 48 * 1024
+"""Generous: RSS after the soak may exceed RSS after the warm-up by this much before the cell fails."""
+
+MATRIX_TOOLSET = "sb_matrix"
+NESTED_TOOL = "sb_nested"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the matrix."""
+
+    id: str
+    title: str
+    requires: frozenset[Concurrency]
+    run: Callable[[HermesBench, str], Verdict] = field(repr=False, compare=False)
+    doc: str = ""
+
+
+# -- expectations from the declarations ------------------------------------------------------------
+
+
+def isolates_of(backend: str) -> frozenset[Concurrency]:
+    """What the backend DECLARES it isolates (``type(store).isolates`` of a store built by name)."""
+    store = get_store(backend, object)
+    return frozenset(getattr(type(store), "isolates", frozenset()))
+
+
+def expected_ok(scenario: Scenario, backend: str) -> bool:
+    """A cell is expected ok exactly when the backend declares all that the scenario requires."""
+    return scenario.requires <= isolates_of(backend)
+
+
+# -- agents, built once per bench ---------------------------------------------------------------------
+
+_nested = threading.local()  # .child: the agent sb_nested runs inline
+
+
+def _sb_nested(args: dict[str, Any], **_: Any) -> str:
+    """Run another real agent INSIDE this tool, on this thread: ``[conv:<parent tag>-kid]``."""
+    child = getattr(_nested, "child", None)
+    if child is None:
+        raise RuntimeError("sb_nested: no child agent set for this thread")
+    text = str(args.get("text", ""))
+    parent_tag = text.rpartition("-")[0] or text
+    result = child.run_conversation(f"[conv:{parent_tag}-kid] hello")
+    return str((result or {}).get("final_response") or "")
+
+
+def register_matrix_tools() -> None:
+    """``sb_echo``/``sb_fail`` (harness) and ``sb_nested`` in toolset ``sb_matrix`` (sequential: not parallel-safe)."""
+    register_bench_tools()
+    from tools.registry import registry
+
+    entry = registry.get_entry(NESTED_TOOL)
+    if entry is None or entry.handler is not _sb_nested:
+        registry.register(
+            name=NESTED_TOOL,
+            toolset=MATRIX_TOOLSET,
+            schema={
+                "name": NESTED_TOOL,
+                "description": "Matrix tool: runs another agent inline and returns its answer.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string", "description": "Tag of the call."}},
+                    "required": ["text"],
+                },
+            },
+            handler=_sb_nested,
+            description="Matrix tool: runs another agent inline.",
+            emoji="*",
+        )
+
+
+class _Agents:
+    def __init__(self, bench: HermesBench) -> None:
+        register_matrix_tools()  # before building: Hermes fixes an agent's tool names at construction
+        self.main = make_agent(bench.server.base_url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET))
+        self.delegating = bench.agent(delegation=True)
+
+
+_agents: "weakref.WeakKeyDictionary[HermesBench, _Agents]" = weakref.WeakKeyDictionary()
+_agents_lock = threading.Lock()
+
+
+def agents(bench: HermesBench) -> _Agents:
+    """The matrix's agents on ``bench``'s server: ``main`` (sb_echo, sb_fail, sb_nested) and ``delegating``."""
+    with _agents_lock:
+        if bench not in _agents:
+            _agents[bench] = _Agents(bench)
+        return _agents[bench]
+
+
+def _truth(bench: HermesBench, tag: str, *, errors: Optional[dict[str, int]] = None, **kwargs: Any) -> CallTruth:
+    """``bench.truth`` plus the error-status spans expected per kind (``CallTruth.errors``)."""
+    return dataclasses.replace(bench.truth(tag, **kwargs), errors=errors)
+
+
+def _explain(bench: HermesBench, verdict: Verdict) -> Verdict:
+    """When span counts are off, note the error-status spans (a retried request explains an extra chat span)."""
+    if verdict.expected != verdict.actual:
+        for span in bench.exporter.get_finished_spans():
+            if kind_of(span) is not None and span.status.status_code.name == "ERROR":
+                verdict.notes.append(f"{span.name}: {(span.status.description or '')[:160]}")
+    return verdict
+
+
+def _begin(bench: HermesBench, backend: str) -> Any:
+    store = bench.instrument(backend)
+    bench.reset()
+    return store
+
+
+# -- 1. control ------------------------------------------------------------------------------------------------
+
+
+def run_sequential(bench: HermesBench, backend: str) -> Verdict:
+    """Calls one after another on one agent, one tool each (Hermes runs a single tool inline): the control."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    tags = [f"seq{i}" for i in range(3)]
+    for tag in tags:
+        bench.call(agent, tag, "[tools:1]")
+    return _explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent]))
+
+
+# -- 2-4. threads --------------------------------------------------------------------------------------------
+
+
+def _threads(bench: HermesBench, backend: str, directives: str, tools: int, prefix: str) -> Verdict:
+    _begin(bench, backend)
+    agent = agents(bench).main
+    tags = [f"{prefix}{i}" for i in range(N_CALLERS)]
+    run_threads(lambda i: bench.call(agent, tags[i], directives), N_CALLERS)
+    return _explain(bench, bench.verdict([bench.truth(t, tools=tools) for t in tags], owners=[agent]))
+
+
+def run_threads_plain(bench: HermesBench, backend: str) -> Verdict:
+    """N threads (barrier) on one shared agent, ``[tools:1] [delay_ms:20]``: one tool per call runs inline, so only threads are tested."""
+    return _threads(bench, backend, "[tools:1] [delay_ms:20]", 1, "th")
+
+
+def run_threads_tool_pool(bench: HermesBench, backend: str) -> Verdict:
+    """N threads (barrier) on one shared agent, ``[tools:2] [delay_ms:20]``: each call's two tools ALSO go through Hermes's concurrent tool pool (a context-copying hop)."""
+    return _threads(bench, backend, "[tools:2] [delay_ms:20]", 2, "tp")
+
+
+def run_to_thread(bench: HermesBench, backend: str) -> Verdict:
+    """N asyncio tasks, each driving the shared agent through ``asyncio.to_thread`` (the context is copied)."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    tags = [f"tt{i}" for i in range(N_CALLERS)]
+
+    async def main() -> None:
+        await asyncio.gather(*(asyncio.to_thread(bench.call, agent, t, "[tools:1] [delay_ms:20]") for t in tags))
+
+    asyncio.run(main())
+    return _explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent]))
+
+
+def run_in_executor(bench: HermesBench, backend: str) -> Verdict:
+    """N asyncio tasks through ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` (the context is NOT copied)."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    tags = [f"ex{i}" for i in range(N_CALLERS)]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=N_CALLERS, thread_name_prefix="matrix-exec") as pool:
+            await asyncio.gather(
+                *(loop.run_in_executor(pool, bench.call, agent, t, "[tools:1] [delay_ms:20]") for t in tags)
+            )
+
+    asyncio.run(main())
+    return _explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent]))
+
+
+# -- 5, 12. asyncio tasks on one loop (the stub agent through the live wrappers) ---------------
+
+
+def _stub(bench: HermesBench, **kwargs: Any) -> AsyncStubAgent:
+    return AsyncStubAgent(lambda: bench.instrumentor._wrappers, bench.server.script, **kwargs)
+
+
+async def _stub_call(bench: HermesBench, stub: AsyncStubAgent, tag: str, directives: str) -> Any:
+    with bench.tracer.start_as_current_span(f"{CALLER_PREFIX}{tag}"):
+        return await stub.run_conversation(f"[conv:{tag}] {directives} hello")
+
+
+def run_async_tasks(bench: HermesBench, backend: str) -> Verdict:
+    """N asyncio tasks interleaved on ONE thread, one shared async stub agent; every LLM turn and tool awaits."""
+    _begin(bench, backend)
+    stub = _stub(bench)
+    tags = [f"as{i}" for i in range(N_CALLERS)]
+
+    async def main() -> None:
+        await asyncio.gather(*(_stub_call(bench, stub, t, "[tools:2]") for t in tags))
+
+    asyncio.run(main())
+    return _explain(bench, bench.verdict([bench.truth(t, tools=2) for t in tags], owners=[stub]))
+
+
+def run_cancel(bench: HermesBench, backend: str) -> Verdict:
+    """Asyncio tasks on one loop; one is cancelled inside its tool while the others are in flight."""
+    _begin(bench, backend)
+    state: dict[str, Any] = {}
+
+    async def block_tool(name: str, args: Any) -> str:
+        state["inside"].set()
+        await asyncio.Event().wait()  # until cancelled
+        return "never"
+
+    stub = _stub(bench, tools={"sb_block": block_tool})
+    victim = "cx1"
+    tags = [f"cx{i}" for i in range(max(3, N_CALLERS // 2))]
+    notes: list[str] = []
+
+    async def main() -> None:
+        state["inside"] = asyncio.Event()
+        tasks = {
+            t: asyncio.create_task(
+                _stub_call(bench, stub, t, "[tool:sb_block] [tools:1]" if t == victim else "[tools:2] [delay_ms:10]")
+            )
+            for t in tags
+        }
+        await state["inside"].wait()
+        running = sum(1 for t, task in tasks.items() if t != victim and not task.done())
+        if not running:
+            notes.append("no other task was in flight when the victim was cancelled")
+        tasks[victim].cancel()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if not isinstance(results[tags.index(victim)], asyncio.CancelledError):
+            notes.append(f"victim ended with {results[tags.index(victim)]!r}, not CancelledError")
+
+    asyncio.run(main())
+    calls = [
+        _truth(bench, t, tools=1, error=True, errors={"invoke_agent": 1, "step": 1, "execute_tool": 1})
+        if t == victim
+        else _truth(bench, t, tools=2, errors={})
+        for t in tags
+    ]
+    verdict = _explain(bench, bench.verdict(calls, owners=[stub]))
+    verdict.notes.extend(notes)
+    verdict.wrong_error += len(notes)
+    return verdict
+
+
+# -- 6-7. tool pools -----------------------------------------------------------------------------------------------
+
+
+def run_tool_pool(bench: HermesBench, backend: str) -> Verdict:
+    """One call whose 3 tools run at once in Hermes's own concurrent tool pool (``propagate_context_to_thread``: a context copy)."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    bench.call(agent, "pool", "[tools:3] [tool_ms:30]")
+    return _explain(bench, bench.verdict([bench.truth("pool", tools=3)], owners=[agent]))
+
+
+def run_raw_thread(bench: HermesBench, backend: str) -> Verdict:
+    """As ``tool_pool``, with ``agent.tool_executor.propagate_context_to_thread`` patched to identity: a raw hop, nothing copied."""
+    import agent.tool_executor as tool_executor
+
+    _begin(bench, backend)
+    agent = agents(bench).main
+    saved = tool_executor.propagate_context_to_thread
+    tool_executor.propagate_context_to_thread = lambda target: target
+    try:
+        bench.call(agent, "raw", "[tools:3] [tool_ms:30]")
+    finally:
+        tool_executor.propagate_context_to_thread = saved
+    return _explain(bench, bench.verdict([bench.truth("raw", tools=3)], owners=[agent]))
+
+
+# -- 8-9. subagents --------------------------------------------------------------------------------------------------
+
+
+def run_nested(bench: HermesBench, backend: str) -> Verdict:
+    """A tool (``sb_nested``) runs another real agent inline on the same thread; its invoke_agent hangs under that execute_tool."""
+    _begin(bench, backend)
+    a = agents(bench)
+    _nested.child = a.delegating
+    try:
+        bench.call(a.main, "nest", f"[tool:{NESTED_TOOL}] [tools:1]")
+        bench.call(a.main, "after", "[tools:1]")  # the outer state was given back: a plain call after
+    finally:
+        _nested.child = None
+    kid = bench.truth("nest-kid", tokens=False)
+    return _explain(bench, bench.verdict(
+        [bench.truth("nest", tools=1, children=[kid]), bench.truth("after", tools=1)],
+        owners=[a.main, a.delegating],
+    ))
+
+
+def run_delegate(bench: HermesBench, backend: str) -> Verdict:
+    """``delegate_task`` with one goal: Hermes builds a child agent and runs it in its delegation worker thread (raw hop)."""
+    _begin(bench, backend)
+    agent = agents(bench).delegating
+    bench.call(agent, "dlg", "[delegate:dlgkid]")
+    wait_for_delegations(timeout=60)  # the child runs detached: its truth is complete only once it ended
+    kid = bench.truth("dlgkid", tokens=False)
+    return _explain(bench, bench.verdict([bench.truth("dlg", tools=1, children=[kid])], owners=[agent]))
+
+
+def run_delegate_batch(bench: HermesBench, backend: str) -> Verdict:
+    """``delegate_task`` with a batch of two goals: two children in Hermes's worker threads at once."""
+    _begin(bench, backend)
+    agent = agents(bench).delegating
+    bench.call(agent, "dlb", "[delegate_batch:dlba,dlbb]")
+    wait_for_delegations(timeout=60)
+    kids = [bench.truth(k, tokens=False) for k in ("dlba", "dlbb")]
+    return _explain(bench, bench.verdict([bench.truth("dlb", tools=1, children=kids)], owners=[agent]))
+
+
+# -- 10. worker reuse ---------------------------------------------------------------------------------------------
+
+
+def run_worker_reuse(bench: HermesBench, backend: str) -> Verdict:
+    """Calls one after another on ONE reused pool worker (run_in_executor, max_workers=1); before each later call a
+    probe on that worker checks that nothing of the earlier call is visible there (state, current span)."""
+    store = _begin(bench, backend)
+    agent = agents(bench).main
+    tags = [f"wr{i}" for i in range(4)]
+    seen: list[str] = []
+
+    def probe(before: str) -> None:
+        if store.current(agent) is not None:
+            seen.append(f"state of an earlier call visible on the worker before {before}")
+        if trace.get_current_span().get_span_context().is_valid:
+            seen.append(f"a span of an earlier call is current on the worker before {before}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="matrix-reuse") as pool:
+            for i, tag in enumerate(tags):
+                if i:
+                    await loop.run_in_executor(pool, probe, tag)
+                await loop.run_in_executor(pool, bench.call, agent, tag, "[tools:1]")
+
+    asyncio.run(main())
+    verdict = _explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent]))
+    verdict.state_left += len(seen)
+    verdict.notes.extend(seen)
+    return verdict
+
+
+# -- 11. errors ---------------------------------------------------------------------------------------------------
+
+
+def run_errors(bench: HermesBench, backend: str) -> Verdict:
+    """An LLM error (HTTP 400: Hermes returns a failed result) and a failing tool (``sb_fail`` raises; Hermes returns an error result)."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    bench.call(agent, "llmerr", "[llm_error]")
+    bench.call(agent, "toolerr", "[tool:sb_fail] [tools:1]")
+    bench.call(agent, "fine", "[tools:1]")  # and the state was released: a clean call after
+    return _explain(bench, bench.verdict(
+        [
+            _truth(bench, "llmerr", error=True, errors={"invoke_agent": 1, "step": 1, "chat": 1}),
+            _truth(bench, "toolerr", tools=1, errors={"execute_tool": 1}),
+            _truth(bench, "fine", tools=1, errors={}),
+        ],
+        owners=[agent],
+    ))
+
+
+# -- 13. soak -----------------------------------------------------------------------------------------------------
+
+
+class _StreamingJudge(SpanProcessor):
+    """Judges spans as they end and keeps none of them (a soak must not grow with its exporter).
+
+    Counts spans per kind, orphans (wrong parent kind, or no caller span at the
+    root), cross-talk (a response id or tool call id of another call) and the
+    spans still open. Only open spans are remembered, by id.
+    """
+
+    _PARENT = {"invoke_agent": "call", "step": "invoke_agent", "chat": "step", "execute_tool": "step"}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[Optional[str], Optional[str], Optional[str]]] = {}
+        self.counts = {k: 0 for k in KINDS}
+        self.orphans = 0
+        self.cross_talk = 0
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        kind = "call" if span.name.startswith(CALLER_PREFIX) else kind_of(span)
+        with self._lock:
+            parent = self._open.get(span.parent.span_id) if span.parent is not None else None
+            if kind == "call":
+                root = span.name[len(CALLER_PREFIX):]
+            else:
+                root = parent[1] if parent is not None else None
+            self._open[span.context.span_id] = (kind, root, parent[0] if parent is not None else None)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._lock:
+            kind, root, parent_kind = self._open.pop(span.context.span_id, (None, None, None))
+            if kind not in KINDS:
+                return
+            self.counts[kind] += 1
+            if root is None or parent_kind != self._PARENT[kind]:
+                self.orphans += 1
+                return
+            attrs = span.attributes or {}
+            for tag in (
+                _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
+                _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
+            ):
+                if tag is not None and tag != root:
+                    self.cross_talk += 1
+
+    def never_ended(self) -> int:
+        with self._lock:
+            return sum(1 for kind, _, _ in self._open.values() if kind in KINDS)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def _rss_kib() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _alive() -> int:
+    """Instrumentation objects alive: invocation states and SDK spans."""
+    from instrumentation.hermes_agent.state import InvocationState
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, (InvocationState, Span)))
+
+
+def run_soak(bench: HermesBench, backend: str) -> Verdict:
+    """Thousands of calls on the shared agent (in-process fake LLM): SOAK_SEQUENTIAL in a row, then SOAK_THREADS
+    threads x SOAK_PER_THREAD overlapping; every 4th call runs one tool. Then nothing may be open (``live()``),
+    left on the agent, never ended, or alive, and RSS may not grow past a generous bound after the warm-up."""
+    agent = agents(bench).main
+    bench.uninstrument()
+    bench.reset()
+    judge = _StreamingJudge()
+    provider = TracerProvider()
+    provider.add_span_processor(judge)
+    tracer = provider.get_tracer("statebackends.soak")
+    bench.instrumentor.instrument(tracer_provider=provider, state_backend=backend)
+    store = bench.instrumentor.store
+    llm = InProcessLLM()
+    llm.install(agent)
+    calls = {"n": 0, "tools": 0}
+    count_lock = threading.Lock()
+
+    def call(tag: str, tools: bool) -> None:
+        with tracer.start_as_current_span(f"{CALLER_PREFIX}{tag}"):
+            agent.run_conversation(f"[conv:{tag}] {'[tools:1] ' if tools else ''}hello")
+        with count_lock:
+            calls["n"] += 1
+            calls["tools"] += tools
+
+    try:
+        for i in range(SOAK_WARMUP):
+            call(f"sw{i}", i % 4 == 0)
+        llm.reset()
+        alive_before, rss_before = _alive(), _rss_kib()
+        for i in range(SOAK_SEQUENTIAL):
+            call(f"ss{i}", i % 4 == 0)
+            if i % 200 == 199:
+                llm.reset()  # the fake's own log must not grow either
+        run_threads(
+            lambda k: [call(f"st{k}x{j}", j % 4 == 0) for j in range(SOAK_PER_THREAD)], SOAK_THREADS
+        )
+        llm.reset()
+    finally:
+        InProcessLLM.uninstall(agent)
+        bench.instrument(backend)  # back on the bench's provider (a fresh store)
+    provider.force_flush()
+    alive_after, rss_after = _alive(), _rss_kib()
+
+    n, with_tools = calls["n"], calls["tools"]
+    expected = {"invoke_agent": n, "step": n + with_tools, "chat": n + with_tools, "execute_tool": with_tools}
+    left = 0
+    if store.current(agent) is not None:
+        left += 1
+    live = store.live()
+    if live:
+        left += live
+    verdict = Verdict(
+        expected=expected,
+        actual=dict(judge.counts),
+        never_ended=judge.never_ended(),
+        orphans=judge.orphans,
+        cross_talk=judge.cross_talk,
+        state_left=left,
+        leaked=max(0, alive_after - alive_before),
+    )
+    if rss_before is not None and rss_after is not None:
+        growth = rss_after - rss_before
+        verdict.notes.append(f"rss {rss_before} -> {rss_after} KiB ({growth:+d}) over {n - SOAK_WARMUP} calls")
+        verdict.memory_over_kib = max(0, growth - SOAK_MEMORY_BOUND_KIB)
+    verdict.notes.append(f"live() at end: {live!r}; instrumentation objects alive {alive_before} -> {alive_after}")
+    provider.shutdown()
+    return verdict
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+
+
+def _s(id: str, title: str, requires: set[Concurrency], run: Callable[[HermesBench, str], Verdict]) -> Scenario:
+    return Scenario(id=id, title=title, requires=frozenset(requires), run=run, doc=(run.__doc__ or "").strip())
+
+
+SCENARIOS: list[Scenario] = [
+    _s("sequential", "sequential calls, one agent (control)", set(), run_sequential),
+    _s("threads", "threads on one shared agent", {C.THREADS}, run_threads_plain),
+    _s("threads_tool_pool", "threads on one agent, 2 tools each in Hermes's pool", {C.THREADS, C.COPIED_CONTEXT}, run_threads_tool_pool),
+    _s("to_thread", "asyncio tasks via asyncio.to_thread", {C.THREADS}, run_to_thread),
+    _s("run_in_executor", "asyncio tasks via run_in_executor (no context copy)", {C.THREADS}, run_in_executor),
+    _s("async_tasks", "asyncio tasks interleaved on one loop (stub agent)", {C.ASYNC_TASKS}, run_async_tasks),
+    _s("tool_pool", "tools in Hermes's concurrent pool (context copied)", {C.COPIED_CONTEXT}, run_tool_pool),
+    _s("raw_thread", "tool pool without context copy (raw thread hop)", {C.RAW_THREAD}, run_raw_thread),
+    _s("nested", "nested invocation inside a tool, same thread", {C.NESTED}, run_nested),
+    _s("delegate", "delegate_task subagent in Hermes's worker", {C.PROPAGATE}, run_delegate),
+    _s("delegate_batch", "delegate_task batch of two subagents", {C.PROPAGATE}, run_delegate_batch),
+    _s("worker_reuse", "one reused pool worker, calls in turn", set(), run_worker_reuse),
+    _s("errors", "LLM error and tool error mid-call", set(), run_errors),
+    _s("cancel", "asyncio cancellation mid-call (stub agent)", {C.ASYNC_TASKS}, run_cancel),
+    _s("soak", "soak: thousands of calls, in a row then in threads", {C.THREADS}, run_soak),
+]
+
+BY_ID: dict[str, Scenario] = {s.id: s for s in SCENARIOS}

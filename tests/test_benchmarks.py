@@ -1,0 +1,199 @@
+"""pytest-benchmark figures: state operations per backend against the bare primitives, and one full
+``run_conversation`` per mode (uninstrumented, each backend, loongsuite when installed).
+
+In the default run (``addopts = --benchmark-disable``) every benchmark body runs once as a
+plain test and asserts what it produced (the state was visible, nothing left open, the
+call completed, the spans were made); the whole module costs a few seconds (one agent
+build). For figures::
+
+    python -m pytest tests/test_benchmarks.py --benchmark-enable
+    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-json=.benchmarks/run.json
+    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-autosave
+    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-compare   # against the last autosave
+
+The state-op benchmarks run 1000 operations per round (``extra_info["ops_per_round"]``):
+divide by 1000 for one operation. Overheads between modes measured in separate tests
+are as noisy as the machine; the paired, interleaved figures are in
+``python -m benchmarks.report``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from benchmarks import overhead as ov
+
+ROOT = Path(__file__).resolve().parent.parent
+SPANS_PER_CALL = 6  # invoke_agent, 2 x react step, 2 x chat, 1 x execute_tool for "[tools:1]"
+
+
+# -- state operations ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_op(request: pytest.FixtureRequest) -> Iterator[ov.StateOp]:
+    subject, op = request.param
+    with ov.StateOp(subject, op) as opened:
+        yield opened
+
+
+SUBJECTS = ov.state_subjects()
+
+
+@pytest.mark.benchmark(group="state: current()")
+@pytest.mark.parametrize("state_op", [(s, "current") for s in SUBJECTS], ids=SUBJECTS, indirect=True)
+def test_state_current(benchmark: Any, state_op: ov.StateOp) -> None:
+    benchmark.extra_info["ops_per_round"] = ov.BATCH
+    seen = benchmark(state_op.run, ov.BATCH)
+    assert seen == {}, f"{state_op.subject}: current() inside an open invocation returned {seen!r}"
+
+
+@pytest.mark.benchmark(group="state: begin+end")
+@pytest.mark.parametrize("state_op", [(s, "begin_end") for s in SUBJECTS], ids=SUBJECTS, indirect=True)
+def test_state_begin_end(benchmark: Any, state_op: ov.StateOp) -> None:
+    benchmark.extra_info["ops_per_round"] = ov.BATCH
+    left = benchmark(state_op.run, ov.BATCH)
+    assert not left, f"{state_op.subject}: {left!r} left after begin/end pairs"
+
+
+# -- one full run_conversation ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_bench() -> Iterator[ov.AgentBench]:
+    pytest.importorskip("run_agent", reason="hermes-agent is not installed (the 'hermes' extra)")
+    bench = ov.AgentBench(warm=[ov.NONE])
+    try:
+        yield bench
+    finally:
+        bench.close()
+
+
+MODES = [ov.NONE] + ov.backend_names() + [ov.LOONGSUITE]
+
+
+@pytest.mark.benchmark(group="run_conversation [tools:1]")
+@pytest.mark.parametrize("mode", MODES)
+def test_full_call(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -> None:
+    if mode == ov.LOONGSUITE and agent_bench.theirs is None:
+        pytest.skip(ov.loongsuite_skip_reason())
+    agent_bench.set_mode(mode)
+    try:
+        agent_bench.call("warm")
+        calls = 0
+        ended = agent_bench.spans_ended()
+
+        def one() -> Any:
+            nonlocal calls
+            calls += 1
+            return agent_bench.call()
+
+        result = benchmark(one)
+        spans = (agent_bench.spans_ended() - ended) / calls
+    finally:
+        agent_bench.set_mode(ov.NONE)
+        agent_bench.reset()
+    assert agent_bench.completed(result), result
+    benchmark.extra_info["spans_per_call"] = spans
+    if mode == ov.NONE:
+        assert spans == 0
+    elif mode == ov.LOONGSUITE:
+        assert spans > 0
+    else:
+        assert spans == SPANS_PER_CALL
+
+
+@pytest.mark.benchmark(group="run_conversation [tools:1]")
+def test_floor_spans(benchmark: Any, agent_bench: ov.AgentBench) -> None:
+    """The floor: the span tree of one call started and ended with the bare SDK (same names and attributes)."""
+    assert agent_bench.record_plan() == SPANS_PER_CALL
+    ended = agent_bench.spans_ended()
+    benchmark(agent_bench.floor_call)
+    assert (agent_bench.spans_ended() - ended) % SPANS_PER_CALL == 0 and agent_bench.spans_ended() > ended
+
+
+@pytest.mark.benchmark(group="wrappers alone (stub agent)")
+@pytest.mark.parametrize("mode", ov.backend_names() + [ov.LOONGSUITE])
+def test_wrappers_alone(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -> None:
+    """The wrappers an instrumentor installed, on a stub agent: what the instrumentation's own code costs."""
+    if mode == ov.LOONGSUITE and agent_bench.theirs is None:
+        pytest.skip(ov.loongsuite_skip_reason())
+    replay = ov.WrapperReplay(agent_bench, mode)
+    calls = 0
+
+    def one() -> Any:
+        nonlocal calls
+        calls += 1
+        return replay.call()
+
+    ended = agent_bench.spans_ended()
+    result = benchmark(one)
+    assert result["final_response"] == "done stub"
+    spans = (agent_bench.spans_ended() - ended) / calls
+    if mode == ov.LOONGSUITE:
+        assert spans > 0
+    else:
+        assert spans == SPANS_PER_CALL
+        assert not replay.store.live()
+
+
+# -- the measuring code itself ------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_brackets_the_estimate() -> None:
+    xs = [float(i % 7) for i in range(50)]
+    est, lo, hi = ov.bootstrap_ci(xs, ov.mean)
+    assert lo <= est <= hi and hi - lo < 2
+    ratio, rlo, rhi = ov.bootstrap_ci([[2.0 * x + 1 for x in xs], [x + 0.5 for x in xs]], ov.ratio_of_means)
+    assert ratio == pytest.approx(2.0) and rlo == pytest.approx(2.0) and rhi == pytest.approx(2.0)
+
+
+def test_modules_import_without_side_effects() -> None:
+    """asv imports every module of benchmarks/: ours must not import Hermes or instrument anything."""
+    code = (
+        "import sys, benchmarks.overhead, benchmarks.report, benchmarks.bench_state, benchmarks.bench_hermes\n"
+        "bad = [m for m in ('run_agent', 'instrumentation.hermes_agent', 'opentelemetry.sdk.trace') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_asv_sees_only_the_bench_modules() -> None:
+    pytest.importorskip("asv_runner", reason="asv is not installed (the 'bench' extra)")
+    code = (
+        "from asv_runner.discovery import disc_benchmarks\n"
+        "names = sorted(b.name for b in disc_benchmarks('benchmarks'))\n"
+        "print('\\n'.join(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
+                         capture_output=True, text=True).stdout.split()
+    assert out, "asv discovered no benchmark"
+    stray = [n for n in out if not n.startswith(("bench_state.", "bench_hermes."))]
+    assert not stray, f"asv-visible names outside benchmarks/bench_*.py: {stray}"
+    for expected in ("bench_state.StateOps.time_current", "bench_hermes.FullCall.time_run_conversation",
+                     "bench_hermes.Correctness.track_correct_calls", "bench_state.StateMemory.peakmem_begin_end"):
+        assert expected in out
+
+
+def test_report_end_to_end_on_tiny_settings(agent_bench: ov.AgentBench, tmp_path: Path) -> None:
+    """The report pipeline (every measurement, render, plot) on tiny settings: the tables are there."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import report
+
+    tiny = {"state_repeats": 1, "isolated_repeats": 1, "isolated_calls": 3, "paired_repeats": 2, "paired_calls": 1,
+            "n_repeats": 1, "ns": (1, 2), "total_calls": 2, "correctness_calls": 2, "retained_invocations": 1000}
+    data = report.run(True, overrides=tiny, log=report.Log(quiet=True))
+    data["command"], data["stamp"] = "tiny", "now"
+    text = report.render(data, "tiny", "now")
+    for heading in ("## State operations per backend", "## Overhead of one full `run_conversation`",
+                    "## Each instrumentation's wrappers alone", "## Correctness under load", "## Time per call against", "## Targets"):
+        assert heading in text
+    assert all(data["correctness"][b]["correct"] == 2 for b in ("contextvar", "invocation_id", "otel_context"))
+    report.plot(data, tmp_path / "overhead.png", "now", "tiny")
+    assert (tmp_path / "overhead.png").stat().st_size > 10_000

@@ -1,0 +1,109 @@
+"""The correctness matrix in pytest: one test per backend x scenario, expected outcome from the declarations.
+
+A cell must be ok exactly when its backend declares (``isolates``) everything the
+scenario requires. A known-bad cell that starts passing FAILS too: the
+declaration (or the scenario) is then wrong and must be fixed, not ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from benchmarks.matrix import run_cell
+from benchmarks.scenarios import SCENARIOS, expected_ok
+from statebackends import Concurrency, available
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = list(available())
+OVERLAPPING = {Concurrency.THREADS, Concurrency.ASYNC_TASKS}
+
+
+@pytest.fixture(scope="session")
+def matrix_bench(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The session's ``hermes_bench`` (tests/conftest.py) when there is one, else a bench of our own."""
+    try:
+        bench = request.getfixturevalue("hermes_bench")
+    except pytest.FixtureLookupError:
+        bench = None
+    if bench is not None:
+        yield bench
+        return
+    from benchmarks.driver import HermesBench
+
+    own = HermesBench()
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
+def test_cell(matrix_bench: Any, scenario: Any, backend: str) -> None:
+    try:
+        cell = run_cell(matrix_bench, scenario, backend)
+    finally:
+        matrix_bench.uninstrument()  # leave the shared bench as the other tests expect it
+        matrix_bench.reset()
+    assert cell.error is None, f"{scenario.id} x {backend} raised: {cell.error}"
+    verdict = cell.verdict
+    requires = ", ".join(sorted(c.value for c in scenario.requires)) or "nothing"
+    if cell.expected:
+        assert verdict.ok, (
+            f"{backend} declares it isolates {requires}, but {scenario.id} broke: {verdict.summary()}; {verdict.notes[:5]}"
+        )
+    else:
+        assert not verdict.ok, (
+            f"{backend} does not declare {requires}, yet {scenario.id} passed: "
+            "fix the backend's `isolates` declaration or the scenario"
+        )
+    if backend == "instance" and scenario.requires & OVERLAPPING:
+        assert verdict.orphans + verdict.cross_talk > 0, (
+            f"the instance backend's corruption under {scenario.id} is not visible: {verdict.as_dict()}"
+        )
+
+
+def test_expectations_come_from_the_declarations() -> None:
+    for scenario in SCENARIOS:
+        for backend in BACKENDS:
+            isolates = available()[backend]
+            declared = getattr(isolates, "isolates", None)
+            if declared is not None:
+                assert expected_ok(scenario, backend) == (scenario.requires <= declared)
+
+
+def test_matrix_cli_prints_valid_json() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.matrix", "--scenario", "sequential", "--backend", "contextvar", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["total"] == 1 and data["as_expected"] == 1
+    (cell,) = data["cells"]
+    assert (cell["backend"], cell["scenario"], cell["expected"], cell["ok"]) == ("contextvar", "sequential", True, True)
+    assert cell["verdict"]["summary"] == "ok"
+    assert set(data["versions"]) >= {"python", "hermes-agent", "opentelemetry-sdk", "statebackends"}
+
+
+def test_matrix_cli_names_the_valid_choices_for_a_bad_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.matrix import main
+
+    assert main(["--backend", "fibers"]) == 2
+    err = capsys.readouterr().err
+    assert "'fibers'" in err and all(name in err for name in BACKENDS)
+    assert main(["--scenario", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and all(s.id in err for s in SCENARIOS)
