@@ -446,6 +446,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # many overlapping calls connect at once
     allow_reuse_address = True
 
     def __init__(self, owner: "FakeLLMServer") -> None:

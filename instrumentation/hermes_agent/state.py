@@ -45,24 +45,17 @@ class InvocationState:
         return f"InvocationState(round={self.round}, in={self.input_tokens}, out={self.output_tokens})"
 
 
-def usage_of(response: Any) -> tuple[int, int]:
+def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
+    """(input tokens, output tokens, finish reasons, whether it asks for tools) of a chat response, in one pass."""
     usage = getattr(response, "usage", None)
-    if usage is None:
-        return 0, 0
-    return int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
-
-
-def finish_reasons_of(response: Any) -> tuple[str, ...]:
-    return tuple(
-        str(reason)
-        for choice in (getattr(response, "choices", None) or ())
-        if (reason := getattr(choice, "finish_reason", None))
-    )
-
-
-def asks_for_tools(response: Any) -> bool:
+    input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0) if usage is not None else 0
+    output_tokens = int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else 0
+    reasons: list[str] = []
+    wants_tools = False
     for choice in getattr(response, "choices", None) or ():
-        message = getattr(choice, "message", None)
-        if getattr(message, "tool_calls", None):
-            return True
-    return False
+        reason = getattr(choice, "finish_reason", None)
+        if reason:
+            reasons.append(str(reason))
+        if not wants_tools and getattr(getattr(choice, "message", None), "tool_calls", None):
+            wants_tools = True
+    return input_tokens, output_tokens, tuple(reasons), wants_tools

@@ -28,7 +28,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from statebackends import StateStore
 
-from .state import InvocationState, asks_for_tools, finish_reasons_of, usage_of
+from .state import InvocationState, read_response
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ _TOOL_RESULT = getattr(GenAI, "GEN_AI_TOOL_CALL_RESULT", "gen_ai.tool.call.resul
 REACT_ROUND = "gen_ai.react.round"
 REACT_FINISH_REASON = "gen_ai.react.finish_reason"
 STEP_SPAN_NAME = "react step"
+_OP_INVOKE_AGENT = GenAI.GenAiOperationNameValues.INVOKE_AGENT.value
+_OP_CHAT = GenAI.GenAiOperationNameValues.CHAT.value
+_OP_EXECUTE_TOOL = GenAI.GenAiOperationNameValues.EXECUTE_TOOL.value
 AGENT_NAME = "hermes"
 
 # The agent whose tool is running in this thread, set around Hermes's tool dispatch
@@ -152,7 +155,7 @@ class HermesWrappers:
             state = scope.state
             model = getattr(instance, "model", None)
             attributes: dict[str, Any] = {
-                GenAI.GEN_AI_OPERATION_NAME: GenAI.GenAiOperationNameValues.INVOKE_AGENT.value,
+                GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT,
                 GenAI.GEN_AI_AGENT_NAME: AGENT_NAME,
             }
             provider = getattr(instance, "provider", None)
@@ -284,13 +287,13 @@ class HermesWrappers:
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not start the chat span")
             return wrapped(*args, **kwargs)
-        state, span, started, call_kwargs = opened
+        state, span, started, call_kwargs, labels = opened
         try:
             response = wrapped(*args, **call_kwargs)
         except BaseException as exc:
-            self._end_chat(state, span, started, None, exc)
+            self._end_chat(state, span, started, labels, None, exc)
             raise
-        self._end_chat(state, span, started, response, None)
+        self._end_chat(state, span, started, labels, response, None)
         return response
 
     def _start_chat(self, instance: Any, args: tuple, kwargs: dict, streaming: bool) -> tuple:
@@ -298,14 +301,14 @@ class HermesWrappers:
         if state is not None:
             if state.llm_depth > 0:  # the streaming path falling back to the plain call: one span
                 state.llm_depth += 1
-                return state, None, 0.0, kwargs
+                return state, None, 0.0, kwargs, None
             if state.step_span is None:
                 self._start_step(state)
         api_kwargs = _arg(args, kwargs, 0, "api_kwargs") or {}
         model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
         model = model or getattr(instance, "model", None) or "unknown"
         attributes: dict[str, Any] = {
-            GenAI.GEN_AI_OPERATION_NAME: GenAI.GenAiOperationNameValues.CHAT.value,
+            GenAI.GEN_AI_OPERATION_NAME: _OP_CHAT,
             GenAI.GEN_AI_REQUEST_MODEL: str(model),
         }
         provider = getattr(instance, "provider", None)
@@ -333,13 +336,14 @@ class HermesWrappers:
             kwargs = {**kwargs, "on_first_delta": on_first_delta}
         if state is not None:
             state.llm_depth += 1
-        return state, span, started, kwargs
+        return state, span, started, kwargs, attributes
 
     def _end_chat(
         self,
         state: Optional[InvocationState],
         span: Optional[Span],
         started: float,
+        labels: Optional[dict[str, Any]],
         response: Any,
         error: Optional[BaseException],
     ) -> None:
@@ -353,8 +357,7 @@ class HermesWrappers:
                 if error is not None:
                     _record_error(span, error)
                 else:
-                    input_tokens, output_tokens = usage_of(response)
-                    reasons = finish_reasons_of(response)
+                    input_tokens, output_tokens, reasons, wants_tools = read_response(response)
                     response_id = getattr(response, "id", None)
                     response_model = getattr(response, "model", None)
                     if response_id:
@@ -372,23 +375,18 @@ class HermesWrappers:
                         state.response_id = str(response_id) if response_id else state.response_id
                         state.response_model = str(response_model) if response_model else state.response_model
                         state.finish_reasons = reasons or state.finish_reasons
-                        if not asks_for_tools(response):  # a final answer closes the round
+                        if not wants_tools:  # a final answer closes the round
                             self._end_step(state, reasons[0] if reasons else "stop")
-                    self._record_metrics(span, started, input_tokens, output_tokens)
+                    self._record_metrics(labels or {}, started, input_tokens, output_tokens)
             finally:
                 span.end()
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the chat span")
 
-    def _record_metrics(self, span: Span, started: float, input_tokens: int, output_tokens: int) -> None:
+    def _record_metrics(self, labels: dict[str, Any], started: float, input_tokens: int, output_tokens: int) -> None:
+        """``labels`` are the chat span's start attributes: operation, provider and request model."""
         if self._duration is None:
             return
-        attributes = getattr(span, "attributes", None) or {}
-        labels = {
-            key: attributes[key]
-            for key in (GenAI.GEN_AI_OPERATION_NAME, GenAI.GEN_AI_PROVIDER_NAME, GenAI.GEN_AI_REQUEST_MODEL)
-            if key in attributes
-        }
         self._duration.record(time.monotonic() - started, labels)
         if self._tokens is not None:
             self._tokens.record(input_tokens, {**labels, GenAI.GEN_AI_TOKEN_TYPE: "input"})
@@ -460,7 +458,7 @@ class HermesWrappers:
         if state is not None:
             parent = state.step_ctx or state.agent_ctx
         attributes: dict[str, Any] = {
-            GenAI.GEN_AI_OPERATION_NAME: GenAI.GenAiOperationNameValues.EXECUTE_TOOL.value,
+            GenAI.GEN_AI_OPERATION_NAME: _OP_EXECUTE_TOOL,
             GenAI.GEN_AI_TOOL_NAME: name,
             GenAI.GEN_AI_TOOL_TYPE: "function",
         }
