@@ -100,7 +100,7 @@ class AsyncStubAgent:
         """As ``HermesWrappers._chat`` does around ``AIAgent._interruptible_api_call`` (non-streaming)."""
         from openai.types.chat import ChatCompletion
 
-        state, span, started, _ = w._start_chat(self, (api_kwargs,), {}, False)
+        state, span, started, _, labels = w._start_chat(self, (api_kwargs,), {}, False)
         try:
             reply = self.script.plan(api_kwargs)  # the request reaches the "server"
             await asyncio.sleep(reply.delay_ms / 1000.0 if reply.delay_ms else 0)  # the round trip
@@ -108,9 +108,9 @@ class AsyncStubAgent:
                 raise StubLLMError(reply.error)
             response = ChatCompletion.model_validate(reply.completion())
         except BaseException as exc:
-            w._end_chat(state, span, started, None, exc)
+            w._end_chat(state, span, started, labels, None, exc)
             raise
-        w._end_chat(state, span, started, response, None)
+        w._end_chat(state, span, started, labels, response, None)
         return response
 
     async def _execute_tool_calls(self, w: Any, tool_calls: Any, messages: list, task_id: str) -> None:

@@ -30,8 +30,9 @@ class InvocationIdStore(StateStore[S]):
     reaches threads that receive nothing but the id (a raw thread hop whose
     work is called with the id). Entries are removed at ``end``; entries
     whose ``end`` never comes are evicted, oldest first, once more than
-    ``max_entries`` are open or once older than ``max_age`` seconds, and
-    counted in ``evicted``: the map never grows without limit.
+    ``max_entries`` are open, or once older than ``max_age`` seconds if one is
+    set (off by default: an agent run may rightly last hours), and counted in
+    ``evicted``: the map never grows without limit.
     """
 
     name = "invocation_id"
@@ -51,7 +52,7 @@ class InvocationIdStore(StateStore[S]):
         factory: Callable[[], S],
         *,
         max_entries: int = 10_000,
-        max_age: float | None = 3600.0,
+        max_age: float | None = None,
     ) -> None:
         super().__init__(factory)
         if max_entries < 1:

@@ -293,9 +293,9 @@ def test_backend_by_each_environment_variable(bench: HermesBench, monkeypatch: p
 
 def test_backend_precedence(bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_GLOBAL, "threadlocal")
-    monkeypatch.setenv(ENV_HERMES, "invocation_id")
+    monkeypatch.setenv(ENV_HERMES, "contextvar")
     bench.instrumentor.instrument(tracer_provider=bench.provider)
-    assert bench.instrumentor.state_backend == "invocation_id", "the instrumentation's variable wins"
+    assert bench.instrumentor.state_backend == "contextvar", "the instrumentation's variable wins"
     bench.uninstrument()
     bench.instrumentor.instrument(tracer_provider=bench.provider, state_backend="otel_context")
     assert bench.instrumentor.state_backend == "otel_context", "the kwarg wins over both"
@@ -306,7 +306,7 @@ def test_backend_precedence(bench: HermesBench, monkeypatch: pytest.MonkeyPatch)
     bench.uninstrument()
     monkeypatch.delenv(ENV_GLOBAL)
     bench.instrumentor.instrument(tracer_provider=bench.provider)
-    assert bench.instrumentor.state_backend == "contextvar", "the default"
+    assert bench.instrumentor.state_backend == "invocation_id", "the default"
 
 
 def test_bad_kwarg_raises_naming_value_and_valid_names(bench: HermesBench) -> None:
@@ -322,7 +322,7 @@ def test_bad_environment_variable_logs_and_uses_the_default(
     monkeypatch.setenv(ENV_HERMES, "fibers")
     with caplog.at_level(logging.ERROR):
         bench.instrumentor.instrument(tracer_provider=bench.provider)
-    assert bench.instrumentor.state_backend == "contextvar"
+    assert bench.instrumentor.state_backend == "invocation_id"
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert ENV_HERMES in record.getMessage() and "fibers" in record.getMessage() and "threadlocal" in record.getMessage()
 

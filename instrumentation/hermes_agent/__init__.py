@@ -9,7 +9,7 @@ Usage::
 The per-call state (open spans, token sums, the last response id) lives in a
 ``statebackends`` store: the ``state_backend`` kwarg, else
 ``OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND``, else
-``OTEL_PYTHON_STATE_BACKEND``, else ``contextvar``.
+``OTEL_PYTHON_STATE_BACKEND``, else ``invocation_id`` (chosen from the correctness matrix).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, Callable
 
-from statebackends import DEFAULT_BACKEND, ENV_STATE_BACKEND, StateStore, store_from_config
+from statebackends import ENV_STATE_BACKEND, StateStore, store_from_config
 
 _logger = logging.getLogger(__name__)
 
@@ -18,10 +18,14 @@ ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 STATE_BACKEND_ENV_VARS = (ENV_HERMES_STATE_BACKEND, ENV_STATE_BACKEND)
 
+DEFAULT_HERMES_BACKEND = "invocation_id"
+"""Right in every scenario of the correctness matrix: Hermes hands its task id to every tool, so the
+state is found even in a tool pool that copies no context; elsewhere it behaves like ``contextvar``."""
+
 
 def resolve_store(value: str | StateStore[Any] | None, factory: Callable[[], Any]) -> StateStore[Any]:
     """The kwarg (a bad one raises ``ValueError``), else the env vars in order (a bad one logs), else the default."""
-    store = store_from_config(value, factory, env_vars=STATE_BACKEND_ENV_VARS, default=DEFAULT_BACKEND)
+    store = store_from_config(value, factory, env_vars=STATE_BACKEND_ENV_VARS, default=DEFAULT_HERMES_BACKEND)
     source = "instrument(state_backend=...)" if value is not None else next(
         (var for var in STATE_BACKEND_ENV_VARS if os.environ.get(var, "").strip()), "default"
     )
