@@ -135,7 +135,4 @@ class AsyncStubAgent:
             error = exc
             raise
         finally:
-            # The step-ending logic of HermesWrappers.execute_tool_calls, verbatim in effect.
-            state = w.store.current(self, task_id)
-            if state is not None:
-                w._end_step(state, "error" if error is not None else "tool_calls", error)
+            w.end_tool_round(self, task_id, error)  # what HermesWrappers.execute_tool_calls does

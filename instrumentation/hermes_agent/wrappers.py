@@ -118,8 +118,10 @@ class HermesWrappers:
     # -- invoke_agent -------------------------------------------------------------------
 
     def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        with self._launchers_lock:
-            launcher = self._launchers.pop(instance, None)
+        launcher = None
+        if self._launchers:  # only subagents are registered: most calls skip the lock
+            with self._launchers_lock:
+                launcher = self._launchers.pop(instance, None)
         if launcher is not None:  # a subagent: run where its parent's invocation is visible
             return launcher(self._invoke_agent, wrapped, instance, args, kwargs)
         return self._invoke_agent(wrapped, instance, args, kwargs)
@@ -266,12 +268,16 @@ class HermesWrappers:
             raise
         finally:
             _tool_owner.reset(token)
-            try:
-                state = self.store.current(instance, _arg(args, kwargs, 2, "effective_task_id"))
-                if state is not None:
-                    self._end_step(state, "error" if error is not None else "tool_calls", error)
-            except Exception:  # noqa: BLE001
-                _logger.exception("hermes-agent instrumentation: could not end the react step")
+            self.end_tool_round(instance, _arg(args, kwargs, 2, "effective_task_id"), error)
+
+    def end_tool_round(self, owner: Any, task_id: Any, error: Optional[BaseException]) -> None:
+        """Close the ReAct step once its tools ran (or failed); never raises."""
+        try:
+            state = self.store.current(owner, task_id)
+            if state is not None:
+                self._end_step(state, "error" if error is not None else "tool_calls", error)
+        except Exception:  # noqa: BLE001
+            _logger.exception("hermes-agent instrumentation: could not end the react step")
 
     # -- chat ----------------------------------------------------------------------------------
 
