@@ -39,7 +39,7 @@ MODES = [NONE] + BACKENDS + [LOONGSUITE]
 def _unavailable() -> str | None:
     """Why the Hermes benchmarks cannot run in this environment/commit, or None."""
     try:
-        import instrumentation.hermes_agent  # noqa: F401
+        import statebackends_hermes_agent  # noqa: F401
         import run_agent  # noqa: F401  # hermes-agent
     except Exception as exc:  # noqa: BLE001
         return f"Hermes instrumentation or hermes-agent not importable here: {type(exc).__name__}: {exc}"
@@ -204,7 +204,7 @@ class PairedOverhead:
 
 
 class Correctness:
-    """16 overlapping calls (threads) on one shared agent per backend, judged by ``benchmarks.traces.judge``."""
+    """16 overlapping calls (threads) on one shared agent per backend, judged by ``statebackends_hermes_testbed.traces.judge``."""
 
     params = [BACKENDS]
     param_names = ["backend"]

@@ -13,7 +13,7 @@ Two kinds of figures:
 * **full agent calls** (:class:`AgentBench`): one ``run_conversation`` of a REAL
   hermes-agent ``AIAgent`` (one LLM call asking for one tool, the tool, a final LLM
   call: directive ``[tools:1]``), with the LLM faked in process
-  (:class:`benchmarks.hermes_harness.InProcessLLM`: no HTTP in the timed path) and
+  (:class:`statebackends_hermes_testbed.hermes_harness.InProcessLLM`: no HTTP in the timed path) and
   an SDK ``TracerProvider`` whose only span processor counts ended spans, so memory
   stays flat. A *mode* is ``"none"`` (uninstrumented), a ``statebackends`` backend
   name (our instrumentation with that backend) or ``"loongsuite"``
@@ -88,7 +88,7 @@ TOTAL_CALLS = 64
 NONE = "none"
 LOONGSUITE = "loongsuite"
 FLOOR = "floor"
-LOONGSUITE_MODULE = "opentelemetry.instrumentation.hermes_agent"
+LOONGSUITE_MODULE = "opentelemetry.statebackends_hermes_agent"
 LOONGSUITE_DIST = "loongsuite-instrumentation-hermes-agent"
 TOOL_DIRECTIVES = "[tools:1]"
 MAX_ITERATIONS = 100_000
@@ -124,9 +124,9 @@ def loongsuite_available() -> bool:
 
 def loongsuite_skip_reason() -> str:
     return (
-        f"{LOONGSUITE_DIST} is not installed: install the project's 'compare' extra in a separate "
-        "virtualenv (it pins opentelemetry-api/sdk < 1.40, opentelemetry-instrumentation 0.60b1, wrapt < 2), "
-        "e.g. python -m venv /tmp/cmpvenv && /tmp/cmpvenv/bin/pip install -e '.[bench,compare]'"
+        f"{LOONGSUITE_DIST} is not installed: install the 'compare' set in a virtualenv of its own "
+        "(it pins opentelemetry-api/sdk < 1.40, opentelemetry-instrumentation 0.60b1, wrapt < 2): "
+        "python3 -m venv .venv-compare && .venv-compare/bin/pip install -r requirements-compare.txt"
     )
 
 
@@ -414,14 +414,14 @@ class AgentBench:
     """
 
     def __init__(self, directives: str = TOOL_DIRECTIVES, *, warm: bool | Sequence[str] = True) -> None:
-        from .driver import ensure_hermes_home
+        from statebackends_hermes_testbed.driver import ensure_hermes_home
 
         ensure_hermes_home()
         from opentelemetry.sdk.trace import TracerProvider
 
-        from instrumentation.hermes_agent import HermesAgentInstrumentor
+        from statebackends_hermes_agent import HermesAgentInstrumentor
 
-        from .hermes_harness import InProcessLLM, clear_tool_log, make_agent
+        from statebackends_hermes_testbed.hermes_harness import InProcessLLM, clear_tool_log, make_agent
 
         self._clear_tool_log = clear_tool_log
         self.directives = directives
@@ -436,7 +436,7 @@ class AgentBench:
         self.ours = HermesAgentInstrumentor()
         self.theirs = None
         if loongsuite_available():
-            from opentelemetry.instrumentation.hermes_agent import HermesAgentInstrumentor as Loongsuite
+            from opentelemetry.statebackends_hermes_agent import HermesAgentInstrumentor as Loongsuite
 
             self.theirs = Loongsuite()
         self.mode = NONE
@@ -1074,7 +1074,7 @@ def per_call_vs_n(
 
 
 def correctness(bench: AgentBench, mode: str, n: int = 16) -> Dict[str, Any]:
-    """``n`` overlapping calls on the shared agent, judged with :func:`benchmarks.traces.judge`.
+    """``n`` overlapping calls on the shared agent, judged with :func:`statebackends_hermes_testbed.traces.judge`.
 
     Returns ``correct`` (calls whose own tree is complete and right), the aggregate
     ``orphans``, ``cross_talk``, ``never_ended`` and ``state_left``, and ``summary``.
@@ -1083,8 +1083,8 @@ def correctness(bench: AgentBench, mode: str, n: int = 16) -> Dict[str, Any]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from .driver import run_threads
-    from .traces import CALLER_PREFIX, CallTruth, OpenSpanTracker, judge
+    from statebackends_hermes_testbed.driver import run_threads
+    from statebackends_hermes_testbed.traces import CALLER_PREFIX, CallTruth, OpenSpanTracker, judge
 
     exporter = InMemorySpanExporter()
     tracker = OpenSpanTracker()

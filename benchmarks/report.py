@@ -310,7 +310,7 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("")
     n_calls = data["settings"]["correctness_calls"]
     add(f"{n_calls} overlapping `run_conversation` calls (threads) on the one shared agent, judged by "
-        "`benchmarks.traces.judge` (complete tree per call, no orphans, no cross-talk, every span ended, no state left).")
+        "`statebackends_hermes_testbed.traces.judge` (complete tree per call, no orphans, no cross-talk, every span ended, no state left).")
     add("")
     add("| backend | correct calls | orphans | cross-talk | never ended | state left |")
     add("|---|---:|---:|---:|---:|---:|")

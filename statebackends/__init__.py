@@ -6,6 +6,7 @@ registered in the ``statebackends`` entry-point group) is one small module.
 """
 
 from ._store import Concurrency, Scope, StateStore
+from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
     ENTRY_POINT_GROUP,
@@ -14,7 +15,6 @@ from .registry import (
     get_store,
     store_from_config,
 )
-from .table import isolation_table
 
 __all__ = [
     "Concurrency",
@@ -22,10 +22,9 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ENV_STATE_BACKEND",
     "Scope",
+    "__version__",
     "StateStore",
     "available",
     "get_store",
-    "isolation_table",
     "store_from_config",
 ]
-__version__ = "0.1.0"

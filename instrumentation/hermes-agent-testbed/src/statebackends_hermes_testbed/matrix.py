@@ -1,6 +1,6 @@
 """``statebackends-matrix``: every backend x every concurrency scenario, on this machine, as a markdown table.
 
-Each cell runs one :mod:`benchmarks.scenarios` scenario on the real hermes-agent
+Each cell runs one :mod:`statebackends_hermes_testbed.scenarios` scenario on the real hermes-agent
 (or the async stub agent) with one backend and judges the exported spans. A cell
 is EXPECTED ok when the backend declares (``type(store).isolates``) everything
 the scenario requires; a cell whose outcome differs from that is marked
@@ -37,10 +37,10 @@ UNEXPECTED = "✗ unexpected"
 class Cell:
     """The outcome of one scenario with one backend."""
 
-    scenario: Any  # benchmarks.scenarios.Scenario
+    scenario: Any  # statebackends_hermes_testbed.scenarios.Scenario
     backend: str
     expected: bool
-    verdict: Any = None  # benchmarks.traces.Verdict, None when the run raised
+    verdict: Any = None  # statebackends_hermes_testbed.traces.Verdict, None when the run raised
     error: Optional[str] = None
     seconds: float = 0.0
 

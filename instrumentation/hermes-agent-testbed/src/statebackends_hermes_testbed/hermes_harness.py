@@ -13,7 +13,7 @@ Public API (all Hermes imports are lazy, so ``hermes_home`` can run first):
   real tools, and are added to Hermes's parallel-safe set so a batch of 2+
   of them runs on ``agent.tool_executor.execute_tool_calls_concurrent``.
 * :func:`make_agent` - an ``AIAgent`` pointed at a fake OpenAI endpoint.
-* :class:`InProcessLLM` - the :class:`benchmarks.fakellm.Script` without HTTP,
+* :class:`InProcessLLM` - the :class:`statebackends_hermes_testbed.fakellm.Script` without HTTP,
   installed per agent by replacing ``agent._create_request_openai_client``.
 * :func:`wait_for_delegations` - join Hermes's background ``delegate_task``
   units (top-level delegations run detached from the parent's turn).
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from benchmarks.fakellm import LogEntry, Reply, Script, ScriptRecords
+from statebackends_hermes_testbed.fakellm import LogEntry, Reply, Script, ScriptRecords
 
 if TYPE_CHECKING:  # pragma: no cover
     from run_agent import AIAgent

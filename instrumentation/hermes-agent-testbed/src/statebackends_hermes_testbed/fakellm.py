@@ -13,7 +13,7 @@ Two ways to use it:
   recording logic.  ``Script.plan(request)`` returns a :class:`Reply`, which
   renders as a ChatCompletion dict (``Reply.completion()``), as stream chunk
   dicts (``Reply.chunks()``) or as an OpenAI-style error body
-  (``Reply.error_body()``).  ``benchmarks.hermes_harness.InProcessLLM`` wraps
+  (``Reply.error_body()``).  ``statebackends_hermes_testbed.hermes_harness.InProcessLLM`` wraps
   the same class, so the HTTP server and the in-process fake never disagree.
 
 Scripting contract (directives are read from the FIRST ``role: user`` message

@@ -4,13 +4,13 @@ Hermes's ``AIAgent`` is synchronous, so it cannot show what happens when several
 invocations are interleaved as asyncio tasks on ONE thread. :class:`AsyncStubAgent`
 is the smallest agent that can: its LLM turn and its tools ``await`` (so the loop
 switches tasks between them), and every step goes through the same methods of the
-instrumentor's live :class:`instrumentation.hermes_agent.wrappers.HermesWrappers`
+instrumentor's live :class:`statebackends_hermes_agent.wrappers.HermesWrappers`
 that the ``wrapt`` wrappers call around Hermes (``_open_invocation``,
 ``_start_chat``/``_end_chat``, ``_start_tool``/``_end_tool``, the end of the
 tool round as ``execute_tool_calls`` does it, ``_close_invocation``). The state
 therefore lives in the real store under test.
 
-The "LLM" is :class:`benchmarks.fakellm.Script` itself (pass the bench server's
+The "LLM" is :class:`statebackends_hermes_testbed.fakellm.Script` itself (pass the bench server's
 script so ``HermesBench.truth`` sees the calls): replies are real
 ``openai.types.chat.ChatCompletion`` objects with usage, response ids
 ``chatcmpl-TAG-k`` and tool call ids ``call_TAG_i``.

@@ -48,7 +48,7 @@ class HermesBench:
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracer = self.provider.get_tracer("statebackends.driver")
         self._agents: dict[tuple, Any] = {}
-        from instrumentation.hermes_agent import HermesAgentInstrumentor
+        from statebackends_hermes_agent import HermesAgentInstrumentor
 
         self.instrumentor = HermesAgentInstrumentor()
 

@@ -6,10 +6,10 @@ plain test and asserts what it produced (the state was visible, nothing left ope
 call completed, the spans were made); the whole module costs a few seconds (one agent
 build). For figures::
 
-    python -m pytest tests/test_benchmarks.py --benchmark-enable
-    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-json=.benchmarks/run.json
-    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-autosave
-    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-compare   # against the last autosave
+    python -m pytest tests/hermes/test_benchmarks.py --benchmark-enable
+    python -m pytest tests/hermes/test_benchmarks.py --benchmark-enable --benchmark-json=.benchmarks/run.json
+    python -m pytest tests/hermes/test_benchmarks.py --benchmark-enable --benchmark-autosave
+    python -m pytest tests/hermes/test_benchmarks.py --benchmark-enable --benchmark-compare   # against the last autosave
 
 The state-op benchmarks run 1000 operations per round (``extra_info["ops_per_round"]``):
 divide by 1000 for one operation. Overheads between modes measured in separate tests
@@ -29,7 +29,7 @@ import pytest
 
 from benchmarks import overhead as ov
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPANS_PER_CALL = 6  # invoke_agent, 2 x react step, 2 x chat, 1 x execute_tool for "[tools:1]"
 
 
@@ -158,7 +158,7 @@ def test_modules_import_without_side_effects() -> None:
     """asv imports every module of benchmarks/: ours must not import Hermes or instrument anything."""
     code = (
         "import sys, benchmarks.overhead, benchmarks.report, benchmarks.bench_state, benchmarks.bench_hermes\n"
-        "bad = [m for m in ('run_agent', 'instrumentation.hermes_agent', 'opentelemetry.sdk.trace') if m in sys.modules]\n"
+        "bad = [m for m in ('run_agent', 'statebackends_hermes_agent', 'opentelemetry.sdk.trace') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

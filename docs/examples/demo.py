@@ -1,6 +1,6 @@
 """Overlapping invocations on one shared owner, through every backend: who kept their own state?
 
-Run ``python -m statebackends.demo``. Needs nothing but this package.
+Run ``python docs/examples/demo.py``. Needs nothing but the core package.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import asyncio
 import threading
 from typing import Any, Callable
 
-from . import available, get_store
-from ._store import StateStore
+from statebackends import available, get_store
+from statebackends import StateStore
 
 
 class _Owner:

@@ -116,16 +116,3 @@ def test_broken_third_party_entry_point_is_reported_and_hides_nothing(
         get_store("brokenstore", dict)
     assert "failed to load" in str(info.value) and "no such dep" in str(info.value)
     assert get_store("contextvar", dict).name == "contextvar"
-
-
-def test_isolation_table_is_made_from_the_declarations() -> None:
-    table = statebackends.isolation_table()
-    for name in BUILTINS:
-        assert f"`{name}`" in table
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert rows["asyncio tasks on one loop"].count("**no**") == 2  # instance, threadlocal
-
-
-def test_readme_embeds_the_current_isolation_table() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert statebackends.isolation_table() in readme, "README's backend table drifted: paste isolation_table()"

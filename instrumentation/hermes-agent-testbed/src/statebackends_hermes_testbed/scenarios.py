@@ -1,9 +1,9 @@
 """The scenarios of the correctness matrix: every backend x every way Hermes (or an async agent) runs calls.
 
 Each :class:`Scenario` drives the REAL instrumentation (the real ``AIAgent`` of
-hermes-agent on the fake LLM, or :class:`benchmarks.stub_agent.AsyncStubAgent`
+hermes-agent on the fake LLM, or :class:`statebackends_hermes_testbed.stub_agent.AsyncStubAgent`
 through the instrumentor's live wrappers) under ONE backend and returns the
-:class:`benchmarks.traces.Verdict` of what it exported. ``requires`` is the
+:class:`statebackends_hermes_testbed.traces.Verdict` of what it exported. ``requires`` is the
 isolation a backend must DECLARE (``type(store).isolates``) for the cell to be
 expected ok, so the expected outcome of every cell is derived from the
 backends' declarations (:func:`expected_ok`), never written by hand.
@@ -485,7 +485,7 @@ def _rss_kib() -> Optional[int]:
 
 def _alive() -> int:
     """Instrumentation objects alive: invocation states and SDK spans."""
-    from instrumentation.hermes_agent.state import InvocationState
+    from statebackends_hermes_agent.state import InvocationState
 
     gc.collect()
     return sum(1 for o in gc.get_objects() if isinstance(o, (InvocationState, Span)))

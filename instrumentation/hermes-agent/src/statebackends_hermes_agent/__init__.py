@@ -2,7 +2,7 @@
 
 Usage::
 
-    from instrumentation.hermes_agent import HermesAgentInstrumentor
+    from statebackends_hermes_agent import HermesAgentInstrumentor
 
     HermesAgentInstrumentor().instrument(state_backend="contextvar")
 

@@ -16,10 +16,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 from opentelemetry.trace import StatusCode
 
-from benchmarks.driver import HermesBench, run_threads
-from benchmarks.hermes_harness import clear_tool_log, tool_log, wait_for_delegations
-from instrumentation.hermes_agent import HermesAgentInstrumentor
-from instrumentation.hermes_agent.wrappers import REACT_FINISH_REASON, REACT_ROUND
+from statebackends_hermes_testbed.driver import HermesBench, run_threads
+from statebackends_hermes_testbed.hermes_harness import clear_tool_log, tool_log, wait_for_delegations
+from statebackends_hermes_agent import HermesAgentInstrumentor
+from statebackends_hermes_agent.wrappers import REACT_FINISH_REASON, REACT_ROUND
 from statebackends import StateStore
 from statebackends.contextvar import ContextVarStore
 
@@ -277,7 +277,7 @@ def test_backend_by_kwarg(bench: HermesBench) -> None:
 
 
 def test_backend_object_by_kwarg(bench: HermesBench) -> None:
-    from instrumentation.hermes_agent.state import InvocationState
+    from statebackends_hermes_agent.state import InvocationState
 
     mine: StateStore[Any] = ContextVarStore(InvocationState)
     bench.instrumentor.instrument(tracer_provider=bench.provider, state_backend=mine)
@@ -328,7 +328,7 @@ def test_bad_environment_variable_logs_and_uses_the_default(
 
 
 def test_backend_in_use_is_logged_at_debug(bench: HermesBench, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="instrumentation.hermes_agent"):
+    with caplog.at_level(logging.DEBUG, logger="statebackends_hermes_agent"):
         bench.instrument("threadlocal")
     assert any("'threadlocal'" in r.getMessage() for r in caplog.records)
 
@@ -393,7 +393,7 @@ def test_metrics_are_recorded_through_the_meter_provider(bench: HermesBench) -> 
 
 
 def test_registered_for_opentelemetry_instrument() -> None:
-    (ep,) = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "hermes_agent"]
+    (ep,) = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "statebackends_hermes_agent"]
     assert ep.load() is HermesAgentInstrumentor
     assert any("hermes-agent" in dep for dep in HermesAgentInstrumentor().instrumentation_dependencies())
 
@@ -402,9 +402,9 @@ def test_registered_for_opentelemetry_instrument() -> None:
 def test_instrumenting_before_or_after_importing_run_agent(order: str, tmp_path: Any) -> None:
     code = f"""
 import os
-from benchmarks.driver import ensure_hermes_home
+from statebackends_hermes_testbed.driver import ensure_hermes_home
 ensure_hermes_home()
-from instrumentation.hermes_agent import HermesAgentInstrumentor
+from statebackends_hermes_agent import HermesAgentInstrumentor
 if {order == 'import-first'!r}:
     import run_agent
 HermesAgentInstrumentor().instrument()
@@ -433,7 +433,7 @@ def test_opentelemetry_instrument_picks_it_up_with_the_backend_from_the_environm
     }
     code = (
         "import run_agent\n"
-        "from instrumentation.hermes_agent import HermesAgentInstrumentor\n"
+        "from statebackends_hermes_agent import HermesAgentInstrumentor\n"
         "assert hasattr(vars(run_agent.AIAgent)['run_conversation'], '__wrapped__')\n"
         "print('backend', HermesAgentInstrumentor().state_backend)\n"
     )

@@ -16,11 +16,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from benchmarks.matrix import run_cell
-from benchmarks.scenarios import SCENARIOS, expected_ok
+from statebackends_hermes_testbed.matrix import run_cell
+from statebackends_hermes_testbed.scenarios import SCENARIOS, expected_ok
 from statebackends import Concurrency, available
+from statebackends_hermes_testbed.table import isolation_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = list(available())
 OVERLAPPING = {Concurrency.THREADS, Concurrency.ASYNC_TASKS}
 
@@ -35,7 +36,7 @@ def matrix_bench(request: pytest.FixtureRequest) -> Iterator[Any]:
     if bench is not None:
         yield bench
         return
-    from benchmarks.driver import HermesBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
     own = HermesBench()
     try:
@@ -82,7 +83,7 @@ def test_expectations_come_from_the_declarations() -> None:
 def test_matrix_cli_prints_valid_json() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.matrix", "--scenario", "sequential", "--backend", "contextvar", "--json"],
+        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", "--scenario", "sequential", "--backend", "contextvar", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -99,7 +100,7 @@ def test_matrix_cli_prints_valid_json() -> None:
 
 
 def test_matrix_cli_names_the_valid_choices_for_a_bad_name(capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.matrix import main
+    from statebackends_hermes_testbed.matrix import main
 
     assert main(["--backend", "fibers"]) == 2
     err = capsys.readouterr().err
@@ -107,3 +108,16 @@ def test_matrix_cli_names_the_valid_choices_for_a_bad_name(capsys: pytest.Captur
     assert main(["--scenario", "nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and all(s.id in err for s in SCENARIOS)
+
+
+def test_isolation_table_is_made_from_the_declarations() -> None:
+    table = isolation_table()
+    for name in ("contextvar", "instance", "invocation_id", "otel_context", "threadlocal"):
+        assert f"`{name}`" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert rows["asyncio tasks on one loop"].count("**no**") == 2  # instance, threadlocal
+
+
+def test_readme_embeds_the_current_isolation_table() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert isolation_table() in readme, "README's backend table drifted: paste isolation_table()"

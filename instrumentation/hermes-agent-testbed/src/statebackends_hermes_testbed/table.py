@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ._store import Concurrency
+from statebackends import Concurrency
 
 
 def isolation_table() -> str:
     """A markdown table: one row per concurrency model, one column per available backend."""
-    from .registry import available
+    from statebackends import available
 
     backends = available()
     names = list(backends)

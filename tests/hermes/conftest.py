@@ -1,0 +1,37 @@
+"""Process-wide test set-up: a private HERMES_HOME before Hermes is imported, and a loopback-only network."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from statebackends_hermes_testbed.driver import HermesBench, ensure_hermes_home
+from statebackends_hermes_testbed.hermes_harness import NetGuard, loopback_only
+
+ensure_hermes_home()  # Hermes caches home paths when first imported
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _network_guard() -> Iterator[NetGuard]:
+    """Refuse, for the whole session, every connection and DNS look-up beyond 127.0.0.1."""
+    with loopback_only() as guard:
+        yield guard
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(_network_guard: NetGuard) -> Iterator[None]:
+    """Fail any test during which something tried to reach beyond loopback (even if the caller swallowed it)."""
+    before = len(_network_guard.blocked)
+    yield
+    assert _network_guard.blocked[before:] == [], f"attempts beyond loopback: {_network_guard.blocked[before:]}"
+
+
+@pytest.fixture(scope="session")
+def hermes_bench() -> Iterator[HermesBench]:
+    """The fake LLM server, an SDK tracer provider with an in-memory exporter, and the instrumentor."""
+    bench = HermesBench()
+    try:
+        yield bench
+    finally:
+        bench.close()
