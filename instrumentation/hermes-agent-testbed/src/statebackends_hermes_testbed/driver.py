@@ -88,12 +88,22 @@ class HermesBench:
 
     # -- driving ----------------------------------------------------------------------------
 
-    def call(self, agent: Any, tag: str, directives: str = "", *, method: str = "run_conversation") -> Any:
-        """One call under its own ``call <tag>`` span, made in the calling thread."""
+    def call(
+        self,
+        agent: Any,
+        tag: str,
+        directives: str = "",
+        *,
+        method: str = "run_conversation",
+        task_id: Optional[str] = None,
+    ) -> Any:
+        """One call under its own ``call <tag>`` span, made in the calling thread (``task_id`` as Hermes's front ends pass it)."""
         with self.tracer.start_as_current_span(f"call {tag}"):
             message = f"[conv:{tag}] {directives} hello".strip()
             if method == "chat":
                 return agent.chat(message)
+            if task_id is not None:
+                return agent.run_conversation(message, task_id=task_id)
             return agent.run_conversation(message)
 
     def truth(
@@ -105,6 +115,7 @@ class HermesBench:
         children: Sequence[CallTruth] = (),
         error: bool = False,
         tokens: bool = True,
+        late: int = 0,
     ) -> CallTruth:
         """The truth of one call from what the fake LLM actually sent for ``tag``."""
         sent = self.server.log(tag)
@@ -120,6 +131,7 @@ class HermesBench:
             output_tokens=output_tokens if tokens else None,
             children=children,
             error=error,
+            late=late,
         )
 
     def verdict(self, calls: Sequence[CallTruth], *, owners: Iterable[Any] = (), live_before: int = 0) -> Verdict:

@@ -19,6 +19,8 @@ the instrumentation does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import gc
 import os
@@ -26,7 +28,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
@@ -37,7 +39,7 @@ from statebackends import Concurrency, get_store
 from .driver import HermesBench, run_threads
 from .hermes_harness import BENCH_TOOLSET, InProcessLLM, make_agent, register_bench_tools, wait_for_delegations
 from .stub_agent import AsyncStubAgent
-from .traces import CALLER_PREFIX, KINDS, CallTruth, Verdict, _tag_in, kind_of
+from .traces import CALLER_PREFIX, KINDS, LATE_TOOL, CallTruth, Verdict, _tag_in, kind_of
 
 C = Concurrency
 
@@ -55,6 +57,14 @@ SOAK_MEMORY_BOUND_KIB = 48 * 1024
 
 MATRIX_TOOLSET = "sb_matrix"
 NESTED_TOOL = "sb_nested"
+LATE_LAUNCHER = "sb_late"
+"""Matrix tool that starts a job (through a context copy) which runs only after the turn has returned."""
+
+SESSION_ID = "session-42"
+"""The task id every turn of one session carries (Hermes's CLI and ACP adapter pass the session id)."""
+SHARED_ID_ROUNDS = 2
+"""Two-agent shared-id scenarios: rounds of two overlapping turns, one per agent."""
+LATE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -98,36 +108,131 @@ def _sb_nested(args: dict[str, Any], **_: Any) -> str:
     return str((result or {}).get("final_response") or "")
 
 
-def register_matrix_tools() -> None:
-    """``sb_echo``/``sb_fail`` (harness) and ``sb_nested`` in toolset ``sb_matrix`` (sequential: not parallel-safe)."""
-    register_bench_tools()
+class _LateJobs:
+    """The jobs ``sb_late`` started: each waits for :meth:`release`, then calls the wrapped ``handle_function_call``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gate = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.seen: list[str] = []
+        """What a job found that it should not have (state of the ended call, an error)."""
+        self.store: Any = None
+
+    def reset(self, store: Any) -> None:
+        with self._lock:
+            self.gate = threading.Event()
+            self.threads, self.seen, self.store = [], [], store
+
+    def start(self, text: str, task_id: Any) -> None:
+        """Start one job in a copy of the calling tool's context (Hermes's background work does the same)."""
+        ctx = contextvars.copy_context()
+        gate, store = self.gate, self.store
+        owner = _late_owner()
+
+        def job() -> None:
+            if not gate.wait(LATE_TIMEOUT):
+                self._saw(f"{text}: never released")
+                return
+            if store is not None and store.current(owner, task_id) is not None:
+                self._saw(f"{text}: current() returned the ended call's state")
+            try:
+                import run_agent  # the module attribute the instrumentation wraps, looked up now
+
+                run_agent.handle_function_call(LATE_TOOL, {"text": f"{text}-job"}, task_id)
+            except Exception as exc:  # noqa: BLE001 - reported in the verdict
+                self._saw(f"{text}: late handle_function_call raised {exc!r}")
+
+        thread = threading.Thread(target=ctx.run, args=(job,), name="matrix-late", daemon=True)
+        with self._lock:
+            self.threads.append(thread)
+        thread.start()
+
+    def _saw(self, note: str) -> None:
+        with self._lock:
+            self.seen.append(note)
+
+    def release(self) -> list[str]:
+        """Let every job run, wait for them, and return what they saw."""
+        self.gate.set()
+        for thread in list(self.threads):
+            thread.join(LATE_TIMEOUT)
+            if thread.is_alive():
+                self._saw("a late job did not finish")
+        return list(self.seen)
+
+
+_late = _LateJobs()
+
+
+def _late_owner() -> Any:
+    """The agent whose tool runs here: the instrumentation's own ``_tool_owner``, when it has one."""
+    try:
+        from statebackends_hermes_agent.wrappers import _tool_owner
+    except ImportError:  # another instrumentation: the owner is not needed to judge
+        return None
+    return _tool_owner.get()
+
+
+def _sb_late(args: dict[str, Any], **kwargs: Any) -> str:
+    """Start a job that outlives this call (see :class:`_LateJobs`) and return at once."""
+    text = str(args.get("text", ""))
+    _late.start(text, kwargs.get("task_id"))
+    return text
+
+
+def _sb_late_job(args: dict[str, Any], **_: Any) -> str:
+    return str(args.get("text", ""))
+
+
+def _register(name: str, handler: Callable[..., str], description: str) -> None:
     from tools.registry import registry
 
-    entry = registry.get_entry(NESTED_TOOL)
-    if entry is None or entry.handler is not _sb_nested:
+    entry = registry.get_entry(name)
+    if entry is None or entry.handler is not handler:
         registry.register(
-            name=NESTED_TOOL,
+            name=name,
             toolset=MATRIX_TOOLSET,
             schema={
-                "name": NESTED_TOOL,
-                "description": "Matrix tool: runs another agent inline and returns its answer.",
+                "name": name,
+                "description": description,
                 "parameters": {
                     "type": "object",
                     "properties": {"text": {"type": "string", "description": "Tag of the call."}},
                     "required": ["text"],
                 },
             },
-            handler=_sb_nested,
-            description="Matrix tool: runs another agent inline.",
+            handler=handler,
+            description=description,
             emoji="*",
         )
+
+
+def register_matrix_tools() -> None:
+    """``sb_echo``/``sb_fail`` (harness), ``sb_nested``, ``sb_late`` and ``sb_late_job`` in toolset ``sb_matrix``."""
+    register_bench_tools()
+    _register(NESTED_TOOL, _sb_nested, "Matrix tool: runs another agent inline and returns its answer.")
+    _register(LATE_LAUNCHER, _sb_late, "Matrix tool: starts a job that runs after the call has returned.")
+    _register(LATE_TOOL, _sb_late_job, "Matrix tool: the job sb_late started.")
 
 
 class _Agents:
     def __init__(self, bench: HermesBench) -> None:
         register_matrix_tools()  # before building: Hermes fixes an agent's tool names at construction
-        self.main = make_agent(bench.server.base_url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET))
+        self._url = bench.server.base_url
+        self.main = self._build()
         self.delegating = bench.agent(delegation=True)
+        self._twin: Any = None
+
+    def _build(self) -> Any:
+        return make_agent(self._url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET))
+
+    @property
+    def twin(self) -> Any:
+        """A second agent like ``main``, built on first use (one agent per turn of a session)."""
+        if self._twin is None:
+            self._twin = self._build()
+        return self._twin
 
 
 _agents: "weakref.WeakKeyDictionary[HermesBench, _Agents]" = weakref.WeakKeyDictionary()
@@ -178,12 +283,27 @@ def run_sequential(bench: HermesBench, backend: str) -> Verdict:
 # -- 2-4. threads --------------------------------------------------------------------------------------------
 
 
-def _threads(bench: HermesBench, backend: str, directives: str, tools: int, prefix: str) -> Verdict:
+def _threads(
+    bench: HermesBench,
+    backend: str,
+    directives: str,
+    tools: int,
+    prefix: str,
+    *,
+    task_id: Optional[str] = None,
+    owners: Optional[list[Any]] = None,
+    rounds: int = 1,
+) -> Verdict:
+    """Overlapping turns in threads (barrier): N_CALLERS on ``main``, or one per agent of ``owners`` in each round."""
     _begin(bench, backend)
-    agent = agents(bench).main
-    tags = [f"{prefix}{i}" for i in range(N_CALLERS)]
-    run_threads(lambda i: bench.call(agent, tags[i], directives), N_CALLERS)
-    return _explain(bench, bench.verdict([bench.truth(t, tools=tools) for t in tags], owners=[agent]))
+    owners = owners or [agents(bench).main]
+    n = N_CALLERS if len(owners) == 1 else len(owners)
+    tags: list[str] = []
+    for r in range(rounds):
+        batch = [f"{prefix}{r * n + i}" for i in range(n)]
+        tags += batch
+        run_threads(lambda i: bench.call(owners[i % len(owners)], batch[i], directives, task_id=task_id), n)
+    return _explain(bench, bench.verdict([bench.truth(t, tools=tools) for t in tags], owners=owners))
 
 
 def run_threads_plain(bench: HermesBench, backend: str) -> Verdict:
@@ -310,19 +430,81 @@ def run_tool_pool(bench: HermesBench, backend: str) -> Verdict:
     return _explain(bench, bench.verdict([bench.truth("pool", tools=3)], owners=[agent]))
 
 
-def run_raw_thread(bench: HermesBench, backend: str) -> Verdict:
-    """As ``tool_pool``, with ``agent.tool_executor.propagate_context_to_thread`` patched to identity: a raw hop, nothing copied."""
+@contextlib.contextmanager
+def raw_tool_pool() -> Iterator[None]:
+    """Patch ``agent.tool_executor.propagate_context_to_thread`` to identity: Hermes's tool pool hops raw, nothing copied."""
     import agent.tool_executor as tool_executor
 
-    _begin(bench, backend)
-    agent = agents(bench).main
     saved = tool_executor.propagate_context_to_thread
     tool_executor.propagate_context_to_thread = lambda target: target
     try:
-        bench.call(agent, "raw", "[tools:3] [tool_ms:30]")
+        yield
     finally:
         tool_executor.propagate_context_to_thread = saved
+
+
+def run_raw_thread(bench: HermesBench, backend: str) -> Verdict:
+    """As ``tool_pool``, with ``agent.tool_executor.propagate_context_to_thread`` patched to identity: a raw hop, nothing copied."""
+    _begin(bench, backend)
+    agent = agents(bench).main
+    with raw_tool_pool():
+        bench.call(agent, "raw", "[tools:3] [tool_ms:30]")
     return _explain(bench, bench.verdict([bench.truth("raw", tools=3)], owners=[agent]))
+
+
+# -- shared task id: the turns of one session (Hermes's CLI and ACP adapter pass task_id=<session id>) -----
+
+_SHARED = "[tools:2] [delay_ms:20] [tool_ms:10]"
+
+
+def run_shared_task_id(bench: HermesBench, backend: str) -> Verdict:
+    """N overlapping turns (threads, barrier) on ONE shared agent, all with ``task_id="session-42"``; two tools each
+    in Hermes's concurrent pool (context copied): a double submit, a retry or two tabs on one session."""
+    return _threads(bench, backend, _SHARED, 2, "sid", task_id=SESSION_ID)
+
+
+def run_shared_task_id_two_agents(bench: HermesBench, backend: str) -> Verdict:
+    """The same session id on two agents, one turn each, overlapping (rounds of two); two pooled tools per turn."""
+    a = agents(bench)
+    return _threads(bench, backend, _SHARED, 2, "sia", task_id=SESSION_ID, owners=[a.main, a.twin],
+                    rounds=SHARED_ID_ROUNDS)
+
+
+def run_shared_task_id_raw(bench: HermesBench, backend: str) -> Verdict:
+    """As ``shared_task_id`` with Hermes's tool pool hopping raw (nothing copied): a worker knows only its agent and the
+    session id, which every open turn on that agent shares."""
+    with raw_tool_pool():
+        return _threads(bench, backend, _SHARED, 2, "sir", task_id=SESSION_ID)
+
+
+def run_shared_task_id_two_agents_raw(bench: HermesBench, backend: str) -> Verdict:
+    """As ``shared_task_id_two_agents`` with the raw hop: the id is shared, but each agent has one open turn."""
+    a = agents(bench)
+    with raw_tool_pool():
+        return _threads(bench, backend, _SHARED, 2, "sar", task_id=SESSION_ID, owners=[a.main, a.twin],
+                        rounds=SHARED_ID_ROUNDS)
+
+
+# -- work that outlives its call ---------------------------------------------------------------------------
+
+
+def run_late_work(bench: HermesBench, backend: str) -> Verdict:
+    """A tool (``sb_late``) starts a job through a context copy; the job runs only AFTER the turn has returned and calls
+    the wrapped ``handle_function_call`` (as Hermes's background work would). Its span may start a trace of its own or
+    hang under the tool span that started it, never in the ended call's tree; nothing of the call is found or left."""
+    store = _begin(bench, backend)
+    agent = agents(bench).main
+    _late.reset(store)
+    live_before = store.live() or 0
+    bench.call(agent, "late", f"[tool:{LATE_LAUNCHER}] [tools:1]", task_id=SESSION_ID)
+    seen = _late.release()
+    bench.call(agent, "after", "[tools:1]", task_id=SESSION_ID)  # the next turn of the session is untouched
+    verdict = _explain(bench, bench.verdict(
+        [bench.truth("late", tools=1, late=1), bench.truth("after", tools=1)], owners=[agent], live_before=live_before,
+    ))
+    verdict.state_left += len(seen)
+    verdict.notes.extend(seen)
+    return verdict
 
 
 # -- 8-9. subagents --------------------------------------------------------------------------------------------------
@@ -584,6 +766,16 @@ SCENARIOS: list[Scenario] = [
     _s("errors", "LLM error and tool error mid-call", set(), run_errors),
     _s("cancel", "asyncio cancellation mid-call (stub agent)", {C.ASYNC_TASKS}, run_cancel),
     _s("soak", "soak: thousands of calls, in a row then in threads", {C.THREADS}, run_soak),
+    _s("shared_task_id", "turns of one session overlap on one agent (shared task id, pooled tools)",
+       {C.THREADS, C.COPIED_CONTEXT, C.SHARED_ID}, run_shared_task_id),
+    # No THREADS: each agent has one open turn at a time, so no owner is shared (the instance backend is right here).
+    _s("shared_task_id_two_agents", "one session id on two agents, turns overlapping",
+       {C.COPIED_CONTEXT, C.SHARED_ID}, run_shared_task_id_two_agents),
+    _s("shared_task_id_raw", "shared task id on one agent, tool pool without context copy",
+       {C.THREADS, C.RAW_THREAD, C.SHARED_ID, C.SHARED_ID_RAW_THREAD}, run_shared_task_id_raw),
+    _s("shared_task_id_two_agents_raw", "shared task id on two agents, tool pool without context copy",
+       {C.RAW_THREAD, C.SHARED_ID}, run_shared_task_id_two_agents_raw),
+    _s("late_work", "work started by a tool runs after its call returned", set(), run_late_work),
 ]
 
 BY_ID: dict[str, Scenario] = {s.id: s for s in SCENARIOS}

@@ -19,10 +19,17 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as Ge
 
 CALLER_PREFIX = "call "
 KINDS = ("invoke_agent", "step", "chat", "execute_tool")
+LATE_TOOL = "sb_late_job"
+"""The tool that work outliving its call runs (``late_work`` scenario): its spans are judged apart."""
+LATE = "late_work"
+"""The kind of an ``execute_tool sb_late_job`` span: counted apart from the call's own tree."""
 
 
 def kind_of(span: ReadableSpan) -> Optional[str]:
+    """The kind of an instrumentation span (one of :data:`KINDS`, or :data:`LATE`), None for any other span."""
     name = span.name
+    if name == f"execute_tool {LATE_TOOL}":
+        return LATE
     if name.startswith("invoke_agent"):
         return "invoke_agent"
     if name == "react step":
@@ -79,6 +86,8 @@ class CallTruth:
     errors: Optional[Mapping[str, int]] = None
     """Spans with ERROR status expected per kind in this call's whole tree (children included);
     None leaves them unchecked. Kinds not named are expected to have none."""
+    late: int = 0
+    """Late-work spans (:data:`LATE_TOOL`) this call's tools started and that ran after it returned."""
 
     def all_tags(self) -> set[str]:
         tags = {self.tag}
@@ -87,7 +96,7 @@ class CallTruth:
         return tags
 
     def total(self, kind: str) -> int:
-        own = {"invoke_agent": 1, "step": self.steps, "chat": self.chats, "execute_tool": self.tools}[kind]
+        own = {"invoke_agent": 1, "step": self.steps, "chat": self.chats, "execute_tool": self.tools, LATE: self.late}[kind]
         return own + sum(child.total(kind) for child in self.children)
 
 
@@ -124,7 +133,7 @@ class Verdict:
         if self.ok:
             return "ok"
         parts = []
-        missing = [f"{k} {self.actual[k]}/{self.expected[k]}" for k in KINDS if self.actual[k] != self.expected[k]]
+        missing = [f"{k} {self.actual.get(k, 0)}/{n}" for k, n in self.expected.items() if self.actual.get(k, 0) != n]
         if missing:
             parts.append("spans " + ", ".join(missing))
         for label, value in (
@@ -179,8 +188,9 @@ def judge(
     spans = list(spans)
     by_id = {s.context.span_id: s for s in spans}
     truth = {c.tag: c for c in calls}
-    expected = {k: sum(c.total(k) for c in calls) for k in KINDS}
-    actual = {k: 0 for k in KINDS}
+    kinds = KINDS + ((LATE,) if any(c.total(LATE) for c in calls) or any(kind_of(s) == LATE for s in spans) else ())
+    expected = {k: sum(c.total(k) for c in calls) for k in kinds}
+    actual = {k: 0 for k in kinds}
     verdict = Verdict(expected=expected, actual=actual, state_left=state_left)
     verdict.never_ended = sum(1 for s in open_spans if kind_of(s) is not None)
     error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in KINDS} for c in calls}
@@ -197,6 +207,20 @@ def judge(
             current, seen = parent, seen + 1
         return None
 
+    late_tags = {tag for c in calls if c.total(LATE) for tag in c.all_tags()}
+
+    def judge_late(span: ReadableSpan, owner: Optional[str], parent: Optional[ReadableSpan]) -> None:
+        """Work that outlived its call: a root of its own, or under the tool span that started it, never in the call's tree."""
+        if span.parent is not None:
+            started_by_tool = parent is not None and kind_of(parent) == "execute_tool" and owner in late_tags
+            if not started_by_tool:
+                verdict.orphans += 1
+                where = parent.name if parent is not None else "a span never exported"
+                verdict.notes.append(f"late work landed under {where!r} of call {owner!r}, as if part of it")
+        tag = _tag_in((span.attributes or {}).get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_")
+        if tag is not None and tag not in late_tags:
+            verdict.cross_talk += 1
+
     for span in spans:
         kind = kind_of(span)
         if kind is None:
@@ -205,6 +229,9 @@ def judge(
         owner = root_call(span)
         parent = by_id.get(span.parent.span_id) if span.parent is not None else None
         parent_kind = kind_of(parent) if parent is not None else None
+        if kind == LATE:
+            judge_late(span, owner, parent)
+            continue
         if owner is None or owner not in truth:
             verdict.orphans += 1
             continue
