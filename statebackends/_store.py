@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 import enum
 import logging
+import os
 import threading
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Hashable, Iterable, Iterator, TypeVar
 
 _logger = logging.getLogger("statebackends")
 
@@ -34,6 +37,12 @@ class Concurrency(str, enum.Enum):
     """Work wrapped with :meth:`StateStore.propagate` before a raw hop, including a nested invocation on another owner there."""
     NESTED = "nested"
     """An invocation nested inside another on the same thread gets the outer state back when it ends."""
+    SHARED_ID = "shared_id"
+    """Overlapping invocations that carry the SAME invocation id (two turns of one Hermes session), each in its own thread or task."""
+    SHARED_ID_RAW_THREAD = "shared_id_raw_thread"
+    """A raw thread hop carrying only an id that several open invocations on one owner share: which one is meant cannot be told."""
+    GREENLETS = "greenlets"
+    """Invocations in gevent greenlets under ``gevent.monkey.patch_all()`` sharing one owner, including a greenlet spawned during an invocation (which starts with an empty ``contextvars`` context and its own ``threading.local``) and handed only the owner and the id."""
 
     @property
     def description(self) -> str:
@@ -47,13 +56,23 @@ _DESCRIPTIONS = {
     Concurrency.RAW_THREAD: "raw thread hop, only the owner or id carried",
     Concurrency.PROPAGATE: "raw hop wrapped by `propagate`",
     Concurrency.NESTED: "nested invocation, same thread",
+    Concurrency.SHARED_ID: "overlapping invocations sharing one id",
+    Concurrency.SHARED_ID_RAW_THREAD: "raw thread hop, only an id shared by open invocations on one owner",
+    Concurrency.GREENLETS: "gevent greenlets sharing one owner, monkey-patched",
 }
 
 
 class Scope(Generic[S]):
-    """One open invocation: its ``state`` and what its store needs to undo ``begin``."""
+    """One invocation: its ``state`` and what its store needs to undo ``begin``.
 
-    __slots__ = ("state", "owner", "invocation_id", "token", "ended", "__weakref__")
+    ``previous`` is the scope that was current where it began (``current()``
+    skips ended scopes along that chain, so no context ever gets an ended
+    state back); ``evicted`` is True when the store had to drop the
+    invocation from an index before its ``end`` (an instrumentation may mark
+    the call incomplete).
+    """
+
+    __slots__ = ("state", "owner", "invocation_id", "token", "ended", "previous", "evicted", "_epoch", "__weakref__")
 
     def __init__(self, state: S, owner: Any, invocation_id: Hashable | None, token: Any = None) -> None:
         self.state = state
@@ -61,9 +80,70 @@ class Scope(Generic[S]):
         self.invocation_id = invocation_id
         self.token = token
         self.ended = False
+        self.previous: Scope[Any] = NO_SCOPE
+        self.evicted = False
+        self._epoch = _fork_epoch
 
     def __repr__(self) -> str:
         return f"Scope(invocation_id={self.invocation_id!r}, ended={self.ended})"
+
+
+_fork_epoch = 0  # bumped in a forked child: scopes begun before the fork do not count in its live()
+
+NO_SCOPE: Scope[Any] = None  # type: ignore[assignment]  # bound just below; Scope() reads it
+NO_SCOPE = Scope(None, None, None)
+"""The bottom of every ``previous`` chain: never ended, its state is None (what ``current()`` gives outside any invocation)."""
+NO_SCOPE.previous = NO_SCOPE
+
+
+def first_open(scope: Scope[S]) -> Scope[S]:
+    """The first scope not ended along ``scope``'s ``previous`` chain (``NO_SCOPE`` at worst)."""
+    while scope.ended:
+        scope = scope.previous
+    return scope
+
+
+def open_chain(scope: Scope[S]) -> Iterator[Scope[S]]:
+    """The open scopes along ``scope``'s ``previous`` chain, innermost first (``NO_SCOPE`` excluded)."""
+    while scope is not NO_SCOPE:
+        if not scope.ended:
+            yield scope
+        scope = scope.previous
+
+
+UNWOUND = object()
+"""What a ``ContextVar``-based backend leaves in ``scope.token`` once its reset is done."""
+
+
+def unwind_var(var: contextvars.ContextVar[Scope[Any]], scope: Scope[Any], name: str) -> None:
+    """Reset ``var`` to what it held before ``scope`` was set, if that can be done here.
+
+    Only when ``scope`` is what ``var`` holds (ends in another order leave it
+    for the inner scope's end, which then unwinds the ended scopes it
+    uncovers with their own tokens), and only in the context that set it.
+    """
+    if var.get() is not scope:
+        _logger.debug("%s: invocation %r ended out of order or outside its context; unwound later",
+                      name, scope.invocation_id)
+        return
+    try:
+        var.reset(scope.token)
+    except (ValueError, RuntimeError):  # a copy of the context that set it
+        _logger.debug("%s: invocation %r ended in a copy of its context; left to that context",
+                      name, scope.invocation_id)
+        return
+    scope.token = UNWOUND
+    uncovered = var.get()
+    while uncovered.ended and uncovered.token is not UNWOUND and isinstance(uncovered.token, contextvars.Token):
+        try:
+            var.reset(uncovered.token)
+        except (ValueError, RuntimeError):
+            return
+        uncovered.token = UNWOUND
+        uncovered = var.get()
+
+
+_stores: weakref.WeakSet[StateStore[Any]] = weakref.WeakSet()
 
 
 class StateStore(abc.ABC, Generic[S]):
@@ -71,8 +151,14 @@ class StateStore(abc.ABC, Generic[S]):
 
     Subclasses implement ``_enter``, ``_exit``, ``current`` and ``propagate``;
     ``begin``, ``end``, ``invocation`` and ``live`` are shared. ``isolates``
-    declares, as data, the concurrency models the backend keeps apart; the
-    correctness matrix checks the declaration against behaviour.
+    declares, as data, the concurrency models the backend keeps apart;
+    :mod:`statebackends.testing` checks the declaration against behaviour.
+
+    Every backend obeys: ``current()`` never returns the state of an ended
+    invocation, in any context; ends in any order, double ends and ends from
+    another thread or context never raise (logged at debug level); after a
+    ``fork`` the child re-creates the store's locks, so it cannot hang on a
+    lock another thread of the parent held.
     """
 
     name: ClassVar[str] = ""
@@ -84,11 +170,16 @@ class StateStore(abc.ABC, Generic[S]):
         self.factory = factory
         self._lock = threading.Lock()
         self._live = 0
+        _stores.add(self)
 
     # -- the contract -------------------------------------------------------
 
     def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S]:
-        """Open a fresh state for a new invocation on ``owner`` and make it current."""
+        """Open a fresh state for a new invocation on ``owner`` and make it current.
+
+        If the backend cannot (``_enter`` raises), the exception propagates and
+        nothing is left half-done: the invocation is not counted as open.
+        """
         scope: Scope[S] = Scope(self.factory(), owner, invocation_id)
         scope.token = self._enter(scope)
         with self._lock:
@@ -99,29 +190,31 @@ class StateStore(abc.ABC, Generic[S]):
         """Close the invocation and make current what was current before its ``begin``.
 
         Never raises: a second ``end``, or one whose undoing is impossible here
-        (another thread or context), is logged at debug level.
+        (another thread or context, or an inner invocation still open), is
+        logged at debug level; ``current()`` skips the ended state everywhere.
         """
         with self._lock:
             if scope.ended:
-                _logger.debug("%s: end() of an already ended %r ignored", self.name, scope)
+                _logger.debug("%s: end() of an already ended invocation %r ignored", self.name, scope.invocation_id)
                 return
             scope.ended = True
-            self._live -= 1
+            if scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
+                self._live -= 1
         try:
             self._exit(scope)
         except Exception:  # noqa: BLE001 - the contract is "never raises"
-            _logger.debug("%s: could not undo begin() of %r", self.name, scope, exc_info=True)
+            _logger.debug("%s: could not undo begin() of invocation %r", self.name, scope.invocation_id, exc_info=True)
 
     @abc.abstractmethod
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
-        """The state of the invocation in effect here, or None where none is."""
+        """The state of the open invocation in effect here, or None where none is."""
 
     @abc.abstractmethod
     def propagate(self, fn: F) -> F:
         """Wrap ``fn`` so that, called later in another thread, it sees the current invocation."""
 
     def live(self) -> int | None:
-        """How many invocations are open (begun and not ended), or None where unknowable."""
+        """How many invocations begun in this process are open (begun and not ended), or None where unknowable."""
         return self._live
 
     @contextmanager
@@ -137,11 +230,39 @@ class StateStore(abc.ABC, Generic[S]):
 
     @abc.abstractmethod
     def _enter(self, scope: Scope[S]) -> Any:
-        """Make ``scope.state`` current; return what ``_exit`` needs to undo it."""
+        """Make ``scope`` current (setting ``scope.previous``); return what ``_exit`` needs to undo it."""
 
     @abc.abstractmethod
     def _exit(self, scope: Scope[S]) -> None:
         """Undo ``_enter`` for ``scope`` (``scope.token`` holds its return value); may raise."""
 
+    def _scopes_here(self) -> Iterable[Scope[S]]:
+        """The open scopes current in the calling thread and context (used after a fork)."""
+        return ()
+
+    def _after_fork_in_child(self) -> None:
+        """Re-create locks and per-process bookkeeping in a forked child (one thread only runs)."""
+        self._lock = threading.Lock()
+        adopted = 0
+        for scope in self._scopes_here():
+            if not scope.ended:
+                scope._epoch = _fork_epoch  # the forking thread's invocation may end in the child
+                adopted += 1
+        self._live = adopted
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} live={self.live()}>"
+
+
+def _reinit_stores_in_child() -> None:
+    global _fork_epoch
+    _fork_epoch += 1
+    for store in list(_stores):
+        try:
+            store._after_fork_in_child()
+        except Exception:  # noqa: BLE001 - a fork must never fail because of a store
+            _logger.debug("%s: re-initialisation after fork failed", store.name, exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_stores_in_child)

@@ -1,27 +1,32 @@
-"""``contextvar``: the state in a ``contextvars.ContextVar``, set and reset with tokens."""
+"""``contextvar``: the invocation's scope in a ``contextvars.ContextVar``, set and reset with tokens."""
 
 from __future__ import annotations
 
 import contextvars
 import functools
 import itertools
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
-from ._store import Concurrency, S, Scope, StateStore
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain, unwind_var
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
 
 
 class ContextVarStore(StateStore[S]):
-    """Keeps the state in a ``ContextVar`` private to this store.
+    """Keeps the invocation's scope in a ``ContextVar`` private to this store.
 
     Isolates threads (each thread has its own context), asyncio tasks (each
     task runs in a copy of its creator's context) and work handed on through
-    a context copy (``asyncio.to_thread``, ``copy_context().run``). Loses the
-    state where work hops to a thread that does not copy the context, unless
-    the hop is wrapped with :meth:`propagate`. ``end`` resets the variable
-    with the token from ``begin``, so nothing is left in the caller's context.
+    a context copy (``asyncio.to_thread``, ``copy_context().run``); ids are
+    ignored, so invocations sharing one id stay apart. Loses the state where
+    work hops to a thread that does not copy the context, unless the hop is
+    wrapped with :meth:`propagate`, and in a gevent greenlet spawned during the
+    call (it starts with an empty context). A copy made during the call and
+    run after it ended sees the first still-open outer invocation, or None.
+    ``end`` resets the variable with the token from ``begin`` (ends in any
+    order: the last one unwinds the others), so nothing is left in the
+    caller's context.
     """
 
     name = "contextvar"
@@ -32,23 +37,28 @@ class ContextVarStore(StateStore[S]):
             Concurrency.COPIED_CONTEXT,
             Concurrency.PROPAGATE,
             Concurrency.NESTED,
+            Concurrency.SHARED_ID,
         }
     )
 
     def __init__(self, factory: Callable[[], S]) -> None:
         super().__init__(factory)
-        self._var: contextvars.ContextVar[S | None] = contextvars.ContextVar(
-            f"statebackends_state_{next(_ids)}", default=None
+        self._var: contextvars.ContextVar[Scope[S]] = contextvars.ContextVar(
+            f"statebackends_state_{next(_ids)}", default=NO_SCOPE
         )
 
     def _enter(self, scope: Scope[S]) -> Any:
-        return self._var.set(scope.state)
+        scope.previous = first_open(self._var.get())
+        return self._var.set(scope)
 
     def _exit(self, scope: Scope[S]) -> None:
-        self._var.reset(scope.token)  # ValueError in another context: logged by end()
+        unwind_var(self._var, scope, self.name)
 
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        return self._var.get()
+        scope = self._var.get()
+        if not scope.ended:
+            return scope.state
+        return first_open(scope).state
 
     def propagate(self, fn: F) -> F:
         captured = contextvars.copy_context()
@@ -59,3 +69,6 @@ class ContextVarStore(StateStore[S]):
             return captured.copy().run(fn, *args, **kwargs)
 
         return run_in_captured_context  # type: ignore[return-value]
+
+    def _scopes_here(self) -> Iterable[Scope[S]]:
+        return open_chain(self._var.get())

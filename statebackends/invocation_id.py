@@ -1,4 +1,4 @@
-"""``invocation_id``: a bounded, thread-safe map from invocation id to state."""
+"""``invocation_id``: the invocation's scope bound in its context, and a bounded, locked index by id."""
 
 from __future__ import annotations
 
@@ -10,29 +10,62 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
-from ._store import Concurrency, S, Scope, StateStore
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain, unwind_var
 
 F = TypeVar("F", bound=Callable[..., Any])
 _logger = logging.getLogger("statebackends")
 _ids = itertools.count()
-_MISSING = object()
+
+ENV_MAX_ENTRIES = "STATEBACKENDS_INVOCATION_ID_MAX_ENTRIES"
+"""Environment variable bounding how many open invocations the id index holds (a positive integer)."""
+DEFAULT_MAX_ENTRIES = 10_000
+EVICTION_WARNING_INTERVAL = 60.0
+"""Seconds between two eviction warnings of one store (the first eviction always warns)."""
+
+
+def _max_entries_from_env() -> int:
+    raw = os.environ.get(ENV_MAX_ENTRIES, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ENTRIES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        _logger.error("statebackends: %s=%r is not valid (a positive integer is); using %d",
+                      ENV_MAX_ENTRIES, raw, DEFAULT_MAX_ENTRIES)
+        return DEFAULT_MAX_ENTRIES
+    return value
 
 
 class InvocationIdStore(StateStore[S]):
-    """Keeps each invocation's state under its id, in one locked map.
+    """Binds each invocation's scope in its context and indexes it by id, so a bare id finds it.
 
-    The id comes from the call where the call carries one (Hermes hands its
-    task id to every tool; an id given is looked up strictly, never replaced),
-    else from an ambient binding that ``begin`` makes
-    in a ``ContextVar``. So it isolates what ``contextvar`` isolates and also
-    reaches threads that receive nothing but the id (a raw thread hop whose
-    work is called with the id). Entries are removed at ``end``; entries
-    whose ``end`` never comes are evicted, oldest first, once more than
-    ``max_entries`` are open, or once older than ``max_age`` seconds if one is
-    set (off by default: an agent run may rightly last hours), and counted in
-    ``evicted``: the map never grows without limit.
+    ``begin`` binds the scope in a ``ContextVar`` (the *ambient* binding) and
+    adds it to a locked index ``id -> open scopes`` (an id is generated when
+    the call has none). ``current(owner, id)``:
+
+    * the ambient invocation wins when no id is passed or its id matches (an
+      outer invocation of this context too): two overlapping invocations
+      begun with the SAME id (two turns of one Hermes session) each see
+      their own state;
+    * otherwise (a raw thread hop carrying only the id) the index is asked:
+      one open invocation with that id is the answer; of several, the one
+      whose ``owner`` is the given owner; if that still leaves several (or
+      none), the answer is None, never another invocation's state: the look-up
+      is counted in ``ambiguous`` and logged as a WARNING once per store.
+
+    So it isolates what ``contextvar`` isolates and also reaches threads that
+    receive nothing but the id, and greenlets spawned during the call that are
+    handed the id. The index is bounded: beyond ``max_entries`` open
+    invocations (constructor argument, else ``STATEBACKENDS_INVOCATION_ID_MAX_ENTRIES``,
+    else 10000), or older than ``max_age`` seconds if set (off by default: an
+    agent run may rightly last hours), the oldest are evicted, counted in
+    ``evicted``, marked ``scope.evicted`` and logged as a WARNING (the first,
+    then at most once a minute, with the count). An evicted invocation keeps
+    working through its ambient binding; only id look-ups lose it.
     """
 
     name = "invocation_id"
@@ -44,6 +77,8 @@ class InvocationIdStore(StateStore[S]):
             Concurrency.RAW_THREAD,
             Concurrency.PROPAGATE,
             Concurrency.NESTED,
+            Concurrency.SHARED_ID,
+            Concurrency.GREENLETS,
         }
     )
 
@@ -51,88 +86,159 @@ class InvocationIdStore(StateStore[S]):
         self,
         factory: Callable[[], S],
         *,
-        max_entries: int = 10_000,
+        max_entries: int | None = None,
         max_age: float | None = None,
     ) -> None:
         super().__init__(factory)
-        if max_entries < 1:
+        if max_entries is None:
+            max_entries = _max_entries_from_env()
+        elif max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
         if max_age is not None and max_age <= 0:
             raise ValueError(f"max_age must be > 0 seconds or None, got {max_age!r}")
         self.max_entries = max_entries
         self.max_age = max_age
         self.evicted = 0
-        # id -> (state, monotonic start time); insertion order is age order.
-        self._entries: OrderedDict[Hashable, tuple[S, float]] = OrderedDict()
-        self._map_lock = threading.Lock()
-        self._ambient: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
-            f"statebackends_invocation_id_{next(_ids)}", default=None
+        """Open invocations dropped from the id index (see the class docstring)."""
+        self.ambiguous = 0
+        """Id look-ups answered None because several open invocations of one owner share the id."""
+        self._warned_ambiguous = False
+        self._evicted_warned = 0
+        self._next_eviction_warning = 0.0
+        # scope -> monotonic start time, oldest first; id -> the open scopes with that id.
+        self._open: OrderedDict[Scope[S], float] = OrderedDict()
+        self._by_id: dict[Hashable, tuple[Scope[S], ...]] = {}
+        self._ambient: contextvars.ContextVar[Scope[S]] = contextvars.ContextVar(
+            f"statebackends_invocation_{next(_ids)}", default=NO_SCOPE
         )
         self._prefix = f"inv-{os.getpid():x}-{next(_ids):x}-"
         self._counter = itertools.count(1)
 
-    def _new_id(self) -> str:
-        return f"{self._prefix}{next(self._counter)}"
-
     def _enter(self, scope: Scope[S]) -> Any:
         if scope.invocation_id is None:
-            scope.invocation_id = self._new_id()
+            scope.invocation_id = f"{self._prefix}{next(self._counter)}"
         key = scope.invocation_id
+        hash(key)  # an unhashable id fails here, before anything is changed
+        scope.previous = first_open(self._ambient.get())
         now = time.monotonic()
-        with self._map_lock:
-            previous = self._entries.pop(key, _MISSING)  # same id again: nested, restored at end
-            self._entries[key] = (scope.state, now)
-            self._evict(now)
-        return (previous, self._ambient.set(key))
+        with self._lock:
+            self._by_id[key] = self._by_id.get(key, ()) + (scope,)
+            self._open[scope] = now
+            evicted = self._evict(now)
+        token = self._ambient.set(scope)
+        if evicted:
+            self._warn_evicted(evicted, now)
+        return token
 
-    def _evict(self, now: float) -> None:
-        entries = self._entries
-        while len(entries) > self.max_entries:
-            key, _ = entries.popitem(last=False)
-            self.evicted += 1
-            _logger.debug("%s: evicted %r (more than %d open)", self.name, key, self.max_entries)
+    def _evict(self, now: float) -> int:
+        """Drop the oldest open invocations beyond the bounds (the lock is held)."""
+        n = 0
+        opened = self._open
+        while len(opened) > self.max_entries:
+            self._drop(opened.popitem(last=False)[0])
+            n += 1
         if self.max_age is not None:
             horizon = now - self.max_age
-            while entries:
-                key, (_, started) = next(iter(entries.items()))
+            while opened:
+                oldest, started = next(iter(opened.items()))
                 if started >= horizon:
                     break
-                del entries[key]
-                self.evicted += 1
-                _logger.debug("%s: evicted %r (older than %ss)", self.name, key, self.max_age)
+                del opened[oldest]
+                self._drop(oldest)
+                n += 1
+        self.evicted += n
+        return n
+
+    def _drop(self, scope: Scope[S]) -> None:
+        scope.evicted = True
+        self._unindex(scope)
+
+    def _unindex(self, scope: Scope[S]) -> None:
+        key = scope.invocation_id
+        rest = tuple(s for s in self._by_id.get(key, ()) if s is not scope)
+        if rest:
+            self._by_id[key] = rest
+        else:
+            self._by_id.pop(key, None)
+
+    def _warn_evicted(self, n: int, now: float) -> None:
+        if now < self._next_eviction_warning:
+            return
+        self._next_eviction_warning = now + EVICTION_WARNING_INTERVAL
+        total, since = self.evicted, self.evicted - self._evicted_warned
+        self._evicted_warned = total
+        _logger.warning(
+            "%s: evicted %d still-open invocation(s) from the id index (%d in all; bound max_entries=%d, "
+            "max_age=%s, set by %s); they keep their state in their own context, but id look-ups from other "
+            "threads lose them",
+            self.name, since, total, self.max_entries, self.max_age, ENV_MAX_ENTRIES,
+        )
 
     def _exit(self, scope: Scope[S]) -> None:
-        previous, token = scope.token
-        with self._map_lock:
-            entry = self._entries.get(scope.invocation_id)
-            if entry is not None and entry[0] is scope.state:
-                if previous is _MISSING:
-                    del self._entries[scope.invocation_id]
-                else:
-                    self._entries[scope.invocation_id] = previous
-        self._ambient.reset(token)  # ValueError in another context: logged by end()
+        with self._lock:
+            if self._open.pop(scope, None) is not None:
+                self._unindex(scope)
+        unwind_var(self._ambient, scope, self.name)
 
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        entries = self._entries
-        key = self._ambient.get() if invocation_id is None else invocation_id
-        if key is None:
-            return None
-        entry = entries.get(key)
-        return None if entry is None else entry[0]
+        scope = self._ambient.get()
+        if not scope.ended and (invocation_id is None or scope.invocation_id == invocation_id):
+            return scope.state
+        return self._look_up(scope, owner, invocation_id)
 
-    def live(self) -> int | None:
-        return len(self._entries)
+    def _look_up(self, scope: Scope[S], owner: Any, invocation_id: Hashable | None) -> S | None:
+        for ambient in open_chain(scope):
+            if invocation_id is None or ambient.invocation_id == invocation_id:
+                return ambient.state
+        if invocation_id is None:
+            return None
+        try:
+            candidates = [s for s in self._by_id.get(invocation_id, ()) if not s.ended]
+        except TypeError:  # unhashable id: nothing has it
+            return None
+        if len(candidates) > 1:
+            candidates = [s for s in candidates if s.owner is owner]
+            if len(candidates) != 1:
+                self._ambiguous(invocation_id)
+                return None
+        return candidates[0].state if candidates else None
+
+    def _ambiguous(self, invocation_id: Hashable) -> None:
+        with self._lock:
+            self.ambiguous += 1
+            warn, self._warned_ambiguous = not self._warned_ambiguous, True
+        if warn:
+            _logger.warning(
+                "%s: several open invocations share the id %r on one owner and the look-up came without "
+                "their context (a raw thread hop): returning None rather than another invocation's state; "
+                "further cases are counted in %s.ambiguous, not logged",
+                self.name, invocation_id, type(self).__name__,
+            )
 
     def propagate(self, fn: F) -> F:
         captured = self._ambient.get()
         ambient = self._ambient
 
         @functools.wraps(fn)
-        def run_with_captured_id(*args: Any, **kwargs: Any) -> Any:
+        def run_with_captured_scope(*args: Any, **kwargs: Any) -> Any:
             token = ambient.set(captured)
             try:
                 return fn(*args, **kwargs)
             finally:
                 ambient.reset(token)
 
-        return run_with_captured_id  # type: ignore[return-value]
+        return run_with_captured_scope  # type: ignore[return-value]
+
+    def _scopes_here(self) -> Iterable[Scope[S]]:
+        return open_chain(self._ambient.get())
+
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        # Invocations open in the parent's other threads do not exist here; the
+        # forking thread's own (its ambient chain) may still end here.
+        now = time.monotonic()
+        self._open = OrderedDict()
+        self._by_id = {}
+        for scope in reversed(list(self._scopes_here())):
+            self._open[scope] = now
+            self._by_id[scope.invocation_id] = self._by_id.get(scope.invocation_id, ()) + (scope,)

@@ -1,65 +1,80 @@
-"""``threadlocal``: the state in a ``threading.local``."""
+"""``threadlocal``: the invocation's scope in a ``threading.local``."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
-from ._store import Concurrency, S, Scope, StateStore
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain
 
 F = TypeVar("F", bound=Callable[..., Any])
-_MISSING = object()
+_logger = logging.getLogger("statebackends")
 
 
 class ThreadLocalStore(StateStore[S]):
-    """Keeps the state in a ``threading.local`` private to this store.
+    """Keeps the invocation's scope in a ``threading.local`` private to this store.
 
-    Isolates concurrent threads, and nothing finer: asyncio tasks interleaved
-    on one loop share their thread's slot and see each other's state, and work
-    handed to a pool thread (even through a context copy) finds no state there
-    unless the hop is wrapped with :meth:`propagate`, which re-installs the
-    captured state in the worker for the duration of the call.
+    Isolates concurrent threads (ids are ignored, so invocations sharing one
+    id in two threads stay apart), and nothing finer: asyncio tasks
+    interleaved on one loop share their thread's slot and see each other's
+    state, and work handed to a pool thread (even through a context copy)
+    finds no state there unless the hop is wrapped with :meth:`propagate`,
+    which re-installs the captured scope in the worker for the duration of
+    the call. Under gevent monkey-patching the slot is greenlet-local, so a
+    greenlet spawned during the call finds nothing. An ``end`` from another
+    thread, or before an inner invocation's, only marks the scope ended
+    (``current()`` skips it); the slot is cleared by the next ``end`` there.
     """
 
     name = "threadlocal"
-    isolates = frozenset({Concurrency.THREADS, Concurrency.PROPAGATE, Concurrency.NESTED})
+    isolates = frozenset({Concurrency.THREADS, Concurrency.PROPAGATE, Concurrency.NESTED, Concurrency.SHARED_ID})
 
     def __init__(self, factory: Callable[[], S]) -> None:
         super().__init__(factory)
         self._local = threading.local()
 
     def _enter(self, scope: Scope[S]) -> Any:
-        previous = getattr(self._local, "state", _MISSING)
-        self._local.state = scope.state
-        return (threading.get_ident(), previous)
+        scope.previous = first_open(getattr(self._local, "scope", NO_SCOPE))
+        self._local.scope = scope
+        return None
 
     def _exit(self, scope: Scope[S]) -> None:
-        thread, previous = scope.token
-        if thread != threading.get_ident():
-            raise RuntimeError("end() from another thread cannot reach the thread-local slot of begin()")
-        if previous is _MISSING:
-            del self._local.state
+        local = self._local
+        if getattr(local, "scope", None) is not scope:
+            _logger.debug("%s: invocation %r ended out of order or in another thread; cleared later",
+                          self.name, scope.invocation_id)
+            return
+        uncovered = first_open(scope.previous)
+        if uncovered is NO_SCOPE:
+            del local.scope
         else:
-            self._local.state = previous
+            local.scope = uncovered
 
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        return getattr(self._local, "state", None)
+        scope = getattr(self._local, "scope", NO_SCOPE)
+        if not scope.ended:
+            return scope.state
+        return first_open(scope).state
 
     def propagate(self, fn: F) -> F:
-        captured = self.current()
+        captured = getattr(self._local, "scope", NO_SCOPE)
         local = self._local
 
         @functools.wraps(fn)
-        def run_with_captured_state(*args: Any, **kwargs: Any) -> Any:
-            previous = getattr(local, "state", _MISSING)
-            local.state = captured
+        def run_with_captured_scope(*args: Any, **kwargs: Any) -> Any:
+            previous = getattr(local, "scope", NO_SCOPE)
+            local.scope = captured
             try:
                 return fn(*args, **kwargs)
             finally:
-                if previous is _MISSING:
-                    del local.state
+                if previous is NO_SCOPE:
+                    local.__dict__.pop("scope", None)
                 else:
-                    local.state = previous
+                    local.scope = previous
 
-        return run_with_captured_state  # type: ignore[return-value]
+        return run_with_captured_scope  # type: ignore[return-value]
+
+    def _scopes_here(self) -> Iterable[Scope[S]]:
+        return open_chain(getattr(self._local, "scope", NO_SCOPE))
