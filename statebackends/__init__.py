@@ -3,12 +3,14 @@
 ``StateStore`` is the interface; each backend (``instance``, ``contextvar``,
 ``threadlocal``, ``invocation_id``, ``otel_context``, and third-party ones
 registered in the ``statebackends`` entry-point group) is one small module.
+``statebackends.testing`` is the conformance kit a backend is checked with.
 """
 
 from ._store import Concurrency, Scope, StateStore
 from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
+    DEPRECATED_ENV_STATE_BACKEND,
     ENTRY_POINT_GROUP,
     ENV_STATE_BACKEND,
     available,
@@ -19,6 +21,7 @@ from .registry import (
 __all__ = [
     "Concurrency",
     "DEFAULT_BACKEND",
+    "DEPRECATED_ENV_STATE_BACKEND",
     "ENTRY_POINT_GROUP",
     "ENV_STATE_BACKEND",
     "Scope",

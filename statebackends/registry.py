@@ -16,8 +16,11 @@ S = TypeVar("S")
 ENTRY_POINT_GROUP = "statebackends"
 """Entry-point group where a third-party package registers a backend: ``name = module:StoreClass``."""
 
-ENV_STATE_BACKEND = "OTEL_PYTHON_STATE_BACKEND"
+ENV_STATE_BACKEND = "STATEBACKENDS_BACKEND"
 """Library-wide environment variable naming the backend for every instrumentation that uses statebackends."""
+
+DEPRECATED_ENV_STATE_BACKEND = "OTEL_PYTHON_STATE_BACKEND"
+"""The former name of :data:`ENV_STATE_BACKEND`, still read after it (with a warning)."""
 
 DEFAULT_BACKEND = "contextvar"
 
@@ -40,7 +43,7 @@ def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str,
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-            if not callable(obj):
+            if not callable(obj) or (isinstance(obj, type) and not issubclass(obj, StateStore)):
                 raise TypeError(f"{ep.value} is {obj!r}, not a StateStore class or factory")
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the others
             broken[ep.name] = f"{type(exc).__name__}: {exc}"
@@ -71,10 +74,15 @@ def available() -> dict[str, Callable[..., StateStore[Any]]]:
 def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> StateStore[S]:
     """A store for ``factory``'s state: the given store itself, or a new one of the named backend.
 
-    Raises ``ValueError`` naming the bad value and every valid name.
+    Raises ``TypeError`` if ``factory`` is not callable, and ``ValueError``
+    naming the backend, the cause and every valid name if the backend is
+    unknown, failed to load, or its class or factory raised or built
+    something that is not a ``StateStore``.
     """
     if isinstance(name_or_store, StateStore):
         return name_or_store
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}")
     if not isinstance(name_or_store, str):
         raise ValueError(
             f"state backend must be a backend name or a StateStore, got {name_or_store!r}; "
@@ -82,21 +90,24 @@ def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> S
         )
     name = name_or_store.strip().lower()
     backends, broken = _backends()
+    valid = ", ".join(sorted(backends))
     if name in broken:
         raise ValueError(
             f"state backend {name_or_store!r} is registered in entry-point group "
-            f"{ENTRY_POINT_GROUP!r} but failed to load ({broken[name]}); "
-            f"valid names: {', '.join(sorted(backends))}"
+            f"{ENTRY_POINT_GROUP!r} but failed to load ({broken[name]}); valid names: {valid}"
         )
     try:
         cls = backends[name]
     except KeyError:
+        raise ValueError(f"unknown state backend {name_or_store!r}; valid names: {valid}") from None
+    try:
+        store = cls(factory)
+    except Exception as exc:  # noqa: BLE001 - a plugin's failure is reported, not propagated raw
         raise ValueError(
-            f"unknown state backend {name_or_store!r}; valid names: {', '.join(sorted(backends))}"
-        ) from None
-    store = cls(factory)
+            f"state backend {name!r} could not be created ({type(exc).__name__}: {exc}); valid names: {valid}"
+        ) from exc
     if not isinstance(store, StateStore):
-        raise ValueError(f"state backend {name!r} built {store!r}, which is not a StateStore")
+        raise ValueError(f"state backend {name!r} built {store!r}, which is not a StateStore; valid names: {valid}")
     return store
 
 
@@ -111,21 +122,35 @@ def store_from_config(
     """The store an instrumentation should use: ``value``, else the first set variable, else ``default``.
 
     A bad ``value`` raises ``ValueError`` (the caller's code is wrong). A bad
-    environment variable never raises: it logs one error naming the variable,
-    its value and the valid names, and the default is used.
+    environment variable never raises: whatever fails (unknown name, broken
+    plugin, a backend that raises when built) logs one error naming the
+    variable, its value and the cause, and the default is used. Where
+    ``env_vars`` lists :data:`ENV_STATE_BACKEND`, its deprecated former name
+    ``OTEL_PYTHON_STATE_BACKEND`` is read right after it, with one warning.
     """
     if value is not None:
         return get_store(value, factory)
     env = os.environ if environ is None else environ
-    for var in env_vars:
+    for var in _with_deprecated_alias(env_vars):
         raw = env.get(var, "").strip()
         if not raw:
             continue
+        if var == DEPRECATED_ENV_STATE_BACKEND:
+            _logger.warning(
+                "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw
+            )
         try:
             store = get_store(raw, factory)
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
             _logger.error("statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
             break
         _logger.debug("statebackends: backend %r chosen by %s", store.name or raw, var)
         return store
     return get_store(default, factory)
+
+
+def _with_deprecated_alias(env_vars: Iterable[str]) -> list[str]:
+    names = list(env_vars)
+    if ENV_STATE_BACKEND in names and DEPRECATED_ENV_STATE_BACKEND not in names:
+        names.insert(names.index(ENV_STATE_BACKEND) + 1, DEPRECATED_ENV_STATE_BACKEND)
+    return names
