@@ -1,0 +1,775 @@
+"""The conformance kit: check that a ``StateStore`` backend obeys the contract and isolates what it declares.
+
+``check_backend(MyStore)`` returns the list of :class:`Failure` (empty when the
+backend conforms): the contract rules every backend obeys (:data:`RULES`) and,
+for every model in ``MyStore.isolates``, an observation that the backend
+really isolates it. ``observe(MyStore, model)`` observes one model, declared or
+not. For pytest, subclass :class:`BackendContract`::
+
+    from statebackends.testing import BackendContract
+
+    class TestMyStore(BackendContract):
+        store_class = MyStore
+
+which collects one test per rule and one per declared model. This module
+imports neither pytest nor anything beyond the standard library and
+opentelemetry-api; ``GREENLETS`` is observed in a subprocess that
+monkey-patches with gevent first (when gevent is importable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, ClassVar, Iterator
+
+from ._store import Concurrency, Scope, StateStore
+
+__all__ = ["BackendContract", "Failure", "Observation", "RULES", "check_backend", "check_rule", "observe"]
+
+TIMEOUT = 10.0
+"""Seconds any single wait of the kit lasts at most (a hang is reported, not waited out)."""
+
+Make = Callable[[], StateStore[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One broken promise: the backend, the rule or ``Concurrency`` value it breaks, and what was observed."""
+
+    backend: str
+    check: str
+    observed: str
+
+    def __str__(self) -> str:
+        return f"{self.backend} breaks {self.check}: {self.observed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What running a backend under one concurrency model showed: ``isolated``, else ``detail`` says how not."""
+
+    model: Concurrency
+    isolated: bool
+    detail: str = ""
+
+
+class _Owner:
+    """An instrumented object: accepts attributes, like an agent instance."""
+
+
+class _Problems(list):  # type: ignore[type-arg]
+    def expect(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.append(message)
+
+
+def _describe(seen: Any, own: Any, ended: Any = ()) -> str:
+    if seen is None:
+        return "None"
+    if seen is own:
+        return "its own state"
+    if any(seen is e for e in ended):
+        return "an ended invocation's state"
+    return "another invocation's state"
+
+
+def _in_thread(fn: Callable[[], Any], timeout: float = 6 * TIMEOUT) -> Any:
+    """Run ``fn`` in a fresh thread (a fresh context, no running event loop); re-raise what it raised."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="statebackends-testing", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"did not finish within {timeout:.0f}s (hung)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _threads(n: int, body: Callable[[int], Any]) -> tuple[list[Any], list[BaseException]]:
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = body(i)
+        except BaseException as exc:  # noqa: BLE001 - reported as a problem
+            errors.append(exc)
+
+    ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(3 * TIMEOUT)
+    if any(t.is_alive() for t in ts):
+        errors.append(TimeoutError("a thread did not finish (hung)"))
+    return results, errors
+
+
+def _raw_hop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn`` in a pool thread with nothing copied (``executor.submit``)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result(TIMEOUT)
+
+
+def _count(results: list[Any], what: str, index: int, messages: dict[str, str]) -> list[str]:
+    out = []
+    for value, text in messages.items():
+        k = sum(1 for r in results if r is not None and r[index] == value)
+        if k:
+            out.append(f"{k} of {len(results)} {what} {text} ({value})")
+    return out
+
+
+# -- the contract rules ------------------------------------------------------------
+
+
+def _rule_begin_current_end(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    p.expect(store.current(owner) is None, "current() before any begin() is not None")
+    scope = store.begin(owner)
+    p.expect(isinstance(scope, Scope), f"begin() returned {scope!r}, not a Scope")
+    p.expect(store.current(owner, scope.invocation_id) is scope.state, "current(owner, id) in the invocation is not its state")
+    p.expect(store.current(owner) is scope.state, "current(owner) in the invocation is not its state")
+    p.expect(store.live() in (1, None), f"live() is {store.live()!r} with one invocation open")
+    store.end(scope)
+    p.expect(scope.ended, "the scope is not marked ended after end()")
+    p.expect(store.current(owner) is None, "current(owner) after end() is not None")
+    p.expect(store.current(owner, scope.invocation_id) is None, "current(owner, id) after end() is not None")
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after end()")
+    return p
+
+
+def _rule_fresh_state_per_begin(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    with store.invocation(owner) as first:
+        pass
+    with store.invocation(owner) as second:
+        p.expect(second is not first, "a second begin() got the first invocation's state object again")
+        p.expect(store.current(owner) is second, "current() in the second invocation is not its state")
+    return p
+
+
+def _rule_nesting(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    outer = store.begin(owner)
+    inner = store.begin(owner)
+    p.expect(inner.state is not outer.state, "the nested begin() got the outer state")
+    p.expect(store.current(owner) is inner.state, "current() in the nested invocation is "
+             + _describe(store.current(owner), inner.state))
+    store.end(inner)
+    p.expect(store.current(owner) is outer.state, "after the nested end(), current() is "
+             + _describe(store.current(owner), outer.state, [inner.state]) + ", not the outer state")
+    store.end(outer)
+    p.expect(store.current(owner) is None, "after both ends current() is not None")
+    return p
+
+
+def _rule_double_end(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    scope = store.begin(owner)
+    store.end(scope)
+    store.end(scope)  # raising here is reported by the runner
+    p.expect(store.current(owner) is None, "current() after a double end() is not None")
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after a double end() of one invocation")
+    again = store.begin(owner)
+    store.end(scope)
+    p.expect(store.current(owner) is again.state, "a late third end() of an old invocation disturbed the open one")
+    store.end(again)
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after all ends")
+    return p
+
+
+def _rule_end_from_another_thread(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    scope = store.begin(owner)
+    _, errors = _threads(1, lambda i: store.end(scope))
+    p.expect(not errors, f"end() in another thread raised {errors[0]!r}" if errors else "")
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after the end() in another thread")
+    p.expect(store.current(owner) is not scope.state, "the thread of begin() still gets the ended state")
+    p.expect(store.current(owner, scope.invocation_id) is not scope.state, "current(owner, id) still gives the ended state")
+    with store.invocation(owner) as state:
+        p.expect(store.current(owner) is state, "a later invocation in the thread of begin() does not see its state")
+    p.expect(store.current(owner) is None, "current() after the later invocation is not None")
+    return p
+
+
+def _rule_never_raise(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+
+    def attempt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - what the rule looks for
+            p.append(f"{what} raised {type(exc).__name__}: {exc}")
+            return None
+
+    attempt("current(None)", store.current, None)
+    attempt("current(owner, unknown id)", store.current, owner, f"no-such-id-{uuid.uuid4()}")
+    scope = attempt("begin()", store.begin, owner)
+    if scope is None:
+        return p
+    attempt("end() in an empty Context", contextvars.Context().run, store.end, scope)
+    attempt("end() again in a copied context", contextvars.copy_context().run, store.end, scope)
+    scope = attempt("begin() after an odd end()", store.begin, owner)
+    if scope is not None:
+        attempt("end() in a copy of the begin() context", contextvars.copy_context().run, store.end, scope)
+        attempt("end() after that", store.end, scope)
+    fn = attempt("propagate() outside any invocation", store.propagate, lambda: store.current(owner))
+    if fn is not None:
+        attempt("a propagated call outside any invocation", _raw_hop, fn)
+    _, errors = _threads(2, lambda i: [store.end(store.begin(owner)) for _ in range(50)])
+    p.extend(f"begin()/end() in threads raised {e!r}" for e in errors)
+    return p
+
+
+def _rule_live_returns_to_zero(make: Make) -> list[str]:
+    p, store = _Problems(), make()
+
+    def call() -> None:
+        owner = _Owner()
+        with store.invocation(owner):
+            with store.invocation(owner):
+                store.current(owner)
+
+    with ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(call) for _ in range(200)]:
+            f.result(TIMEOUT)
+
+    async def task() -> None:
+        owner = _Owner()
+        with store.invocation(owner):
+            await asyncio.sleep(0)
+
+    async def tasks() -> None:
+        await asyncio.gather(*(task() for _ in range(20)))
+
+    asyncio.run(tasks())
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after every invocation ended")
+    return p
+
+
+def _rule_no_ended_state_in_copied_context(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    scope = store.begin(owner)
+    sid, ended = scope.invocation_id, scope.state
+    ctx = contextvars.copy_context()
+    wrapped = store.propagate(lambda: (store.current(owner), store.current(owner, sid)))
+    store.end(scope)
+
+    def looks(where: str, seen: tuple[Any, ...]) -> None:
+        p.expect(all(s is None for s in seen),
+                 f"{where} after the invocation ended, current() gives {_describe(seen[0], None, [ended])}"
+                 f" / with the id {_describe(seen[1], None, [ended])}, not None")
+
+    looks("a context copied during the invocation and run in a pool",
+          _raw_hop(ctx.run, lambda: (store.current(owner), store.current(owner, sid))))
+    looks("a function wrapped by propagate() during the invocation", _raw_hop(wrapped))
+    looks("a raw thread carrying the owner and id", _raw_hop(lambda: (store.current(owner), store.current(owner, sid))))
+
+    async def main() -> tuple[Any, ...]:
+        s = store.begin(owner)
+
+        async def later() -> tuple[Any, ...]:
+            await asyncio.sleep(0)
+            return store.current(owner), store.current(owner, s.invocation_id)
+
+        task = asyncio.ensure_future(later())  # runs in a copy of this context
+        store.end(s)
+        seen = await task
+        return tuple(_describe(x, None, [s.state]) for x in seen)
+
+    seen = asyncio.run(main())
+    p.expect(seen == ("None", "None"), f"an asyncio task created during the invocation and running after it ended "
+             f"gets {seen[0]} / with the id {seen[1]}, not None")
+
+    outer = store.begin(owner)
+    inner = store.begin(owner)
+    ctx = contextvars.copy_context()
+    store.end(inner)
+    seen_inner = _raw_hop(ctx.run, store.current, owner)
+    p.expect(seen_inner is not inner.state,
+             "a context copied in a nested invocation gets the nested state after it ended (the outer one is open)")
+    store.end(outer)
+    seen_outer = _raw_hop(ctx.run, store.current, owner)
+    p.expect(seen_outer is None, f"that copied context gives {_describe(seen_outer, None, [inner.state, outer.state])} after both ended")
+    return p
+
+
+def _context_snapshot() -> dict[Any, Any]:
+    return dict(contextvars.copy_context().items())
+
+
+def _rule_ends_in_any_order(make: Make) -> list[str]:
+    import itertools
+
+    p, store, owner = _Problems(), make(), _Owner()
+    before = _context_snapshot()
+    for order in itertools.permutations(range(3)):
+        scopes = [store.begin(owner) for _ in range(3)]
+        open_ = [0, 1, 2]
+        for i in order:
+            store.end(scopes[i])
+            open_.remove(i)
+            want = scopes[open_[-1]].state if open_ else None
+            seen = store.current(owner)
+            if seen is not want:
+                p.append(f"ending in order {order}: after ending #{i} current() is "
+                         f"{_describe(seen, want, [s.state for s in scopes])}, not the innermost open invocation's"
+                         + ("" if open_ else " (None)"))
+                break
+            for j in open_:
+                got = store.current(owner, scopes[j].invocation_id)
+                if scopes[j].invocation_id is not None and got is scopes[i].state:
+                    p.append(f"ending in order {order}: current(owner, id of #{j}) gives ended #{i}'s state")
+        p.expect(store.live() in (0, None), f"live() is {store.live()!r} after ending in order {order}")
+        refs = [weakref.ref(s) for s in scopes]
+        del scopes
+        gc.collect()
+        kept = sum(1 for r in refs if r() is not None)
+        p.expect(not kept, f"after ending in order {order}, {kept} ended scope(s) are still kept alive "
+                 f"(by {sorted({type(x).__name__ for r in refs if r() is not None for x in gc.get_referrers(r())})})")
+        if p:
+            break
+    after, missing = _context_snapshot(), object()
+    changed = [getattr(k, "name", repr(k)) for k in set(before) | set(after)
+               if before.get(k, missing) is not after.get(k, missing)]
+    p.expect(not changed, f"the caller's context is left changed after all ends (variables {sorted(changed)})")
+    return p
+
+
+def _rule_shared_id_same_context(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    sid = f"shared-{uuid.uuid4()}"
+    first = store.begin(owner, sid)
+    p.expect(store.current(owner, sid) is first.state, "current(owner, id) in the first invocation is not its state")
+    second = store.begin(owner, sid)
+    seen = store.current(owner, sid)
+    p.expect(seen is second.state, f"a nested invocation with the same id gets {_describe(seen, second.state, [first.state])}")
+    store.end(second)
+    seen = store.current(owner, sid)
+    p.expect(seen is first.state, f"after it ended, the same id gives {_describe(seen, first.state, [second.state])}, not the outer state")
+    store.end(first)
+    p.expect(store.current(owner, sid) is None, "after both ended the id still gives a state")
+    with store.invocation(owner, sid) as again:
+        p.expect(store.current(owner, sid) is again, "the id reused by a later invocation does not give its state")
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after all ends")
+    return p
+
+
+RULES: dict[str, Callable[[Make], list[str]]] = {
+    "begin_current_end": _rule_begin_current_end,
+    "fresh_state_per_begin": _rule_fresh_state_per_begin,
+    "nesting": _rule_nesting,
+    "double_end": _rule_double_end,
+    "end_from_another_thread": _rule_end_from_another_thread,
+    "never_raise": _rule_never_raise,
+    "live_returns_to_zero": _rule_live_returns_to_zero,
+    "no_ended_state_in_copied_context": _rule_no_ended_state_in_copied_context,
+    "ends_in_any_order": _rule_ends_in_any_order,
+    "shared_id_same_context": _rule_shared_id_same_context,
+}
+"""Every contract rule, by name: each returns what it saw go wrong (empty when the backend obeys)."""
+
+
+# -- the concurrency models, observed ----------------------------------------------
+
+
+def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> list[str]:
+    store, owner = make(), _Owner()
+    barrier = threading.Barrier(n, timeout=TIMEOUT)
+
+    def call(i: int) -> tuple[str, str, str]:
+        scope = store.begin(owner, shared_id)
+        barrier.wait()
+        with_id = store.current(owner, scope.invocation_id)
+        without = store.current(owner)
+        barrier.wait()
+        store.end(scope)
+        barrier.wait()
+        after = store.current(owner, scope.invocation_id)
+        return _describe(with_id, scope.state), _describe(without, scope.state), _describe(after, None)
+
+    results, errors = _threads(n, call)
+    out = [f"a thread raised {e!r}" for e in errors[:1]]
+    out += _count(results, "threads got, with current(owner, id),", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "threads got, with current(owner),", 1, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "threads got, after all ended,", 2, {"another invocation's state": "a state"})
+    if store.current(owner) is not None:
+        out.append("a state is left behind after every thread ended")
+    if store.live() not in (0, None):
+        out.append(f"live() is {store.live()!r} after every thread ended")
+    return out
+
+
+def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
+    store, owner = make(), _Owner()
+
+    async def call(gate: asyncio.Event, started: list[int]) -> tuple[str, str, str]:
+        scope = store.begin(owner)
+        started.append(1)
+        if len(started) == n:
+            gate.set()
+        await asyncio.wait_for(gate.wait(), TIMEOUT)
+        without = store.current(owner)
+        await asyncio.sleep(0)
+        with_id = store.current(owner, scope.invocation_id)
+        store.end(scope)
+        after = store.current(owner)
+        return _describe(without, scope.state), _describe(with_id, scope.state), _describe(after, None)
+
+    async def main() -> list[tuple[str, str, str]]:
+        gate, started = asyncio.Event(), []  # type: ignore[var-annotated]
+        return list(await asyncio.gather(*(call(gate, started) for _ in range(n))))
+
+    results = asyncio.run(main())
+    out = _count(results, "tasks got, with current(owner),", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "tasks got, with current(owner, id),", 1, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "tasks got, right after their own end,", 2, {"another invocation's state": "a state"})
+    if store.live() not in (0, None):
+        out.append(f"live() is {store.live()!r} after every task ended")
+    return out
+
+
+def _observe_copied_context(make: Make) -> list[str]:
+    p, store, owner, other = _Problems(), make(), _Owner(), _Owner()
+    with store.invocation(owner) as state:
+        ctx = contextvars.copy_context()
+
+        def job() -> tuple[Any, Any, Any]:
+            seen = store.current(owner)
+            with store.invocation(other) as nested:
+                inside = store.current(other) is nested
+            return seen, inside, store.current(owner)
+
+        seen, inside, back = _raw_hop(ctx.run, job)
+    p.expect(seen is state, f"a pool job run through a context copy gets {_describe(seen, state)}")
+    p.expect(inside, "an invocation nested in that job does not see its own state")
+    p.expect(back is state, f"after the nested invocation the job gets {_describe(back, state)}")
+    p.expect(store.current(owner) is None, "a state is left behind after the invocation ended")
+    return p
+
+
+def _observe_raw_thread(make: Make) -> list[str]:
+    store = make()
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def call(i: int) -> tuple[str, str]:
+        owner = _Owner()
+        scope = store.begin(owner)
+        barrier.wait()
+        seen = _raw_hop(store.current, owner, scope.invocation_id)
+        barrier.wait()
+        store.end(scope)
+        after = _raw_hop(store.current, owner, scope.invocation_id)
+        return _describe(seen, scope.state), _describe(after, None, [scope.state])
+
+    results, errors = _threads(2, call)
+    out = [f"a thread raised {e!r}" for e in errors[:1]]
+    out += _count(results, "raw hops (owner and id carried) got", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "raw hops after the end got", 1, {"an ended invocation's state": "the ended state"})
+    return out
+
+
+def _observe_propagate(make: Make) -> list[str]:
+    p, store, parent, child = _Problems(), make(), _Owner(), _Owner()
+    scope = store.begin(parent)
+
+    def run_child() -> tuple[Any, bool, Any]:
+        before = store.current(child)
+        with store.invocation(child) as child_state:
+            inside = store.current(child) is child_state
+        return before, inside, store.current(child)
+
+    before, inside, back = _raw_hop(store.propagate(run_child))
+    p.expect(before is scope.state, f"in a raw hop wrapped by propagate(), a subagent (another owner) gets "
+             f"{_describe(before, scope.state)} before its own begin(), not its parent's")
+    p.expect(inside, "the subagent's invocation there does not see its own state")
+    p.expect(back is scope.state, f"after the subagent ended the hop gets {_describe(back, scope.state)}")
+    seen = _raw_hop(store.propagate(lambda: store.current(parent)))
+    p.expect(seen is scope.state, f"a propagated call gets {_describe(seen, scope.state)} on the parent owner")
+    store.end(scope)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(store.propagate(lambda: None)).result(TIMEOUT)
+        left = pool.submit(store.current, parent, scope.invocation_id).result(TIMEOUT)
+    p.expect(left is None, "the pool thread keeps a state after the propagated call and the invocation ended")
+    return p
+
+
+def _observe_nested(make: Make) -> list[str]:
+    p, store, owner = _Problems(), make(), _Owner()
+    outer = store.begin(owner)
+    inner = store.begin(owner)
+    p.expect(store.current(owner) is inner.state, "the nested invocation does not see its own state")
+    p.expect(store.current(owner, inner.invocation_id) is inner.state, "current(owner, id) in the nested invocation is not its state")
+    store.end(inner)
+    seen = store.current(owner)
+    p.expect(seen is outer.state, f"after the nested end the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
+    seen = store.current(owner, outer.invocation_id)
+    p.expect(seen is outer.state, f"with its id, the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
+    store.end(outer)
+    p.expect(store.current(owner) is None, "a state is left behind after both ended")
+    return p
+
+
+def _observe_shared_id(make: Make) -> list[str]:
+    return _observe_threads(make, n=2, shared_id=f"shared-{uuid.uuid4()}")
+
+
+def _observe_shared_id_raw_thread(make: Make) -> list[str]:
+    store, owner, sid = make(), _Owner(), f"shared-{uuid.uuid4()}"
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def call(i: int) -> tuple[str]:
+        scope = store.begin(owner, sid)
+        barrier.wait()
+        seen = _raw_hop(store.current, owner, sid)
+        barrier.wait()
+        store.end(scope)
+        return (_describe(seen, scope.state),)
+
+    results, errors = _threads(2, call)
+    out = [f"a thread raised {e!r}" for e in errors[:1]]
+    out += _count(results, "raw hops carrying only the shared id got", 0,
+                  {"None": "nothing (the state is lost)", "another invocation's state": "another's state"})
+    return out
+
+
+_GREENLET_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import importlib, json, sys
+
+def load(path):
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+spec = json.loads(sys.argv[1])
+store_class, factory = load(spec["store_class"]), load(spec["factory"])
+from statebackends.testing import _greenlet_problems
+print(json.dumps(_greenlet_problems(lambda: store_class(factory, **spec["kwargs"]))))
+"""
+
+
+def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
+    """Run in a monkey-patched process: greenlets on one owner, each spawning one during its invocation."""
+    import gevent
+
+    store, owner = make(), _Owner()
+    started: list[int] = []
+
+    def call() -> tuple[str, str, str, str]:
+        scope = store.begin(owner)
+        sid = scope.invocation_id
+        started.append(1)
+        while len(started) < n:
+            gevent.sleep(0)
+        mine = store.current(owner, sid)
+        spawned = gevent.spawn(store.current, owner, sid).get(timeout=TIMEOUT)
+        gevent.sleep(0)
+        done = gevent.event.Event()
+        late = gevent.spawn(lambda: (done.wait(TIMEOUT), store.current(owner, sid))[1])
+        store.end(scope)
+        done.set()
+        after = late.get(timeout=TIMEOUT)
+        return (_describe(mine, scope.state), _describe(spawned, scope.state),
+                _describe(after, None, [scope.state]), _describe(store.current(owner, sid), None, [scope.state]))
+
+    import gevent.event
+
+    greenlets = [gevent.spawn(call) for _ in range(n)]
+    gevent.joinall(greenlets, timeout=3 * TIMEOUT)
+    results = [g.value for g in greenlets]
+    out = [f"a greenlet raised {g.exception!r}" for g in greenlets if g.exception is not None][:1]
+    if any(not g.ready() for g in greenlets):
+        out.append("a greenlet did not finish (hung)")
+    out += _count(results, "greenlets got, with current(owner, id),", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "greenlets spawned during an invocation (owner and id handed over) got", 1,
+                  {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "greenlets spawned during an invocation and running after it ended got", 2,
+                  {"an ended invocation's state": "the ended state", "another invocation's state": "a state"})
+    out += _count(results, "greenlets got after their own end", 3, {"an ended invocation's state": "the ended state"})
+    if store.live() not in (0, None):
+        out.append(f"live() is {store.live()!r} after every greenlet ended")
+    return out
+
+
+def _import_path(obj: Any) -> str | None:
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    return f"{module}:{qualname}"
+
+
+def _observe_greenlets_in_subprocess(store_class: type, factory: Callable[[], Any], kwargs: dict[str, Any]) -> list[str]:
+    if importlib.util.find_spec("gevent") is None:
+        return ["could not be observed: gevent is not installed (pip install gevent)"]
+    cls_path = _import_path(store_class)
+    if cls_path is None:
+        return [f"could not be observed: {store_class!r} cannot be imported by name in a subprocess"]
+    try:
+        spec = json.dumps({"store_class": cls_path, "factory": _import_path(factory) or "builtins:dict", "kwargs": kwargs})
+    except TypeError as exc:
+        return [f"could not be observed: the store's keyword arguments are not JSON ({exc})"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _GREENLET_SCRIPT, spec], capture_output=True, text=True,
+                              timeout=6 * TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        return [f"the gevent subprocess did not finish within {6 * TIMEOUT:.0f}s (hung)"]
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"could not be observed: the gevent subprocess failed ({tail})"]
+    return list(json.loads(lines[-1]))
+
+
+_OBSERVERS: dict[Concurrency, Callable[[Make], list[str]]] = {
+    Concurrency.THREADS: _observe_threads,
+    Concurrency.ASYNC_TASKS: _observe_async_tasks,
+    Concurrency.COPIED_CONTEXT: _observe_copied_context,
+    Concurrency.RAW_THREAD: _observe_raw_thread,
+    Concurrency.PROPAGATE: _observe_propagate,
+    Concurrency.NESTED: _observe_nested,
+    Concurrency.SHARED_ID: _observe_shared_id,
+    Concurrency.SHARED_ID_RAW_THREAD: _observe_shared_id_raw_thread,
+}
+
+
+# -- the public entry points -------------------------------------------------------
+
+
+def _backend_name(store_class: type) -> str:
+    return getattr(store_class, "name", "") or getattr(store_class, "__qualname__", repr(store_class))
+
+
+def _run(body: Callable[[], list[str]]) -> list[str]:
+    try:
+        return list(_in_thread(body))
+    except Exception as exc:  # noqa: BLE001 - a backend raising is an observation
+        return [f"raised {type(exc).__name__}: {exc}"]
+
+
+def observe(
+    store_class: type[StateStore[Any]], model: Concurrency, factory: Callable[[], Any] = dict, **store_kwargs: Any
+) -> Observation:
+    """Run ``store_class`` under ``model`` (declared or not) and report whether it isolated it."""
+    model = Concurrency(model)
+    if model is Concurrency.GREENLETS:
+        problems = _observe_greenlets_in_subprocess(store_class, factory, store_kwargs)
+    else:
+        observer = _OBSERVERS[model]
+        problems = _run(lambda: observer(lambda: store_class(factory, **store_kwargs)))
+    return Observation(model, not problems, "; ".join(problems))
+
+
+def check_rule(
+    store_class: type[StateStore[Any]], rule: str, factory: Callable[[], Any] = dict, **store_kwargs: Any
+) -> list[Failure]:
+    """The failures of one contract rule (a name in :data:`RULES`)."""
+    body = RULES[rule]
+    problems = _run(lambda: body(lambda: store_class(factory, **store_kwargs)))
+    return [Failure(_backend_name(store_class), rule, problem) for problem in problems]
+
+
+def check_model(
+    store_class: type[StateStore[Any]], model: Concurrency, factory: Callable[[], Any] = dict, **store_kwargs: Any
+) -> list[Failure]:
+    """A failure if ``store_class`` claims ``model`` (in ``isolates``) but is not observed to isolate it."""
+    if model not in getattr(store_class, "isolates", ()):
+        return []
+    seen = observe(store_class, model, factory, **store_kwargs)
+    if seen.isolated:
+        return []
+    return [Failure(_backend_name(store_class), model.value,
+                    f"claims to isolate {model.value} ({model.description}) but {seen.detail}")]
+
+
+def _sorted_models(models: Any) -> list[Concurrency]:
+    order = list(Concurrency)
+    return sorted(models, key=order.index)
+
+
+def check_backend(
+    store_class: type[StateStore[Any]], factory: Callable[[], Any] = dict, **store_kwargs: Any
+) -> list[Failure]:
+    """Every failure of ``store_class``: the contract rules, then each declared model observed; empty when it conforms."""
+    failures: list[Failure] = []
+    for rule in RULES:
+        failures += check_rule(store_class, rule, factory, **store_kwargs)
+    for model in _sorted_models(getattr(store_class, "isolates", ())):
+        failures += check_model(store_class, model, factory, **store_kwargs)
+    return failures
+
+
+class BackendContract:
+    """A pytest base class: one test per contract rule and one per model the backend declares.
+
+    Set ``store_class`` (and, if needed, ``factory`` and ``store_kwargs``)::
+
+        class TestMyStore(BackendContract):
+            store_class = MyStore
+
+    Each test fails with the :class:`Failure` messages. Importing this class
+    does not import pytest.
+    """
+
+    store_class: ClassVar[type[StateStore[Any]] | None] = None
+    factory: ClassVar[Callable[[], Any]] = dict
+    store_kwargs: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def contract_rules(cls) -> list[str]:
+        return list(RULES)
+
+    @classmethod
+    def declared_models(cls) -> list[Concurrency]:
+        return _sorted_models(getattr(cls.store_class, "isolates", ()))
+
+    def pytest_generate_tests(self, metafunc: Any) -> None:
+        cls = metafunc.cls
+        if metafunc.function.__name__ == "test_contract_rule":
+            metafunc.parametrize("rule", cls.contract_rules(), ids=str)
+        elif metafunc.function.__name__ == "test_declared_isolation":
+            models: list[Concurrency | None] = list(cls.declared_models()) or [None]
+            metafunc.parametrize("model", models, ids=lambda m: m.value if m else "nothing_declared")
+
+    def _store_class(self) -> type[StateStore[Any]]:
+        cls = type(self).store_class
+        if cls is None:
+            raise AssertionError(f"{type(self).__name__} must set store_class to the backend under test")
+        return cls
+
+    def test_contract_rule(self, rule: str) -> None:
+        failures = check_rule(self._store_class(), rule, type(self).factory, **type(self).store_kwargs)
+        assert not failures, "\n".join(map(str, failures))
+
+    def test_declared_isolation(self, model: Concurrency | None) -> None:
+        if model is None:
+            return
+        failures = check_model(self._store_class(), model, type(self).factory, **type(self).store_kwargs)
+        assert not failures, "\n".join(map(str, failures))
