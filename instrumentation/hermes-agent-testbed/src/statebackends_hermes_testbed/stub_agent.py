@@ -1,14 +1,13 @@
-"""An async-native stub agent that drives the instrumentation's REAL wrappers on one event loop.
+"""An async-native stub agent that drives the instrumentation's PUBLIC lifecycle on one event loop.
 
 Hermes's ``AIAgent`` is synchronous, so it cannot show what happens when several
 invocations are interleaved as asyncio tasks on ONE thread. :class:`AsyncStubAgent`
 is the smallest agent that can: its LLM turn and its tools ``await`` (so the loop
-switches tasks between them), and every step goes through the same methods of the
-instrumentor's live :class:`statebackends_hermes_agent.wrappers.HermesWrappers`
-that the ``wrapt`` wrappers call around Hermes (``_open_invocation``,
-``_start_chat``/``_end_chat``, ``_start_tool``/``_end_tool``, the end of the
-tool round as ``execute_tool_calls`` does it, ``_close_invocation``). The state
-therefore lives in the real store under test.
+switches tasks between them), and every step goes through the same public
+:class:`statebackends_hermes_agent.lifecycle.HermesTelemetry` methods that the
+``wrapt`` wrappers call around Hermes (``start_invocation`` ... ``stop``/``fail``,
+``start_chat``, ``start_tool``, ``end_tool_round``). The state therefore lives in
+the real store under test.
 
 The "LLM" is :class:`statebackends_hermes_testbed.fakellm.Script` itself (pass the bench server's
 script so ``HermesBench.truth`` sees the calls): replies are real
@@ -21,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any, Awaitable, Callable, Mapping, Optional
+
+from statebackends_hermes_agent.lifecycle import HermesTelemetry
 
 from .fakellm import Script
 from .hermes_harness import MODEL
@@ -41,12 +42,13 @@ async def echo_tool(name: str, args: Mapping[str, Any]) -> str:
 
 
 class AsyncStubAgent:
-    """An async agent shaped like Hermes's ``AIAgent`` as far as the wrappers look (``model``, ``provider``, ``session_id``).
+    """An async agent shaped like Hermes's ``AIAgent`` as far as the telemetry looks (``model``, ``provider``, ``session_id``).
 
     One instance is meant to be SHARED by the concurrent tasks, as one ``AIAgent`` is
     shared by Hermes's callers: it is the ``owner`` the store sees.
-    ``wrappers`` is read at call time from ``get_wrappers`` (the instrumentor's
-    live ``_wrappers``), so re-instrumenting with another backend is picked up.
+    The telemetry is read at call time from ``get_telemetry`` (e.g. the instrumentor's
+    live ``telemetry``, or its ``_wrappers``, the same object), so re-instrumenting with
+    another backend is picked up; when it returns None the agent runs uninstrumented.
     """
 
     model = MODEL
@@ -54,36 +56,35 @@ class AsyncStubAgent:
 
     def __init__(
         self,
-        get_wrappers: Callable[[], Any],
+        get_telemetry: Callable[[], Optional[HermesTelemetry]],
         script: Script,
         *,
         tools: Optional[Mapping[str, ToolFn]] = None,
         session_id: str = "stub-session",
     ) -> None:
-        self._get_wrappers = get_wrappers
+        self._get_telemetry = get_telemetry
         self.script = script
         self.tools: dict[str, ToolFn] = {"sb_echo": echo_tool, **dict(tools or {})}
         self.session_id = session_id
 
     async def run_conversation(self, user_message: str, task_id: Optional[str] = None) -> dict[str, Any]:
         """One invocation: LLM turn, tools, LLM turn ... until a final answer, yielding between every step."""
-        w = self._get_wrappers()
-        kwargs = {"task_id": task_id} if task_id else {}
-        # As HermesWrappers._invoke_agent does around AIAgent.run_conversation.
-        _, call_kwargs, opened = w._open_invocation(self, (user_message,), kwargs)
-        task_id = call_kwargs["task_id"]
+        t = self._get_telemetry()
+        if t is None:
+            return await self._loop(None, user_message, task_id or "stub-task")
+        invocation = t.start_invocation(self, task_id, user_message=user_message)
         try:
-            result = await self._loop(w, user_message, task_id)
+            result = await self._loop(t, user_message, invocation.task_id)
         except BaseException as exc:
-            w._close_invocation(opened, error=exc)
+            invocation.fail(exc)
             raise
-        w._close_invocation(opened, result=result)
+        invocation.stop(result)
         return result
 
-    async def _loop(self, w: Any, user_message: str, task_id: str) -> dict[str, Any]:
+    async def _loop(self, t: Optional[HermesTelemetry], user_message: str, task_id: str) -> dict[str, Any]:
         messages: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         while True:
-            response = await self._chat(w, {"model": self.model, "messages": list(messages)})
+            response = await self._chat(t, {"model": self.model, "messages": list(messages)})
             message = response.choices[0].message
             if not message.tool_calls:
                 return {"final_response": message.content, "completed": True, "messages": messages}
@@ -94,45 +95,57 @@ class AsyncStubAgent:
                     "tool_calls": [tc.model_dump() for tc in message.tool_calls],
                 }
             )
-            await self._execute_tool_calls(w, message.tool_calls, messages, task_id)
+            await self._execute_tool_calls(t, message.tool_calls, messages, task_id)
 
-    async def _chat(self, w: Any, api_kwargs: dict[str, Any]) -> Any:
-        """As ``HermesWrappers._chat`` does around ``AIAgent._interruptible_api_call`` (non-streaming)."""
+    async def _llm(self, api_kwargs: dict[str, Any]) -> Any:
         from openai.types.chat import ChatCompletion
 
-        state, span, started, _, labels = w._start_chat(self, (api_kwargs,), {}, False)
+        reply = self.script.plan(api_kwargs)  # the request reaches the "server"
+        await asyncio.sleep(reply.delay_ms / 1000.0 if reply.delay_ms else 0)  # the round trip
+        if reply.error is not None:
+            raise StubLLMError(reply.error)
+        return ChatCompletion.model_validate(reply.completion())
+
+    async def _chat(self, t: Optional[HermesTelemetry], api_kwargs: dict[str, Any]) -> Any:
+        """As the chat wrapper does around ``AIAgent._interruptible_api_call`` (non-streaming)."""
+        if t is None:
+            return await self._llm(api_kwargs)
+        call = t.start_chat(self, api_kwargs)
         try:
-            reply = self.script.plan(api_kwargs)  # the request reaches the "server"
-            await asyncio.sleep(reply.delay_ms / 1000.0 if reply.delay_ms else 0)  # the round trip
-            if reply.error is not None:
-                raise StubLLMError(reply.error)
-            response = ChatCompletion.model_validate(reply.completion())
+            response = await self._llm(api_kwargs)
         except BaseException as exc:
-            w._end_chat(state, span, started, labels, None, exc)
+            call.fail(exc)
             raise
-        w._end_chat(state, span, started, labels, response, None)
+        call.stop(response)
         return response
 
-    async def _execute_tool_calls(self, w: Any, tool_calls: Any, messages: list, task_id: str) -> None:
-        """As ``HermesWrappers.execute_tool_calls`` + ``handle_function_call`` do around Hermes's tool round."""
+    async def _run_tool(self, name: str, args: Mapping[str, Any]) -> str:
+        tool = self.tools.get(name)
+        if tool is None:
+            raise KeyError(f"unknown tool {name!r}")
+        return await tool(name, args)
+
+    async def _execute_tool_calls(self, t: Optional[HermesTelemetry], tool_calls: Any, messages: list, task_id: str) -> None:
+        """As the tool-round and ``handle_function_call`` wrappers do around Hermes's tool round."""
         error: Optional[BaseException] = None
         try:
             for tc in tool_calls:
                 name = tc.function.name
                 args = json.loads(tc.function.arguments or "{}")
-                span, token = w._start_tool(self, name, args, task_id, tc.id)
-                try:
-                    tool = self.tools.get(name)
-                    if tool is None:
-                        raise KeyError(f"unknown tool {name!r}")
-                    result = await tool(name, args)
-                except BaseException as exc:
-                    w._end_tool(span, token, None, exc)
-                    raise
-                w._end_tool(span, token, result, None)
+                if t is None:
+                    result = await self._run_tool(name, args)
+                else:
+                    call = t.start_tool(self, name, args, task_id=task_id, tool_call_id=tc.id)
+                    try:
+                        result = await self._run_tool(name, args)
+                    except BaseException as exc:
+                        call.fail(exc)
+                        raise
+                    call.stop(result)
                 messages.append({"role": "tool", "tool_call_id": tc.id, "content": result})
         except BaseException as exc:
             error = exc
             raise
         finally:
-            w.end_tool_round(self, task_id, error)  # what HermesWrappers.execute_tool_calls does
+            if t is not None:
+                t.end_tool_round(self, task_id, error)

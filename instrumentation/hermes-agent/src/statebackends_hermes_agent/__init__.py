@@ -9,7 +9,13 @@ Usage::
 The per-call state (open spans, token sums, the last response id) lives in a
 ``statebackends`` store: the ``state_backend`` kwarg, else
 ``OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND``, else
-``OTEL_PYTHON_STATE_BACKEND``, else ``invocation_id`` (chosen from the correctness matrix).
+the library-wide ``STATEBACKENDS_BACKEND`` (formerly ``OTEL_PYTHON_STATE_BACKEND``), else
+``invocation_id`` (chosen from the correctness matrix). A bad kwarg raises ``ValueError``; a bad
+environment variable logs one error and the default is used.
+
+The public lifecycle the wrappers go through (and that another driver, such as an async agent,
+can use) is :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry`, available after
+``instrument()`` as :attr:`HermesAgentInstrumentor.telemetry`.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from statebackends import StateStore
 from .config import capture_content, resolve_store
 from .package import _instruments
 from .state import InvocationState
+from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
 from .version import __version__
 from .wrappers import HermesWrappers
 
-__all__ = ["HermesAgentInstrumentor"]
+__all__ = ["AgentInvocation", "ChatCall", "HermesAgentInstrumentor", "HermesTelemetry", "ToolCall"]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,11 +57,18 @@ _WRAPPED = (
 class HermesAgentInstrumentor(BaseInstrumentor):
     """Traces ``AIAgent`` calls: ``invoke_agent``, one step per ReAct round, ``chat`` and ``execute_tool`` spans.
 
-    ``state_backend`` (after ``instrument``) names the backend in use and ``store`` is the store itself.
+    ``state_backend`` (after ``instrument``) names the backend in use, ``store`` is the store itself
+    and ``telemetry`` the live :class:`HermesTelemetry` (None when not instrumented).
     """
 
     state_backend: Optional[str] = None
     store: Optional[StateStore[InvocationState]] = None
+    _wrappers: Optional[HermesWrappers] = None
+
+    @property
+    def telemetry(self) -> Optional[HermesTelemetry]:
+        """The live lifecycle (the same object the ``wrapt`` wrappers use), or None when not instrumented."""
+        return self._wrappers if self.store is not None else None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
