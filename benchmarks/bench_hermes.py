@@ -10,7 +10,8 @@ unless the project's ``compare`` extra is installed).
 asv runs every parameter in a fresh process, so ``time_`` figures of two modes
 come from two processes and differ by the machine's run-to-run noise (about 20%
 here). The trustworthy overhead figures are the ``PairedOverhead.track_*`` ones:
-paired and interleaved in one process (see ``benchmarks.overhead.paired_overhead``).
+paired and interleaved in one process (see ``benchmarks.timing.paired_overhead``).
+The agent bench is the testbed's (``statebackends_hermes_testbed.agentbench``).
 Nothing here imports Hermes until a benchmark's setup runs.
 """
 
@@ -18,18 +19,21 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from .overhead import CONCURRENCY, LOONGSUITE, NONE, loongsuite_available, loongsuite_skip_reason
+from .bench_state import _backends
+from .timing import CONCURRENCY
 
-_BUILTIN_BACKENDS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
+try:
+    from statebackends_hermes_testbed.modes import LOONGSUITE, NONE, loongsuite_available, loongsuite_skip_reason
+except ImportError:  # a commit whose testbed predates modes.py: _unavailable() skips every benchmark here
+    NONE, LOONGSUITE = "none", "loongsuite"
 
+    def loongsuite_available() -> bool:
+        """Never, without the testbed's modes."""
+        return False
 
-def _backends() -> List[str]:
-    try:
-        from .overhead import backend_names
-
-        return backend_names()
-    except Exception:  # noqa: BLE001 - an old commit without the registry
-        return list(_BUILTIN_BACKENDS)
+    def loongsuite_skip_reason() -> str:
+        """Why loongsuite's mode is skipped here."""
+        return "the installed testbed has no statebackends_hermes_testbed.modes"
 
 
 BACKENDS = _backends()
@@ -41,6 +45,7 @@ def _unavailable() -> str | None:
     try:
         import statebackends_hermes_agent  # noqa: F401
         import run_agent  # noqa: F401  # hermes-agent
+        import statebackends_hermes_testbed.agentbench  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return f"Hermes instrumentation or hermes-agent not importable here: {type(exc).__name__}: {exc}"
     return None
@@ -57,7 +62,7 @@ def _bench(modes: List[str]) -> Any:
     reason = _unavailable()
     if reason:
         raise NotImplementedError(reason)
-    from .overhead import AgentBench
+    from statebackends_hermes_testbed.agentbench import AgentBench
 
     return AgentBench(warm=modes)
 
@@ -119,7 +124,7 @@ class Concurrency:
     def setup_cache(self) -> Dict[str, Any]:
         import statistics
 
-        from .overhead import per_call_vs_n
+        from .timing import per_call_vs_n
 
         try:
             bench = _bench([m for m in MODES if m != LOONGSUITE or loongsuite_available()])
@@ -161,7 +166,8 @@ class PairedOverhead:
     repeats = 120
 
     def setup_cache(self) -> Dict[str, Any]:
-        from .overhead import paired_overhead, trimmed_mean
+        from .stats import trimmed_mean
+        from .timing import paired_overhead
 
         try:
             bench = _bench([m for m in MODES if m != LOONGSUITE or loongsuite_available()])
@@ -212,15 +218,13 @@ class Correctness:
     calls = 16
 
     def setup_cache(self) -> Dict[str, Any]:
-        from .overhead import correctness
-
         try:
             bench = _bench([])
         except NotImplementedError as exc:
             return {"skip": str(exc)}
         try:
             bench.warm_up([NONE])
-            return {b: correctness(bench, b, self.calls) for b in bench.modes(include_loongsuite=False) if b != NONE}
+            return {b: bench.correctness(b, self.calls) for b in bench.modes(include_loongsuite=False) if b != NONE}
         finally:
             bench.close()
 

@@ -1,6 +1,6 @@
 """asv: state-store operations per backend, against the bare primitives, and memory over many invocations.
 
-Every ``time_`` benchmark runs :data:`benchmarks.overhead.BATCH` (1000) operations per
+Every ``time_`` benchmark runs :data:`benchmarks.stateops.BATCH` (1000) operations per
 call: divide asv's figure by 1000 for one operation. The ``bare:*`` rows are the
 primitives the backends stand on (``ContextVar.get``, ``getattr`` on an object, a
 ``threading.local`` attribute, a locked dict lookup), in the same loop shape.
@@ -8,14 +8,14 @@ primitives the backends stand on (``ContextVar.get``, ``getattr`` on an object, 
 
 from __future__ import annotations
 
-from .overhead import BARE, BATCH, PRIMITIVES, StateOp
+from .stateops import BARE, BATCH, PRIMITIVES, StateOp
 
 _BUILTIN_BACKENDS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
 
 
 def _backends() -> list:
     try:
-        from .overhead import backend_names
+        from .stateops import backend_names
 
         return backend_names()
     except Exception:  # noqa: BLE001 - an old commit without the registry: asv skips the missing ones
@@ -86,6 +86,6 @@ class StateRetained:
         _open(backend, "begin_end").close()
 
     def track_retained_bytes_after_100k(self, backend: str) -> int:
-        from .overhead import retained_after
+        from .stateops import retained_after
 
         return int(retained_after(backend, 100_000)["retained"])

@@ -24,7 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import overhead as ov
+from statebackends_hermes_testbed.modes import LOONGSUITE, LOONGSUITE_DIST, NONE
+from statebackends_hermes_testbed.stamp import stamp_line, version_stamp
+
+from . import replay as rp
+from . import stateops as so
+from . import stats as st
+from . import timing as tm
 
 DEFAULT_OUT = Path("docs") / "benchmarks"
 
@@ -36,8 +42,8 @@ SETTINGS: Dict[str, Any] = {
     "paired_repeats": (120, 500),
     "paired_calls": (2, 2),
     "n_repeats": (2, 5),
-    "ns": (ov.CONCURRENCY, ov.CONCURRENCY),
-    "total_calls": (ov.TOTAL_CALLS, ov.TOTAL_CALLS),
+    "ns": (tm.CONCURRENCY, tm.CONCURRENCY),
+    "total_calls": (tm.TOTAL_CALLS, tm.TOTAL_CALLS),
     "correctness_calls": (16, 16),
     "retained_invocations": (100_000, 100_000),
 }
@@ -104,36 +110,39 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
     if n_repeats:
         pick["n_repeats"] = n_repeats
     pick.update(overrides or {})
-    out: Dict[str, Any] = {"settings": pick, "quick": quick, "machine": ov.machine_info()}
-    backends = ov.backend_names()
+    out: Dict[str, Any] = {"settings": pick, "quick": quick, "machine": version_stamp()}
+    backends = so.backend_names()
     out["backends"] = backends
 
     log("state operations")
-    samples = ov.measure_state_ops(repeats=pick["state_repeats"])
+    samples = so.measure_state_ops(repeats=pick["state_repeats"])
     out["state_ops"] = {f"{s}|{op}": v for (s, op), v in samples.items()}
 
     log(f"memory: {pick['retained_invocations']:,} begin/end per backend")
-    out["retained"] = {b: ov.retained_after(b, pick["retained_invocations"]) for b in backends}
+    out["retained"] = {b: so.retained_after(b, pick["retained_invocations"]) for b in backends}
 
     log("building the agent (about 3 s)")
-    bench = ov.AgentBench()
+    from statebackends_hermes_testbed.agentbench import AgentBench
+
+    bench = AgentBench()
     try:
         out["modes"] = bench.modes()
+        out["directives"] = bench.directives
         out["loongsuite"] = bench.theirs is not None
         bench.record_plan()
 
         log("each instrumentation's wrappers alone, on a stub")
-        out["isolated"] = ov.isolated_overhead(bench, repeats=pick["isolated_repeats"], calls=pick["isolated_calls"])
+        out["isolated"] = rp.isolated_overhead(bench, repeats=pick["isolated_repeats"], calls=pick["isolated_calls"])
 
         log(f"paired overhead ({pick['paired_repeats']} repeats)")
-        paired = ov.paired_overhead(bench, repeats=pick["paired_repeats"], calls=pick["paired_calls"], progress=log)
+        paired = tm.paired_overhead(bench, repeats=pick["paired_repeats"], calls=pick["paired_calls"], progress=log)
         out["paired"] = paired.as_dict()
 
         log("correctness under 16 overlapping calls")
-        out["correctness"] = {b: ov.correctness(bench, b, pick["correctness_calls"]) for b in backends}
+        out["correctness"] = {b: bench.correctness(b, pick["correctness_calls"]) for b in backends}
 
         log(f"per call vs N ({pick['n_repeats']} repeats)")
-        vs_n = ov.per_call_vs_n(bench, ns=pick["ns"], total=pick["total_calls"], repeats=pick["n_repeats"],
+        vs_n = tm.per_call_vs_n(bench, ns=pick["ns"], total=pick["total_calls"], repeats=pick["n_repeats"],
                                 progress=log)
         out["vs_n"] = {m: {str(n): v for n, v in d.items()} for m, d in vs_n.items()}
     finally:
@@ -148,16 +157,16 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
 
 def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     m = data["machine"]
+    directives = data["directives"]
     backends: List[str] = data["backends"]
     lines: List[str] = []
     add = lines.append
     add("# Benchmarks: statebackends and the Hermes agent instrumentation")
     add("")
     add(f"Generated {stamp} by `{command}`" + (" (quick settings)." if data["quick"] else "."))
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    add(f"Machine: {m['cpu_count']} CPUs, {m['implementation']} {m['python']}, {m['platform']}. {versions}.")
+    add(f"Machine and versions: {stamp_line(m)}.")
     absent = "" if data["loongsuite"] else (
-        f" `{ov.LOONGSUITE_DIST}` is not installed here, so there is no side-by-side ratio: "
+        f" `{LOONGSUITE_DIST}` is not installed here, so there is no side-by-side ratio: "
         "run this in a virtualenv with the project's `compare` extra."
     )
     add("")
@@ -171,7 +180,7 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("## State operations per backend")
     add("")
     add(f"Nanoseconds per operation (median of {data['settings']['state_repeats']} interleaved samples, each the best "
-        f"of 5 runs of {ov.BATCH} operations in the same loop shape). `current()` is called inside one open invocation "
+        f"of 5 runs of {so.BATCH} operations in the same loop shape). `current()` is called inside one open invocation "
         "as the wrappers call it, `store.current(owner)`; the reference is the bare primitive the backend stands on. "
         "`begin`+`end` builds the state with the factory (`dict`) and is compared with the primitive's bare set and "
         "restore.")
@@ -179,13 +188,13 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("| backend | `current()` ns | reference primitive | primitive ns | ratio | target | `begin`+`end` ns | primitive set+restore ns | ratio |")
     add("|---|---:|---|---:|---:|---|---:|---:|---:|")
     for b in backends:
-        ref = ov.REFERENCE.get(b)
+        ref = so.REFERENCE.get(b)
         cur = med.get((b, "current"), float("nan"))
         be = med.get((b, "begin_end"), float("nan"))
         if ref:
-            p_cur = med[(ov.BARE + ref, "current")]
-            p_be = med[(ov.BARE + ref, "begin_end")]
-            target = ov.CURRENT_TARGET.get(b)
+            p_cur = med[(so.BARE + ref, "current")]
+            p_be = med[(so.BARE + ref, "begin_end")]
+            target = so.CURRENT_TARGET.get(b)
             ratio = cur / p_cur
             verdict = "" if target is None else f"<= {target}x: {'met' if ratio <= target else '**missed**'}"
             add(f"| `{b}` | {cur:.0f} | {ref} | {p_cur:.0f} | {_x(ratio)} | {verdict} | {be:.0f} | {p_be:.0f} | {_x(be / p_be)} |")
@@ -193,8 +202,8 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
             add(f"| `{b}` | {cur:.0f} | (third-party) | | | | {be:.0f} | | |")
     add("")
     add("Bare primitives alone: " + ", ".join(
-        f"{p} {med[(ov.BARE + p, 'current')]:.0f} ns (set+restore {med[(ov.BARE + p, 'begin_end')]:.0f} ns)"
-        for p in ov.PRIMITIVES) + ".")
+        f"{p} {med[(so.BARE + p, 'current')]:.0f} ns (set+restore {med[(so.BARE + p, 'begin_end')]:.0f} ns)"
+        for p in so.PRIMITIVES) + ".")
     add("")
     add(f"Memory over {data['settings']['retained_invocations']:,} `begin`/`end` pairs per backend (tracemalloc, "
         "after 1,000 warm-up pairs):")
@@ -207,15 +216,15 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("")
 
     # -- full calls ------------------------------------------------------------------------------
-    paired = ov.PairedResult(**data["paired"])
-    none_ms = _median(paired.per_call[ov.NONE]) * 1e3
+    paired = tm.PairedResult(**data["paired"])
+    none_ms = _median(paired.per_call[NONE]) * 1e3
     floor_hot = _median(paired.floor)
     spans = paired.floor_spans
-    modes = [mm for mm in data["modes"] if mm != ov.NONE]
-    has_loong = ov.LOONGSUITE in paired.per_call
+    modes = [mm for mm in data["modes"] if mm != NONE]
+    has_loong = LOONGSUITE in paired.per_call
     add("## Overhead of one full `run_conversation`")
     add("")
-    add(f"A real hermes-agent `AIAgent`, built once; the LLM faked in process (no HTTP); directive `{ov.TOOL_DIRECTIVES}`: "
+    add(f"A real hermes-agent `AIAgent`, built once; the LLM faked in process (no HTTP); directive `{directives}`: "
         "one LLM call asking for one tool, the tool, a final LLM call. An SDK `TracerProvider` whose only span processor "
         f"counts. {paired.repeats} repeats; in each, every mode in a rotating order is instrumented, called once untimed, "
         f"then timed over {paired.calls} calls; its overhead is its time minus the uninstrumented time of the same repeat "
@@ -226,7 +235,7 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
         f"names, kinds and attributes) started and ended with the bare SDK on the same provider: {_us(floor_hot)} us "
         f"per call in a hot loop ({_us(floor_hot / max(spans, 1))} us per span).")
     add("")
-    in_situ = ov.FLOOR_IN_SITU in paired.per_call
+    in_situ = tm.FLOOR_IN_SITU in paired.per_call
     header = "| mode | spans/call | overhead us per call [95% CI] | % of a bare call | us per span | overhead / floor [95% CI] |"
     sep = "|---|---:|---:|---:|---:|---:|"
     if in_situ:
@@ -237,18 +246,18 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
         sep += "---:|"
     add(header)
     add(sep)
-    for mode in modes + [ov.FLOOR_IN_SITU]:
+    for mode in modes + [tm.FLOOR_IN_SITU]:
         if mode not in paired.per_call:
             continue
         ci = paired.overhead_ci(mode)
         sp = paired.spans_per_call.get(mode, spans)
-        label = f"`{mode}`" if mode != ov.FLOOR_IN_SITU else "floor, in situ (bare call + replayed spans)"
+        label = f"`{mode}`" if mode != tm.FLOOR_IN_SITU else "floor, in situ (bare call + replayed spans)"
         row = (f"| {label} | {sp:.0f} | {_ci_us(ci)} | {ci[0] * 1e3 / none_ms * 100:.1f}% | "
                f"{_us(ci[0] / sp) if sp else 'n/a'} | {_ci_x(paired.floor_ratio_ci(mode))} |")
         if in_situ:
-            row += f" {_ci_x(paired.ratio_ci(mode, ov.FLOOR_IN_SITU)) if mode != ov.FLOOR_IN_SITU else '1'} |"
+            row += f" {_ci_x(paired.ratio_ci(mode, tm.FLOOR_IN_SITU)) if mode != tm.FLOOR_IN_SITU else '1'} |"
         if has_loong:
-            row += f" {_ci_x(paired.ratio_ci(mode, ov.LOONGSUITE)) if mode != ov.LOONGSUITE else '1'} |"
+            row += f" {_ci_x(paired.ratio_ci(mode, LOONGSUITE)) if mode != LOONGSUITE else '1'} |"
         add(row)
     add("")
     if in_situ:
@@ -271,14 +280,14 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
 
     # -- isolated ----------------------------------------------------------------------------------
     iso = data["isolated"]
-    iso_modes = [mm for mm in iso if mm not in (ov.FLOOR, "spans")]
-    iso_floor = ov.trimmed_mean(iso[ov.FLOOR])
-    iso_loong = ov.LOONGSUITE in iso_modes
+    iso_modes = [mm for mm in iso if mm not in (tm.FLOOR, "spans")]
+    iso_floor = st.trimmed_mean(iso[tm.FLOOR])
+    iso_loong = LOONGSUITE in iso_modes
     add("## Each instrumentation's wrappers alone (no Hermes around them)")
     add("")
     add("The wrapper callables each instrumentor installs on `AIAgent.run_conversation`, `_interruptible_api_call`, "
         "`_execute_tool_calls` and `run_agent.handle_function_call`, taken from the instrumented class and wrapped with "
-        f"`wrapt` around a stub that calls them in the order of one `{ov.TOOL_DIRECTIVES}` conversation with the real "
+        f"`wrapt` around a stub that calls them in the order of one `{directives}` conversation with the real "
         "`ChatCompletion` objects (anything else they read on the instance comes from the real agent). Instrumented stub "
         f"minus bare stub, {data['settings']['isolated_repeats']} interleaved blocks of "
         f"{data['settings']['isolated_calls']} calls, trimmed mean [95% CI]; the floor in the same hot loop. The stub "
@@ -293,13 +302,13 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add(header)
     add(sep)
     for mm in iso_modes:
-        ci = ov.bootstrap_ci(iso[mm], ov.trimmed_mean)
+        ci = st.bootstrap_ci(iso[mm], st.trimmed_mean)
         sp = iso["spans"].get(mm) or spans
         row = (f"| `{mm}` | {sp:.0f} | {_ci_us(ci)} | {_us(ci[0] / sp)} | "
-               f"{_ci_x(ov.bootstrap_ci([iso[mm], iso[ov.FLOOR]], ov.ratio_of_trimmed_means))} |")
+               f"{_ci_x(st.bootstrap_ci([iso[mm], iso[tm.FLOOR]], st.ratio_of_trimmed_means))} |")
         if iso_loong:
-            row += (f" {_ci_x(ov.bootstrap_ci([iso[mm], iso[ov.LOONGSUITE]], ov.ratio_of_trimmed_means))} |"
-                    if mm != ov.LOONGSUITE else " 1 |")
+            row += (f" {_ci_x(st.bootstrap_ci([iso[mm], iso[LOONGSUITE]], st.ratio_of_trimmed_means))} |"
+                    if mm != LOONGSUITE else " 1 |")
         add(row)
     add(f"| floor ({spans} bare SDK spans) | {spans} | {_us(iso_floor)} | {_us(iso_floor / max(spans, 1))} | 1 |"
         + (" |" if iso_loong else ""))
@@ -333,13 +342,13 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("|---|---:|" + "---:|" * len(ns) + "---:|---:|")
     flat: Dict[str, float] = {}
     flat_rel: Dict[str, float] = {}
-    none_d = vs_n.get(ov.NONE)
+    none_d = vs_n.get(NONE)
     for mode, d in vs_n.items():
         base = _median(d[ns[0]])
         ratios = [_median(d[n]) / base for n in ns]
         flat[mode] = max(abs(r - 1) for r in ratios)
         rel = "n/a"
-        if none_d is not None and mode != ov.NONE:
+        if none_d is not None and mode != NONE:
             # time per call relative to the uninstrumented agent at the same N, normalised to N=1:
             # what the instrumentation adds to Hermes's own slope
             none_ratios = [_median(none_d[n]) / _median(none_d[ns[0]]) for n in ns]
@@ -358,9 +367,9 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("| mode | " + " | ".join(f"N={n}" for n in ns) + " |")
     add("|---|" + "---:|" * len(ns))
     for mode, d in vs_n.items():
-        if mode == ov.NONE:
+        if mode == NONE:
             continue
-        cells = [_us(ov.trimmed_mean([a - b for a, b in zip(d[n], vs_n[ov.NONE][n])])) for n in ns]
+        cells = [_us(st.trimmed_mean([a - b for a, b in zip(d[n], vs_n[NONE][n])])) for n in ns]
         add(f"| `{mode}` | " + " | ".join(cells) + " |")
     add("")
 
@@ -371,8 +380,8 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("|---|---|---|")
     for b in backends:
         if has_loong:
-            ci = paired.ratio_ci(b, ov.LOONGSUITE)
-            alone = ov.bootstrap_ci([iso[b], iso[ov.LOONGSUITE]], ov.ratio_of_trimmed_means) if iso_loong else None
+            ci = paired.ratio_ci(b, LOONGSUITE)
+            alone = st.bootstrap_ci([iso[b], iso[LOONGSUITE]], st.ratio_of_trimmed_means) if iso_loong else None
             add(f"| `{b}` overhead <= {RATIO_TARGET}x loongsuite 0.9.0's | in situ {_ci_x(ci)}"
                 + (f"; wrappers alone {_ci_x(alone)}" if alone else "")
                 + f" | in situ {_verdict_upper(ci, RATIO_TARGET)}"
@@ -381,13 +390,13 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
         add(f"| overhead <= {RATIO_TARGET}x loongsuite 0.9.0's | loongsuite not installed | not measured here |")
     for b in backends:
         ci = paired.floor_ratio_ci(b)
-        alone = ov.bootstrap_ci([iso[b], iso[ov.FLOOR]], ov.ratio_of_trimmed_means)
+        alone = st.bootstrap_ci([iso[b], iso[tm.FLOOR]], st.ratio_of_trimmed_means)
         add(f"| `{b}` overhead <= {FLOOR_TARGET:.0f}x the floor | in situ {_ci_x(ci)}; wrappers alone {_ci_x(alone)} | "
             f"in situ {_verdict_upper(ci, FLOOR_TARGET)}; alone {_verdict_upper(alone, FLOOR_TARGET)} |")
-    for b, target in ov.CURRENT_TARGET.items():
+    for b, target in so.CURRENT_TARGET.items():
         if b in backends:
-            ratio = med[(b, "current")] / med[(ov.BARE + ov.REFERENCE[b], "current")]
-            add(f"| `{b}` `current()` <= {target}x {ov.REFERENCE[b]} | {_x(ratio)} | {'met' if ratio <= target else '**missed**'} |")
+            ratio = med[(b, "current")] / med[(so.BARE + so.REFERENCE[b], "current")]
+            add(f"| `{b}` `current()` <= {target}x {so.REFERENCE[b]} | {_x(ratio)} | {'met' if ratio <= target else '**missed**'} |")
     for mode, worst in flat.items():
         rel = flat_rel.get(mode)
         add(f"| `{mode}` time per call flat within {CURRENT_FLAT:.0%} from N=1 to N={ns[-1]} | worst {worst:.0%}"
@@ -417,12 +426,12 @@ def plot(data: Dict[str, Any], path: Path, stamp: str, command: str) -> None:
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {mode: palette[i % len(palette)] for i, mode in enumerate(vs_n)}
     for mode, d in vs_n.items():
-        if mode == ov.NONE:
+        if mode == NONE:
             continue
         means, los, his = [], [], []
         for n in ns:
-            diffs = [a - b for a, b in zip(d[n], vs_n[ov.NONE][n])]
-            est, lo, hi = ov.bootstrap_ci(diffs, ov.trimmed_mean, resamples=2000)
+            diffs = [a - b for a, b in zip(d[n], vs_n[NONE][n])]
+            est, lo, hi = st.bootstrap_ci(diffs, st.trimmed_mean, resamples=2000)
             means.append(est * 1e6)
             los.append((est - (lo if not math.isnan(lo) else est)) * 1e6)
             his.append(((hi if not math.isnan(hi) else est) - est) * 1e6)

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from benchmarks import overhead as ov
+from benchmarks import replay as rp, stateops, stats
+from statebackends_hermes_testbed.modes import LOONGSUITE, NONE, loongsuite_skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 SPANS_PER_CALL = 6  # invoke_agent, 2 x react step, 2 x chat, 1 x execute_tool for "[tools:1]"
@@ -37,28 +38,28 @@ SPANS_PER_CALL = 6  # invoke_agent, 2 x react step, 2 x chat, 1 x execute_tool f
 
 
 @pytest.fixture
-def state_op(request: pytest.FixtureRequest) -> Iterator[ov.StateOp]:
+def state_op(request: pytest.FixtureRequest) -> Iterator[stateops.StateOp]:
     subject, op = request.param
-    with ov.StateOp(subject, op) as opened:
+    with stateops.StateOp(subject, op) as opened:
         yield opened
 
 
-SUBJECTS = ov.state_subjects()
+SUBJECTS = stateops.state_subjects()
 
 
 @pytest.mark.benchmark(group="state: current()")
 @pytest.mark.parametrize("state_op", [(s, "current") for s in SUBJECTS], ids=SUBJECTS, indirect=True)
-def test_state_current(benchmark: Any, state_op: ov.StateOp) -> None:
-    benchmark.extra_info["ops_per_round"] = ov.BATCH
-    seen = benchmark(state_op.run, ov.BATCH)
+def test_state_current(benchmark: Any, state_op: stateops.StateOp) -> None:
+    benchmark.extra_info["ops_per_round"] = stateops.BATCH
+    seen = benchmark(state_op.run, stateops.BATCH)
     assert seen == {}, f"{state_op.subject}: current() inside an open invocation returned {seen!r}"
 
 
 @pytest.mark.benchmark(group="state: begin+end")
 @pytest.mark.parametrize("state_op", [(s, "begin_end") for s in SUBJECTS], ids=SUBJECTS, indirect=True)
-def test_state_begin_end(benchmark: Any, state_op: ov.StateOp) -> None:
-    benchmark.extra_info["ops_per_round"] = ov.BATCH
-    left = benchmark(state_op.run, ov.BATCH)
+def test_state_begin_end(benchmark: Any, state_op: stateops.StateOp) -> None:
+    benchmark.extra_info["ops_per_round"] = stateops.BATCH
+    left = benchmark(state_op.run, stateops.BATCH)
     assert not left, f"{state_op.subject}: {left!r} left after begin/end pairs"
 
 
@@ -66,23 +67,25 @@ def test_state_begin_end(benchmark: Any, state_op: ov.StateOp) -> None:
 
 
 @pytest.fixture(scope="module")
-def agent_bench() -> Iterator[ov.AgentBench]:
+def agent_bench() -> Iterator[Any]:
     pytest.importorskip("run_agent", reason="hermes-agent is not installed (the 'hermes' extra)")
-    bench = ov.AgentBench(warm=[ov.NONE])
+    from statebackends_hermes_testbed.agentbench import AgentBench
+
+    bench = AgentBench(warm=[NONE])
     try:
         yield bench
     finally:
         bench.close()
 
 
-MODES = [ov.NONE] + ov.backend_names() + [ov.LOONGSUITE]
+MODES = [NONE] + stateops.backend_names() + [LOONGSUITE]
 
 
 @pytest.mark.benchmark(group="run_conversation [tools:1]")
 @pytest.mark.parametrize("mode", MODES)
-def test_full_call(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -> None:
-    if mode == ov.LOONGSUITE and agent_bench.theirs is None:
-        pytest.skip(ov.loongsuite_skip_reason())
+def test_full_call(benchmark: Any, agent_bench: Any, mode: str) -> None:
+    if mode == LOONGSUITE and agent_bench.theirs is None:
+        pytest.skip(loongsuite_skip_reason())
     agent_bench.set_mode(mode)
     try:
         agent_bench.call("warm")
@@ -97,20 +100,20 @@ def test_full_call(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -> Non
         result = benchmark(one)
         spans = (agent_bench.spans_ended() - ended) / calls
     finally:
-        agent_bench.set_mode(ov.NONE)
+        agent_bench.set_mode(NONE)
         agent_bench.reset()
     assert agent_bench.completed(result), result
     benchmark.extra_info["spans_per_call"] = spans
-    if mode == ov.NONE:
+    if mode == NONE:
         assert spans == 0
-    elif mode == ov.LOONGSUITE:
+    elif mode == LOONGSUITE:
         assert spans > 0
     else:
         assert spans == SPANS_PER_CALL
 
 
 @pytest.mark.benchmark(group="run_conversation [tools:1]")
-def test_floor_spans(benchmark: Any, agent_bench: ov.AgentBench) -> None:
+def test_floor_spans(benchmark: Any, agent_bench: Any) -> None:
     """The floor: the span tree of one call started and ended with the bare SDK (same names and attributes)."""
     assert agent_bench.record_plan() == SPANS_PER_CALL
     ended = agent_bench.spans_ended()
@@ -119,12 +122,12 @@ def test_floor_spans(benchmark: Any, agent_bench: ov.AgentBench) -> None:
 
 
 @pytest.mark.benchmark(group="wrappers alone (stub agent)")
-@pytest.mark.parametrize("mode", ov.backend_names() + [ov.LOONGSUITE])
-def test_wrappers_alone(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -> None:
+@pytest.mark.parametrize("mode", stateops.backend_names() + [LOONGSUITE])
+def test_wrappers_alone(benchmark: Any, agent_bench: Any, mode: str) -> None:
     """The wrappers an instrumentor installed, on a stub agent: what the instrumentation's own code costs."""
-    if mode == ov.LOONGSUITE and agent_bench.theirs is None:
-        pytest.skip(ov.loongsuite_skip_reason())
-    replay = ov.WrapperReplay(agent_bench, mode)
+    if mode == LOONGSUITE and agent_bench.theirs is None:
+        pytest.skip(loongsuite_skip_reason())
+    replay = rp.WrapperReplay(agent_bench, mode)
     calls = 0
 
     def one() -> Any:
@@ -136,7 +139,7 @@ def test_wrappers_alone(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -
     result = benchmark(one)
     assert result["final_response"] == "done stub"
     spans = (agent_bench.spans_ended() - ended) / calls
-    if mode == ov.LOONGSUITE:
+    if mode == LOONGSUITE:
         assert spans > 0
     else:
         assert spans == SPANS_PER_CALL
@@ -148,16 +151,17 @@ def test_wrappers_alone(benchmark: Any, agent_bench: ov.AgentBench, mode: str) -
 
 def test_bootstrap_interval_brackets_the_estimate() -> None:
     xs = [float(i % 7) for i in range(50)]
-    est, lo, hi = ov.bootstrap_ci(xs, ov.mean)
+    est, lo, hi = stats.bootstrap_ci(xs, stats.mean)
     assert lo <= est <= hi and hi - lo < 2
-    ratio, rlo, rhi = ov.bootstrap_ci([[2.0 * x + 1 for x in xs], [x + 0.5 for x in xs]], ov.ratio_of_means)
+    ratio, rlo, rhi = stats.bootstrap_ci([[2.0 * x + 1 for x in xs], [x + 0.5 for x in xs]], stats.ratio_of_means)
     assert ratio == pytest.approx(2.0) and rlo == pytest.approx(2.0) and rhi == pytest.approx(2.0)
 
 
 def test_modules_import_without_side_effects() -> None:
     """asv imports every module of benchmarks/: ours must not import Hermes or instrument anything."""
     code = (
-        "import sys, benchmarks.overhead, benchmarks.report, benchmarks.bench_state, benchmarks.bench_hermes\n"
+        "import sys, benchmarks.stateops, benchmarks.stats, benchmarks.timing, benchmarks.replay, benchmarks.report\n"
+        "import benchmarks.bench_state, benchmarks.bench_hermes\n"
         "bad = [m for m in ('run_agent', 'statebackends_hermes_agent', 'opentelemetry.sdk.trace') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -181,7 +185,7 @@ def test_asv_sees_only_the_bench_modules() -> None:
         assert expected in out
 
 
-def test_report_end_to_end_on_tiny_settings(agent_bench: ov.AgentBench, tmp_path: Path) -> None:
+def test_report_end_to_end_on_tiny_settings(agent_bench: Any, tmp_path: Path) -> None:
     """The report pipeline (every measurement, render, plot) on tiny settings: the tables are there."""
     pytest.importorskip("matplotlib")
     from benchmarks import report

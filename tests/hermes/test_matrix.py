@@ -96,7 +96,10 @@ def test_matrix_cli_prints_valid_json() -> None:
     (cell,) = data["cells"]
     assert (cell["backend"], cell["scenario"], cell["expected"], cell["ok"]) == ("contextvar", "sequential", True, True)
     assert cell["verdict"]["summary"] == "ok"
-    assert set(data["versions"]) >= {"python", "hermes-agent", "opentelemetry-sdk", "statebackends"}
+    stamp = data["stamp"]
+    assert stamp["python"] and stamp["cpu_count"]
+    assert all(stamp["versions"][d] for d in ("hermes-agent", "opentelemetry-sdk", "statebackends"))
+    assert data["callers"] == 8
 
 
 def test_matrix_cli_names_the_valid_choices_for_a_bad_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,9 +15,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from statebackends import StateStore
 
-from .fakellm import FakeLLMServer
+from .fakellm import FakeLLMServer, ScriptRecords
 from .hermes_harness import hermes_home, make_agent, wait_for_delegations
-from .traces import CallTruth, OpenSpanTracker, Verdict, judge
+from .modes import Instrumentors
+from .traces import CALLER_PREFIX, CallTruth, OpenSpanTracker, Verdict, judge, state_left
+
+N_CALLERS = 8
+"""Concurrent callers in the overlapping scenarios (threads, tasks) by default; the matrix allows 2..16."""
 
 _home_lock = threading.Lock()
 _home_stack: Optional[ExitStack] = None
@@ -35,22 +39,76 @@ def ensure_hermes_home() -> str:
         return os.environ["HERMES_HOME"]
 
 
-class HermesBench:
-    """One fake LLM server, one SDK tracer provider with an in-memory exporter, and the instrumentor."""
+class Recorder:
+    """An SDK tracer provider that keeps every ended span in memory and tracks the open ones, and judges them."""
 
-    def __init__(self) -> None:
-        ensure_hermes_home()
-        self.server = FakeLLMServer().start()
+    def __init__(self, tracer_name: str = "statebackends.driver") -> None:
         self.exporter = InMemorySpanExporter()
         self.tracker = OpenSpanTracker()
         self.provider = TracerProvider()
         self.provider.add_span_processor(self.tracker)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.tracer = self.provider.get_tracer("statebackends.driver")
-        self._agents: dict[tuple, Any] = {}
-        from statebackends_hermes_agent import HermesAgentInstrumentor
+        self.tracer = self.provider.get_tracer(tracer_name)
 
-        self.instrumentor = HermesAgentInstrumentor()
+    def clear(self) -> None:
+        """Forget every span recorded so far."""
+        self.exporter.clear()
+        self.tracker.clear()
+
+    def verdict(
+        self,
+        calls: Sequence[CallTruth],
+        *,
+        store: Optional[StateStore[Any]] = None,
+        owners: Iterable[Any] = (),
+        live_before: int = 0,
+    ) -> Verdict:
+        """:func:`traces.judge` of the spans recorded so far against ``calls``, with the state ``store`` left for ``owners``."""
+        self.provider.force_flush()
+        left = state_left(store, owners, live_before)
+        return judge(self.exporter.get_finished_spans(), calls, self.tracker.open_spans(), state_left=left)
+
+
+def truth_of(
+    records: ScriptRecords,
+    tag: str,
+    *,
+    tools: int = 0,
+    rounds: Optional[int] = None,
+    children: Sequence[CallTruth] = (),
+    error: bool = False,
+    tokens: bool = True,
+    late: int = 0,
+) -> CallTruth:
+    """The truth of one call from what a fake LLM (the server or the in-process one) actually sent for ``tag``."""
+    chats = len(records.log(tag)) + records.errors(tag)
+    input_tokens, output_tokens = records.totals(tag)
+    return CallTruth(
+        tag=tag,
+        steps=rounds if rounds is not None else chats,
+        chats=chats,
+        tools=tools,
+        input_tokens=input_tokens if tokens else None,
+        output_tokens=output_tokens if tokens else None,
+        children=children,
+        error=error,
+        late=late,
+    )
+
+
+class HermesBench:
+    """One fake LLM server, a :class:`Recorder`, and the instrumentors; ``callers`` overlapping calls per scenario."""
+
+    def __init__(self, *, callers: int = N_CALLERS) -> None:
+        ensure_hermes_home()
+        self.callers = callers
+        self.server = FakeLLMServer().start()
+        self.recorder = Recorder()
+        self.exporter, self.tracker = self.recorder.exporter, self.recorder.tracker
+        self.provider, self.tracer = self.recorder.provider, self.recorder.tracer
+        self._agents: dict[tuple, Any] = {}
+        self.instrumentors = Instrumentors()
+        self.instrumentor = self.instrumentors.ours
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -65,24 +123,26 @@ class HermesBench:
         return self._agents[key]
 
     def instrument(self, backend: str | StateStore[Any]) -> StateStore[Any]:
-        self.uninstrument()
-        self.instrumentor.instrument(tracer_provider=self.provider, state_backend=backend)
+        """Instrument with ``backend`` (a name or a store) on the recorder's provider; return the store in use."""
+        self.instrumentors.set_mode(backend, self.provider)
         return self.instrumentor.store
 
     def uninstrument(self) -> None:
-        if self.instrumentor.is_instrumented_by_opentelemetry:
-            self.instrumentor.uninstrument()
+        """Remove whichever instrumentation is active."""
+        self.instrumentors.release()
 
     @property
     def store(self) -> StateStore[Any]:
+        """Our instrumentation's store (None when uninstrumented)."""
         return self.instrumentor.store
 
     def reset(self) -> None:
-        self.exporter.clear()
-        self.tracker.clear()
+        """Forget the spans recorded and what the fake LLM sent."""
+        self.recorder.clear()
         self.server.reset()
 
     def close(self) -> None:
+        """Uninstrument and stop the fake server."""
         self.uninstrument()
         self.server.stop()
 
@@ -98,7 +158,7 @@ class HermesBench:
         task_id: Optional[str] = None,
     ) -> Any:
         """One call under its own ``call <tag>`` span, made in the calling thread (``task_id`` as Hermes's front ends pass it)."""
-        with self.tracer.start_as_current_span(f"call {tag}"):
+        with self.tracer.start_as_current_span(f"{CALLER_PREFIX}{tag}"):
             message = f"[conv:{tag}] {directives} hello".strip()
             if method == "chat":
                 return agent.chat(message)
@@ -106,52 +166,18 @@ class HermesBench:
                 return agent.run_conversation(message, task_id=task_id)
             return agent.run_conversation(message)
 
-    def truth(
-        self,
-        tag: str,
-        *,
-        tools: int = 0,
-        rounds: Optional[int] = None,
-        children: Sequence[CallTruth] = (),
-        error: bool = False,
-        tokens: bool = True,
-        late: int = 0,
-    ) -> CallTruth:
-        """The truth of one call from what the fake LLM actually sent for ``tag``."""
-        sent = self.server.log(tag)
-        chats = len(sent) + self.server.errors(tag)
-        steps = rounds if rounds is not None else chats
-        input_tokens, output_tokens = self.server.totals(tag)
-        return CallTruth(
-            tag=tag,
-            steps=steps,
-            chats=chats,
-            tools=tools,
-            input_tokens=input_tokens if tokens else None,
-            output_tokens=output_tokens if tokens else None,
-            children=children,
-            error=error,
-            late=late,
-        )
+    def truth(self, tag: str, **kwargs: Any) -> CallTruth:
+        """:func:`truth_of` the fake server's records for ``tag``."""
+        return truth_of(self.server, tag, **kwargs)
 
     def verdict(self, calls: Sequence[CallTruth], *, owners: Iterable[Any] = (), live_before: int = 0) -> Verdict:
-        """Judge the spans exported so far against ``calls``; count state left for ``owners`` here."""
+        """Judge the spans exported so far against ``calls``, once Hermes's background delegations are done."""
         wait_for_delegations(timeout=30)
-        self.provider.force_flush()
-        left = 0
-        store = self.store
-        for owner in owners:
-            if store is not None and store.current(owner) is not None:
-                left += 1
-        if store is not None:
-            live = store.live()
-            if live is not None and live > live_before:
-                left += live - live_before
-        return judge(self.exporter.get_finished_spans(), calls, self.tracker.open_spans(), state_left=left)
+        return self.recorder.verdict(calls, store=self.store, owners=owners, live_before=live_before)
 
 
 def run_threads(target: Callable[[int], Any], n: int, *, barrier: bool = True) -> list[Any]:
-    """Run ``target(i)`` in ``n`` threads at once, re-raising the first error."""
+    """Run ``target(i)`` in ``n`` threads at once (released together by a barrier), re-raising the first error."""
     results: list[Any] = [None] * n
     errors: list[BaseException] = []
     gate = threading.Barrier(n) if barrier and n > 1 else None

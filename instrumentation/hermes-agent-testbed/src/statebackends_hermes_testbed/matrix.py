@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Callable, Optional, Sequence
 
 from statebackends import available
+
+from .stamp import stamp_line, version_stamp
 
 UNEXPECTED = "✗ unexpected"
 
@@ -94,22 +93,11 @@ def run_cell(bench: Any, scenario: Any, backend: str) -> Cell:
     return cell
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("hermes-agent", "opentelemetry-sdk", "opentelemetry-api", "statebackends"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    out["platform"] = f"{platform.system().lower()} {platform.machine()}, {os.cpu_count()} CPUs"
-    return out
-
-
-def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence[Any], info: dict[str, str], wall: float) -> str:
-    header = ", ".join(f"{k} {v}" for k, v in info.items() if k != "platform")
+def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence[Any], stamp: dict[str, Any], wall: float) -> str:
+    """The matrix as a markdown table under the run's version stamp, with a line of totals."""
     by_key = {(c.scenario.id, c.backend): c for c in cells}
     lines = [
-        f"statebackends correctness matrix: {header} ({info['platform']})",
+        f"statebackends correctness matrix: {stamp_line(stamp)}",
         "",
         "| scenario | requires | " + " | ".join(f"`{b}`" for b in backends) + " |",
         "|---|---|" + "---|" * len(backends),
@@ -138,6 +126,7 @@ def _pick(kind: str, wanted: Optional[list[str]], valid: Sequence[str]) -> list[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the chosen cells and print the table (or JSON); 0 when every cell is as declared, 1 if not, 2 on bad arguments."""
     parser = argparse.ArgumentParser(
         prog="statebackends-matrix",
         description="Run every state backend through every concurrency scenario on the real hermes-agent "
@@ -157,21 +146,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"statebackends-matrix: error: {exc}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        if not 2 <= args.threads <= 16:
-            print(f"statebackends-matrix: error: --threads must be 2..16, got {args.threads}", file=sys.stderr)
-            return 2
-        sc.N_CALLERS = args.threads
-
-    from .driver import HermesBench
+    from .driver import N_CALLERS, HermesBench
     from .hermes_harness import loopback_only
+
+    callers = N_CALLERS if args.threads is None else args.threads
+    if not 2 <= callers <= 16:
+        print(f"statebackends-matrix: error: --threads must be 2..16, got {callers}", file=sys.stderr)
+        return 2
 
     started = time.perf_counter()
     cells: list[Cell] = []
     total = len(backends) * len(chosen)
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with loopback_only() as guard, contextlib.redirect_stdout(sys.stderr):
-        bench = HermesBench()
+        bench = HermesBench(callers=callers)
         try:
             for s in chosen:
                 for b in backends:
@@ -182,15 +170,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             bench.close()
     wall = time.perf_counter() - started
-    info = versions()
+    stamp = version_stamp()
     if guard.blocked:
         progress(f"statebackends-matrix: refused connections beyond loopback: {guard.blocked}")
     if args.json:
         print(
             json.dumps(
                 {
-                    "versions": info,
-                    "callers": sc.N_CALLERS,
+                    "stamp": stamp,
+                    "callers": callers,
                     "wall_seconds": round(wall, 1),
                     "cells": [c.as_dict() for c in cells],
                     "ok": sum(c.ok for c in cells),
@@ -202,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
         )
     else:
-        print(markdown(cells, backends, chosen, info, wall))
+        print(markdown(cells, backends, chosen, stamp, wall))
     return 0 if all(c.as_expected for c in cells) else 1
 
 

@@ -31,20 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
+from opentelemetry.sdk.trace import Span, TracerProvider
 
 from statebackends import Concurrency, get_store
 
 from .driver import HermesBench, run_threads
 from .hermes_harness import BENCH_TOOLSET, InProcessLLM, make_agent, register_bench_tools, wait_for_delegations
 from .stub_agent import AsyncStubAgent
-from .traces import CALLER_PREFIX, KINDS, LATE_TOOL, CallTruth, Verdict, _tag_in, kind_of
+from .traces import CALLER_PREFIX, LATE_TOOL, CallTruth, StreamingJudge, Verdict, kind_of, state_left
 
 C = Concurrency
-
-N_CALLERS = 8
-"""Concurrent callers in the overlapping scenarios (threads, tasks); the matrix allows 2..16."""
 
 SOAK_SEQUENTIAL = 1000
 """Soak: calls one after another (InProcessLLM, about 5-6 ms each with Hermes)."""
@@ -294,10 +290,10 @@ def _threads(
     owners: Optional[list[Any]] = None,
     rounds: int = 1,
 ) -> Verdict:
-    """Overlapping turns in threads (barrier): N_CALLERS on ``main``, or one per agent of ``owners`` in each round."""
+    """Overlapping turns in threads (barrier): ``bench.callers`` on ``main``, or one per agent of ``owners`` in each round."""
     _begin(bench, backend)
     owners = owners or [agents(bench).main]
-    n = N_CALLERS if len(owners) == 1 else len(owners)
+    n = bench.callers if len(owners) == 1 else len(owners)
     tags: list[str] = []
     for r in range(rounds):
         batch = [f"{prefix}{r * n + i}" for i in range(n)]
@@ -320,7 +316,7 @@ def run_to_thread(bench: HermesBench, backend: str) -> Verdict:
     """N asyncio tasks, each driving the shared agent through ``asyncio.to_thread`` (the context is copied)."""
     _begin(bench, backend)
     agent = agents(bench).main
-    tags = [f"tt{i}" for i in range(N_CALLERS)]
+    tags = [f"tt{i}" for i in range(bench.callers)]
 
     async def main() -> None:
         await asyncio.gather(*(asyncio.to_thread(bench.call, agent, t, "[tools:1] [delay_ms:20]") for t in tags))
@@ -333,11 +329,11 @@ def run_in_executor(bench: HermesBench, backend: str) -> Verdict:
     """N asyncio tasks through ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` (the context is NOT copied)."""
     _begin(bench, backend)
     agent = agents(bench).main
-    tags = [f"ex{i}" for i in range(N_CALLERS)]
+    tags = [f"ex{i}" for i in range(bench.callers)]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=N_CALLERS, thread_name_prefix="matrix-exec") as pool:
+        with ThreadPoolExecutor(max_workers=bench.callers, thread_name_prefix="matrix-exec") as pool:
             await asyncio.gather(
                 *(loop.run_in_executor(pool, bench.call, agent, t, "[tools:1] [delay_ms:20]") for t in tags)
             )
@@ -362,7 +358,7 @@ def run_async_tasks(bench: HermesBench, backend: str) -> Verdict:
     """N asyncio tasks interleaved on ONE thread, one shared async stub agent; every LLM turn and tool awaits."""
     _begin(bench, backend)
     stub = _stub(bench)
-    tags = [f"as{i}" for i in range(N_CALLERS)]
+    tags = [f"as{i}" for i in range(bench.callers)]
 
     async def main() -> None:
         await asyncio.gather(*(_stub_call(bench, stub, t, "[tools:2]") for t in tags))
@@ -383,7 +379,7 @@ def run_cancel(bench: HermesBench, backend: str) -> Verdict:
 
     stub = _stub(bench, tools={"sb_block": block_tool})
     victim = "cx1"
-    tags = [f"cx{i}" for i in range(max(3, N_CALLERS // 2))]
+    tags = [f"cx{i}" for i in range(max(3, bench.callers // 2))]
     notes: list[str] = []
 
     async def main() -> None:
@@ -602,61 +598,6 @@ def run_errors(bench: HermesBench, backend: str) -> Verdict:
 # -- 13. soak -----------------------------------------------------------------------------------------------------
 
 
-class _StreamingJudge(SpanProcessor):
-    """Judges spans as they end and keeps none of them (a soak must not grow with its exporter).
-
-    Counts spans per kind, orphans (wrong parent kind, or no caller span at the
-    root), cross-talk (a response id or tool call id of another call) and the
-    spans still open. Only open spans are remembered, by id.
-    """
-
-    _PARENT = {"invoke_agent": "call", "step": "invoke_agent", "chat": "step", "execute_tool": "step"}
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[int, tuple[Optional[str], Optional[str], Optional[str]]] = {}
-        self.counts = {k: 0 for k in KINDS}
-        self.orphans = 0
-        self.cross_talk = 0
-
-    def on_start(self, span: Span, parent_context: Any = None) -> None:
-        kind = "call" if span.name.startswith(CALLER_PREFIX) else kind_of(span)
-        with self._lock:
-            parent = self._open.get(span.parent.span_id) if span.parent is not None else None
-            if kind == "call":
-                root = span.name[len(CALLER_PREFIX):]
-            else:
-                root = parent[1] if parent is not None else None
-            self._open[span.context.span_id] = (kind, root, parent[0] if parent is not None else None)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        with self._lock:
-            kind, root, parent_kind = self._open.pop(span.context.span_id, (None, None, None))
-            if kind not in KINDS:
-                return
-            self.counts[kind] += 1
-            if root is None or parent_kind != self._PARENT[kind]:
-                self.orphans += 1
-                return
-            attrs = span.attributes or {}
-            for tag in (
-                _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
-                _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
-            ):
-                if tag is not None and tag != root:
-                    self.cross_talk += 1
-
-    def never_ended(self) -> int:
-        with self._lock:
-            return sum(1 for kind, _, _ in self._open.values() if kind in KINDS)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 def _rss_kib() -> Optional[int]:
     try:
         with open("/proc/self/statm") as f:
@@ -680,7 +621,7 @@ def run_soak(bench: HermesBench, backend: str) -> Verdict:
     agent = agents(bench).main
     bench.uninstrument()
     bench.reset()
-    judge = _StreamingJudge()
+    judge = StreamingJudge()
     provider = TracerProvider()
     provider.add_span_processor(judge)
     tracer = provider.get_tracer("statebackends.soak")
@@ -719,19 +660,14 @@ def run_soak(bench: HermesBench, backend: str) -> Verdict:
 
     n, with_tools = calls["n"], calls["tools"]
     expected = {"invoke_agent": n, "step": n + with_tools, "chat": n + with_tools, "execute_tool": with_tools}
-    left = 0
-    if store.current(agent) is not None:
-        left += 1
     live = store.live()
-    if live:
-        left += live
     verdict = Verdict(
         expected=expected,
         actual=dict(judge.counts),
         never_ended=judge.never_ended(),
         orphans=judge.orphans,
         cross_talk=judge.cross_talk,
-        state_left=left,
+        state_left=state_left(store, [agent]),
         leaked=max(0, alive_after - alive_before),
     )
     if rss_before is not None and rss_after is not None:
@@ -768,13 +704,15 @@ SCENARIOS: list[Scenario] = [
     _s("soak", "soak: thousands of calls, in a row then in threads", {C.THREADS}, run_soak),
     _s("shared_task_id", "turns of one session overlap on one agent (shared task id, pooled tools)",
        {C.THREADS, C.COPIED_CONTEXT, C.SHARED_ID}, run_shared_task_id),
-    # No THREADS: each agent has one open turn at a time, so no owner is shared (the instance backend is right here).
+    # Each agent has one open turn at a time: no owner is shared, so neither THREADS nor SHARED_ID (both about
+    # overlapping invocations on one owner) is needed; the owner-keyed `instance` backend is right here, and a
+    # backend that mixes the two agents' turns while declaring the hop contradicts its declaration.
     _s("shared_task_id_two_agents", "one session id on two agents, turns overlapping",
-       {C.COPIED_CONTEXT, C.SHARED_ID}, run_shared_task_id_two_agents),
+       {C.COPIED_CONTEXT}, run_shared_task_id_two_agents),
     _s("shared_task_id_raw", "shared task id on one agent, tool pool without context copy",
        {C.THREADS, C.RAW_THREAD, C.SHARED_ID, C.SHARED_ID_RAW_THREAD}, run_shared_task_id_raw),
     _s("shared_task_id_two_agents_raw", "shared task id on two agents, tool pool without context copy",
-       {C.RAW_THREAD, C.SHARED_ID}, run_shared_task_id_two_agents_raw),
+       {C.RAW_THREAD}, run_shared_task_id_two_agents_raw),
     _s("late_work", "work started by a tool runs after its call returned", set(), run_late_work),
 ]
 

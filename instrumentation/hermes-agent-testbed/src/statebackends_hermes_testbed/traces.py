@@ -41,7 +41,24 @@ def kind_of(span: ReadableSpan) -> Optional[str]:
     return None
 
 
-class OpenSpanTracker(SpanProcessor):
+class SpanProcessorBase(SpanProcessor):
+    """A span processor that does nothing: the testbed's processors override only what they watch."""
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        """Called when ``span`` starts; nothing by default."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Called when ``span`` ends; nothing by default."""
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Nothing is buffered: always flushed."""
+        return True
+
+
+class OpenSpanTracker(SpanProcessorBase):
     """Remembers every span started and not yet ended."""
 
     def __init__(self) -> None:
@@ -57,18 +74,14 @@ class OpenSpanTracker(SpanProcessor):
             self._open.pop(span.context.span_id, None)
 
     def open_spans(self) -> list[Span]:
+        """The spans started and not ended, now."""
         with self._lock:
             return list(self._open.values())
 
     def clear(self) -> None:
+        """Forget every open span."""
         with self._lock:
             self._open.clear()
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 @dataclass
@@ -116,6 +129,8 @@ class Verdict:
     """Objects of the instrumentation (states, spans) still alive after a run that should have freed them."""
     memory_over_kib: int = 0
     """How far memory grew past the bound a run allows (KiB), 0 when within it."""
+    broken: list[str] = field(default_factory=list)
+    """Tags of the calls whose own tree is wrong (counts, parents, ids, tokens or status)."""
 
     @property
     def ok(self) -> bool:
@@ -162,6 +177,7 @@ class Verdict:
             "wrong_error": self.wrong_error,
             "leaked": self.leaked,
             "memory_over_kib": self.memory_over_kib,
+            "broken": self.broken,
             "notes": self.notes,
         }
 
@@ -175,7 +191,44 @@ def _tag_in(value: Any, prefix: str, sep: str) -> Optional[str]:
     return tag or None
 
 
-_EXPECTED_PARENT = {"step": ("invoke_agent",), "chat": ("step",), "execute_tool": ("step",)}
+CALL = "call"
+"""The kind of a caller span (``call <tag>``), the root of every driven call."""
+PARENT_KINDS: dict[str, tuple[str, ...]] = {
+    "invoke_agent": (CALL, "execute_tool"),  # top level, or nested under the tool that ran it
+    "step": ("invoke_agent",),
+    "chat": ("step",),
+    "execute_tool": ("step",),
+}
+"""The kinds a span of each kind may hang under."""
+
+
+def kind_or_call(span: Optional[ReadableSpan]) -> Optional[str]:
+    """:func:`kind_of`, or :data:`CALL` for a caller span; None for no span."""
+    if span is None:
+        return None
+    return CALL if span.name.startswith(CALLER_PREFIX) else kind_of(span)
+
+
+def foreign_tags(attributes: Optional[Mapping[str, Any]], allowed: Iterable[str]) -> int:
+    """How many of the ids the fake LLM made (response id, tool call id) in ``attributes`` name a tag not ``allowed``."""
+    attrs = attributes or {}
+    allowed = set(allowed) if not isinstance(allowed, (set, frozenset)) else allowed
+    found = (
+        _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
+        _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
+    )
+    return sum(1 for tag in found if tag is not None and tag not in allowed)
+
+
+def state_left(store: Any, owners: Iterable[Any] = (), live_before: int = 0) -> int:
+    """States a finished run left: one per owner that still has a current state here, plus invocations still open."""
+    if store is None:
+        return 0
+    left = sum(1 for owner in owners if store.current(owner) is not None)
+    live = store.live()
+    if live is not None and live > live_before:
+        left += live - live_before
+    return left
 
 
 def judge(
@@ -184,7 +237,10 @@ def judge(
     open_spans: Sequence[Any] = (),
     state_left: int = 0,
 ) -> Verdict:
-    """Compare the exported ``spans`` of ``calls`` (each run under a ``call <tag>`` span) with the truth."""
+    """Compare the exported ``spans`` of ``calls`` (each run under a ``call <tag>`` span) with the truth.
+
+    Besides the counts, ``Verdict.broken`` names every call whose own tree is wrong.
+    """
     spans = list(spans)
     by_id = {s.context.span_id: s for s in spans}
     truth = {c.tag: c for c in calls}
@@ -193,7 +249,9 @@ def judge(
     actual = {k: 0 for k in kinds}
     verdict = Verdict(expected=expected, actual=actual, state_left=state_left)
     verdict.never_ended = sum(1 for s in open_spans if kind_of(s) is not None)
+    per_call: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in kinds} for c in calls}
     error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in KINDS} for c in calls}
+    broken: set[str] = set()
 
     def root_call(span: ReadableSpan) -> Optional[str]:
         seen = 0
@@ -212,14 +270,14 @@ def judge(
     def judge_late(span: ReadableSpan, owner: Optional[str], parent: Optional[ReadableSpan]) -> None:
         """Work that outlived its call: a root of its own, or under the tool span that started it, never in the call's tree."""
         if span.parent is not None:
-            started_by_tool = parent is not None and kind_of(parent) == "execute_tool" and owner in late_tags
+            started_by_tool = kind_of(parent) == "execute_tool" and owner in late_tags if parent is not None else False
             if not started_by_tool:
                 verdict.orphans += 1
                 where = parent.name if parent is not None else "a span never exported"
                 verdict.notes.append(f"late work landed under {where!r} of call {owner!r}, as if part of it")
-        tag = _tag_in((span.attributes or {}).get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_")
-        if tag is not None and tag not in late_tags:
-            verdict.cross_talk += 1
+                if owner in truth:
+                    broken.add(owner)
+        verdict.cross_talk += foreign_tags(span.attributes, late_tags)
 
     for span in spans:
         kind = kind_of(span)
@@ -228,42 +286,35 @@ def judge(
         actual[kind] += 1
         owner = root_call(span)
         parent = by_id.get(span.parent.span_id) if span.parent is not None else None
-        parent_kind = kind_of(parent) if parent is not None else None
+        if owner in per_call:
+            per_call[owner][kind] += 1
         if kind == LATE:
             judge_late(span, owner, parent)
             continue
         if owner is None or owner not in truth:
             verdict.orphans += 1
             continue
-        if parent is not None and parent.context.trace_id != span.context.trace_id:
+        if kind_or_call(parent) not in PARENT_KINDS[kind] or parent.context.trace_id != span.context.trace_id:
             verdict.orphans += 1
-            continue
-        if kind == "invoke_agent":
-            top_level = parent is not None and parent.name.startswith(CALLER_PREFIX)
-            nested = parent_kind == "execute_tool"
-            if not (top_level or nested):
-                verdict.orphans += 1
-        elif parent_kind not in _EXPECTED_PARENT[kind]:
-            verdict.orphans += 1
-        allowed = truth[owner].all_tags()
+            broken.add(owner)
         attrs: Mapping[str, Any] = span.attributes or {}
         if span.status.status_code.name == "ERROR":
             error_counts[owner][kind] += 1
-        for tag in (
-            _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
-            _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
-        ):
-            if tag is not None and tag not in allowed:
-                verdict.cross_talk += 1
-        if kind == "invoke_agent" and parent is not None and parent.name.startswith(CALLER_PREFIX):
+        crossed = foreign_tags(attrs, truth[owner].all_tags())
+        if crossed:
+            verdict.cross_talk += crossed
+            broken.add(owner)
+        if kind == "invoke_agent" and kind_or_call(parent) == CALL:
             call = truth[owner]
             tokens_in = attrs.get(GenAI.GEN_AI_USAGE_INPUT_TOKENS)
             tokens_out = attrs.get(GenAI.GEN_AI_USAGE_OUTPUT_TOKENS)
             if call.input_tokens is not None and tokens_in != call.input_tokens:
                 verdict.cross_talk += 1
+                broken.add(owner)
                 verdict.notes.append(f"{owner}: input tokens {tokens_in} != {call.input_tokens}")
             if call.output_tokens is not None and tokens_out != call.output_tokens:
                 verdict.cross_talk += 1
+                broken.add(owner)
                 verdict.notes.append(f"{owner}: output tokens {tokens_out} != {call.output_tokens}")
             rid = attrs.get(GenAI.GEN_AI_RESPONSE_ID)
             rid_tag = _tag_in(rid, "chatcmpl-", "-")
@@ -272,12 +323,56 @@ def judge(
             is_error = span.status.status_code.name == "ERROR"
             if is_error != call.error:
                 verdict.wrong_error += 1
+                broken.add(owner)
     for call in calls:
+        if any(per_call[call.tag][k] != call.total(k) for k in kinds):
+            broken.add(call.tag)
         if call.errors is None:
             continue
         for kind in KINDS:
             want, got = int(call.errors.get(kind, 0)), error_counts[call.tag][kind]
             if want != got:
                 verdict.wrong_error += abs(want - got)
+                broken.add(call.tag)
                 verdict.notes.append(f"{call.tag}: {got} {kind} span(s) with error status, expected {want}")
+    verdict.broken = sorted(broken)
     return verdict
+
+
+class StreamingJudge(SpanProcessorBase):
+    """Judges spans as they end and keeps none of them (a soak must not grow with its exporter).
+
+    Counts spans per kind, orphans (a parent of a kind not in :data:`PARENT_KINDS`,
+    or no caller span at the root), cross-talk (a response id or tool call id of
+    another call) and the spans still open. Only open spans are remembered, by id.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[Optional[str], Optional[str], Optional[str]]] = {}
+        self.counts = {k: 0 for k in KINDS}
+        self.orphans = 0
+        self.cross_talk = 0
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        kind = kind_or_call(span)
+        with self._lock:
+            parent = self._open.get(span.parent.span_id) if span.parent is not None else None
+            root = span.name[len(CALLER_PREFIX):] if kind == CALL else (parent[1] if parent is not None else None)
+            self._open[span.context.span_id] = (kind, root, parent[0] if parent is not None else None)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._lock:
+            kind, root, parent_kind = self._open.pop(span.context.span_id, (None, None, None))
+            if kind not in self.counts:
+                return
+            self.counts[kind] += 1
+            if root is None or parent_kind not in PARENT_KINDS[kind]:
+                self.orphans += 1
+                return
+            self.cross_talk += foreign_tags(span.attributes, (root,))
+
+    def never_ended(self) -> int:
+        """Instrumentation spans started and not ended."""
+        with self._lock:
+            return sum(1 for kind, _, _ in self._open.values() if kind in self.counts)

@@ -1,0 +1,185 @@
+"""Each instrumentation's wrappers alone: the call sequence of one ``[tools:1]`` run_conversation on a stub.
+
+Takes the very wrapper callables an instrumentor installed on the real ``AIAgent``
+(ours or loongsuite's) and replays them around a stub, so what the code costs is
+measured without the noise of Hermes's own 8 ms of work around it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from statebackends_hermes_testbed.modes import NONE
+
+from .timing import FLOOR
+
+if TYPE_CHECKING:  # pragma: no cover - importing it builds nothing, but pulls in the SDK
+    from statebackends_hermes_testbed.agentbench import AgentBench
+
+_STUB_TARGETS = (
+    ("run_agent", "AIAgent", "run_conversation"),
+    ("run_agent", "AIAgent", "_interruptible_api_call"),
+    ("run_agent", "AIAgent", "_execute_tool_calls"),
+    ("run_agent", None, "handle_function_call"),
+)
+"""What one sequential ``[tools:1]`` conversation calls, in this order of nesting."""
+
+
+def _installed_wrappers() -> Dict[str, Any]:
+    """The wrapper callables the active instrumentor installed on :data:`_STUB_TARGETS` (``{}`` when none)."""
+    import importlib
+
+    found: Dict[str, Any] = {}
+    for module, cls, name in _STUB_TARGETS:
+        owner: Any = importlib.import_module(module)
+        if cls is not None:
+            owner = getattr(owner, cls)
+        attribute = owner.__dict__.get(name) if cls is not None else getattr(owner, name)
+        wrapper = getattr(attribute, "_self_wrapper", None)
+        if wrapper is not None:
+            found[name] = wrapper
+    return found
+
+
+class WrapperReplay:
+    """An instrumentation's own cost per call, without Hermes's 8 ms of noisy work around it.
+
+    Built while ``mode`` is instrumented on ``bench``: takes the very wrapper callables the
+    instrumentor installed on ``AIAgent.run_conversation``, ``_interruptible_api_call``,
+    ``_execute_tool_calls`` and ``run_agent.handle_function_call`` (ours or loongsuite's),
+    and wraps them with ``wrapt.FunctionWrapper`` around a stub that calls them in the
+    order of one ``[tools:1]`` conversation (LLM asks for a tool, the tool, final LLM
+    answer) with the real ``ChatCompletion`` objects of the in-process fake LLM. Any
+    other attribute the wrappers read on the instance (model, provider, session id,
+    platform...) comes from the real agent. ``call()`` is the instrumented stub,
+    ``bare_call()`` the same stub unwrapped; ``spans_per_call`` is checked against the
+    real call's count by the callers.
+    """
+
+    def __init__(self, bench: AgentBench, mode: str, responses: Optional[Sequence[Any]] = None) -> None:
+        import wrapt
+
+        first, final = responses if responses is not None else replay_responses(bench)
+        previous = bench.mode
+        bench.set_mode(mode)
+        try:
+            installed = _installed_wrappers()
+            self.store = bench.store
+        finally:
+            bench.set_mode(previous)
+        missing = [name for _, _, name in _STUB_TARGETS if name not in installed]
+        if missing:
+            raise RuntimeError(f"{mode}: no wrapper installed on {missing}")
+        self.mode = mode
+        real = bench.agent
+
+        def handle_function_call(function_name: str, function_args: dict, task_id: Any = None,
+                                 tool_call_id: Any = None, **kwargs: Any) -> str:
+            return str(function_args.get("text", ""))
+
+        def make(wrapped: bool) -> Any:
+            hfc = wrapt.FunctionWrapper(handle_function_call, installed["handle_function_call"]) if wrapped \
+                else handle_function_call
+
+            class StubAgent:
+                def __getattr__(self, name: str) -> Any:  # whatever else a wrapper reads: the real agent's
+                    return getattr(real, name)
+
+                def run_conversation(self, user_message: str, system_message: Any = None,
+                                     conversation_history: Any = None, task_id: Any = None,
+                                     **kwargs: Any) -> Dict[str, Any]:
+                    task_id = task_id or "stub-task"
+                    messages: List[Any] = [{"role": "user", "content": user_message}]
+                    response = self._interruptible_api_call({"model": real.model, "messages": messages})
+                    message = response.choices[0].message
+                    messages.append({"role": "assistant", "content": None, "tool_calls": message.tool_calls})
+                    self._execute_tool_calls(message, messages, task_id, 1)
+                    response = self._interruptible_api_call({"model": real.model, "messages": messages})
+                    return {"final_response": response.choices[0].message.content, "completed": True,
+                            "messages": messages, "api_calls": 2}
+
+                def _interruptible_api_call(self, api_kwargs: dict) -> Any:
+                    return final if len(api_kwargs["messages"]) > 1 else first
+
+                def _execute_tool_calls(self, assistant_message: Any, messages: list, effective_task_id: str,
+                                        api_call_count: int = 0) -> None:
+                    for tool_call in assistant_message.tool_calls:
+                        result = hfc(tool_call.function.name, {"text": "x"}, effective_task_id,
+                                     tool_call_id=tool_call.id, session_id=real.session_id)
+                        messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": result})
+
+            if wrapped:
+                for _, _, name in _STUB_TARGETS[:3]:
+                    setattr(StubAgent, name, wrapt.FunctionWrapper(StubAgent.__dict__[name], installed[name]))
+            return StubAgent()
+
+        self._instrumented = make(True)
+        self._bare = make(False)
+        self.message = bench.message("stub")
+
+    def call(self) -> Dict[str, Any]:
+        """One instrumented stub conversation."""
+        return self._instrumented.run_conversation(self.message)
+
+    def bare_call(self) -> Dict[str, Any]:
+        """The same stub conversation, unwrapped."""
+        return self._bare.run_conversation(self.message)
+
+
+def replay_responses(bench: AgentBench) -> Tuple[Any, Any]:
+    """The two real ``ChatCompletion`` objects of a ``[tools:1]`` conversation, from the in-process fake LLM."""
+    user = {"role": "user", "content": bench.message("stub")}
+    first = bench.llm.create(model="fake-model", messages=[user])
+    call = first.choices[0].message.tool_calls[0]
+    final = bench.llm.create(model="fake-model", messages=[
+        user,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "x"},
+    ])
+    bench.reset()
+    return first, final
+
+
+def isolated_overhead(
+    bench: AgentBench,
+    modes: Optional[Sequence[str]] = None,
+    *,
+    repeats: int = 20,
+    calls: int = 200,
+) -> Dict[str, Any]:
+    """Seconds per call of each instrumentation's wrappers alone (instrumented stub minus bare stub, paired), and the floor.
+
+    ``modes`` default: every backend, and ``loongsuite`` when installed. Returns
+    ``{mode: [seconds per call, one per repeat], "floor": [...], "spans": {mode: spans per stub call}}``;
+    spans go to the same counting provider as the full calls.
+    """
+    from statebackends_hermes_testbed.agentbench import timed_block
+
+    modes = list(modes if modes is not None else [m for m in bench.modes() if m != NONE])
+    responses = replay_responses(bench)
+    replays = {m: WrapperReplay(bench, m, responses) for m in modes}
+    if bench.plan_spans == 0:
+        bench.record_plan()
+    out: Dict[str, Any] = {m: [] for m in modes}
+    out[FLOOR] = []
+    spans: Dict[str, float] = {}
+    for mode, replay in replays.items():  # warm-up, and the spans one stub call makes
+        for _ in range(20):
+            replay.call()
+            replay.bare_call()
+        ended = bench.spans_ended()
+        replay.call()
+        spans[mode] = bench.spans_ended() - ended
+    items = modes + [FLOOR]
+    for r in range(repeats):
+        shift = r % len(items)
+        for item in items[shift:] + items[:shift]:
+            if item == FLOOR:
+                out[FLOOR].append(timed_block(bench.floor_call, calls))
+            else:
+                replay = replays[item]
+                bare = timed_block(replay.bare_call, calls)
+                out[item].append(timed_block(replay.call, calls) - bare)
+    out["spans"] = spans
+    return out
+
