@@ -86,9 +86,10 @@ def _describe(seen: Any, own: Any, ended: Any = ()) -> str:
     return "another invocation's state"
 
 
-def _in_thread(fn: Callable[[], Any], timeout: float = 6 * TIMEOUT) -> Any:
+def _in_thread(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a fresh thread (a fresh context, no running event loop); re-raise what it raised."""
     box: dict[str, Any] = {}
+    timeout = 6 * TIMEOUT
 
     def run() -> None:
         try:
@@ -617,6 +618,10 @@ def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
     return out
 
 
+def _gevent_available() -> bool:
+    return importlib.util.find_spec("gevent") is not None
+
+
 def _import_path(obj: Any) -> str | None:
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if not module or not qualname or "<" in qualname or module == "__main__":
@@ -625,7 +630,7 @@ def _import_path(obj: Any) -> str | None:
 
 
 def _observe_greenlets_in_subprocess(store_class: type, factory: Callable[[], Any], kwargs: dict[str, Any]) -> list[str]:
-    if importlib.util.find_spec("gevent") is None:
+    if not _gevent_available():
         return ["could not be observed: gevent is not installed (pip install gevent)"]
     cls_path = _import_path(store_class)
     if cls_path is None:

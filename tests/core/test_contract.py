@@ -1,226 +1,269 @@
-"""The contract every registered backend obeys (built-in and third-party alike)."""
+"""The project's five backends, checked through the public conformance kit; and the kit, shown able to fail."""
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
-import logging
+import subprocess
+import sys
+import textwrap
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import statebackends
-from statebackends import Concurrency, StateStore, get_store
+from statebackends import Concurrency, Scope, StateStore
+from statebackends.contextvar import ContextVarStore
+from statebackends.instance import InstanceStore
+from statebackends.invocation_id import InvocationIdStore
+from statebackends.otel_context import OtelContextStore
+from statebackends.testing import RULES, BackendContract, Failure, check_backend, check_rule, observe
+from statebackends.threadlocal import ThreadLocalStore
 
-BACKENDS = sorted(statebackends.available())
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest) -> StateStore[dict]:
-    return get_store(request.param, dict)
-
-
-class Owner:
-    pass
+BUILTIN_CLASSES = [ContextVarStore, InstanceStore, InvocationIdStore, OtelContextStore, ThreadLocalStore]
 
 
-def test_begin_current_end(store: StateStore[dict]) -> None:
-    owner = Owner()
-    assert store.current(owner) is None
-    scope = store.begin(owner)
-    assert store.current(owner, scope.invocation_id) is scope.state
-    assert store.current(owner) is scope.state
-    assert store.live() in (1, None)
-    store.end(scope)
-    assert store.current(owner) is None
-    assert store.live() in (0, None)
+class TestContextVar(BackendContract):
+    store_class = ContextVarStore
 
 
-def test_each_begin_gets_a_fresh_state_from_the_factory(store: StateStore[dict]) -> None:
-    owner = Owner()
-    with store.invocation(owner) as first:
-        first["x"] = 1
-    with store.invocation(owner) as second:
-        assert second == {} and second is not first
+class TestInstance(BackendContract):
+    store_class = InstanceStore
 
 
-def test_nesting_restores_the_outer_state(store: StateStore[dict]) -> None:
-    owner = Owner()
-    with store.invocation(owner) as outer:
-        with store.invocation(owner) as inner:
-            assert inner is not outer
-            assert store.current(owner) is inner
-        assert store.current(owner) is outer
-    assert store.current(owner) is None
+class TestInvocationId(BackendContract):
+    store_class = InvocationIdStore
 
 
-def test_double_end_never_raises_and_is_logged(store: StateStore[dict], caplog: pytest.LogCaptureFixture) -> None:
-    owner = Owner()
-    scope = store.begin(owner)
-    store.end(scope)
-    with caplog.at_level(logging.DEBUG, logger="statebackends"):
-        store.end(scope)
-    assert store.current(owner) is None
-    assert store.live() in (0, None)
-    assert any("already ended" in r.getMessage() for r in caplog.records)
+class TestOtelContext(BackendContract):
+    store_class = OtelContextStore
 
 
-def test_end_from_another_thread_never_raises(store: StateStore[dict]) -> None:
-    owner = Owner()
-    scope = store.begin(owner)
-    errors: list[BaseException] = []
-
-    def other() -> None:
-        try:
-            store.end(scope)
-        except BaseException as exc:  # pragma: no cover - the failure being tested for
-            errors.append(exc)
-
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    assert errors == []
-    assert store.live() in (0, None)
+class TestThreadLocal(BackendContract):
+    store_class = ThreadLocalStore
 
 
-def test_invocation_context_manager_ends_on_exception(store: StateStore[dict]) -> None:
-    owner = Owner()
-    with pytest.raises(KeyError, match="boom"):
-        with store.invocation(owner):
-            raise KeyError("boom")
-    assert store.current(owner) is None
-    assert store.live() in (0, None)
+class TestInvocationIdSmallBound(BackendContract):
+    """The bound is no excuse: with room for only four open invocations the contract still holds."""
+
+    store_class = InvocationIdStore
+    store_kwargs = {"max_entries": 4}
 
 
-def test_current_is_none_outside_any_invocation_in_a_new_thread(store: StateStore[dict]) -> None:
-    owner = Owner()
-    seen = []
-    t = threading.Thread(target=lambda: seen.append(store.current(Owner())))
-    t.start()
-    t.join()
-    assert seen == [None]
-    assert store.current(owner) is None
+def test_every_registered_builtin_is_checked_here() -> None:
+    assert {cls.name for cls in BUILTIN_CLASSES} == {
+        name for name, cls in statebackends.available().items() if cls.__module__.startswith("statebackends.")
+    }
 
 
-def test_propagate_carries_the_invocation_to_a_raw_thread(store: StateStore[dict]) -> None:
-    owner = Owner()
-    seen = []
-    with store.invocation(owner) as state:
-        fn = store.propagate(lambda: seen.append(store.current(owner)))
-        with ThreadPoolExecutor(1) as pool:  # executor.submit copies no context
-            pool.submit(fn).result()
-    assert seen == [state]
+# -- declared == observed, undeclared models included (known-bad shown bad) ------------
 
 
-def test_propagate_into_a_nested_invocation_on_another_owner(store: StateStore[dict]) -> None:
-    """A subagent (another owner) started in a raw thread finds its parent's state before its own begin."""
-    parent, child = Owner(), Owner()
-    seen = []
-
-    def run_child() -> None:
-        seen.append(store.current(child))
-        with store.invocation(child) as child_state:
-            seen.append(store.current(child) is child_state)
-
-    with store.invocation(parent) as state:
-        t = threading.Thread(target=store.propagate(run_child))
-        t.start()
-        t.join()
-    declared = Concurrency.PROPAGATE in type(store).isolates
-    assert (seen[0] is state) == declared
-    assert seen[1] is True
+@pytest.mark.parametrize("model", list(Concurrency), ids=lambda m: m.value)
+@pytest.mark.parametrize("store_class", BUILTIN_CLASSES, ids=lambda c: c.name)
+def test_declaration_is_exactly_what_is_observed(store_class: type[StateStore[Any]], model: Concurrency) -> None:
+    seen = observe(store_class, model)
+    assert seen.isolated == (model in store_class.isolates), seen.detail or "isolated, but not declared"
 
 
-def test_live_returns_to_zero_after_many_overlapping_invocations(store: StateStore[dict]) -> None:
-    def call() -> None:
-        with store.invocation(Owner()):
-            pass
-
-    with ThreadPoolExecutor(8) as pool:
-        for f in [pool.submit(call) for _ in range(200)]:
-            f.result()
-    assert store.live() in (0, None)
-
-
-def test_declaration_is_data(store: StateStore[dict]) -> None:
-    assert isinstance(type(store).isolates, frozenset)
-    assert all(isinstance(m, Concurrency) for m in type(store).isolates)
-    assert type(store).name in BACKENDS
-
-
-# -- the declared isolation, observed ------------------------------------------------
-
-
-def _threads_isolated(store: StateStore[dict], n: int = 4) -> bool:
-    owner, barrier, ok = Owner(), threading.Barrier(n), []
-
-    def call(i: int) -> None:
-        scope = store.begin(owner)
-        scope.state["i"] = i
-        barrier.wait()
-        mine = store.current(owner, scope.invocation_id)
-        barrier.wait()
-        store.end(scope)
-        ok.append(mine is scope.state)
-
-    ts = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    return all(ok) and store.current(owner) is None
-
-
-def _tasks_isolated(store: StateStore[dict], n: int = 4) -> bool:
-    owner = Owner()
-
-    async def call(gate: asyncio.Event, started: list) -> bool:
-        scope = store.begin(owner)
-        started.append(1)
-        if len(started) == n:
-            gate.set()
-        await gate.wait()
-        mine = store.current(owner)  # no id: the ambient binding must be the task's own
-        await asyncio.sleep(0)
-        store.end(scope)
-        return mine is scope.state
-
-    async def main() -> bool:
-        gate, started = asyncio.Event(), []
-        results = await asyncio.gather(*(call(gate, started) for _ in range(n)))
-        return all(results) and store.current(owner) is None
-
-    return asyncio.run(main())
-
-
-def _copied_context_sees_state(store: StateStore[dict]) -> bool:
-    owner = Owner()
-    with store.invocation(owner) as state:
-        ctx = contextvars.copy_context()
-        with ThreadPoolExecutor(1) as pool:
-            seen = pool.submit(ctx.run, store.current, owner).result()
-    return seen is state
-
-
-def _raw_thread_sees_state(store: StateStore[dict]) -> bool:
-    owner = Owner()
-    scope = store.begin(owner)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            # the hop carries what a framework hands to its work: the owner and the call's id
-            seen = pool.submit(store.current, owner, scope.invocation_id).result()
-    finally:
-        store.end(scope)
-    return seen is scope.state
-
-
-OBSERVERS = {
-    Concurrency.THREADS: _threads_isolated,
-    Concurrency.ASYNC_TASKS: _tasks_isolated,
-    Concurrency.COPIED_CONTEXT: _copied_context_sees_state,
-    Concurrency.RAW_THREAD: _raw_thread_sees_state,
+EXPECTED = {
+    # what each backend is declared (and observed) to isolate; a change here is a documented decision
+    "contextvar": {"threads", "asyncio_tasks", "copied_context", "propagate", "nested", "shared_id"},
+    "otel_context": {"threads", "asyncio_tasks", "copied_context", "propagate", "nested", "shared_id"},
+    "threadlocal": {"threads", "propagate", "nested", "shared_id"},
+    "instance": {"copied_context", "raw_thread", "nested"},
+    "invocation_id": {"threads", "asyncio_tasks", "copied_context", "raw_thread", "propagate", "nested",
+                      "shared_id", "greenlets"},
 }
 
 
-@pytest.mark.parametrize("model", list(OBSERVERS), ids=lambda m: m.value)
-def test_declared_isolation_matches_behaviour(store: StateStore[dict], model: Concurrency) -> None:
-    assert OBSERVERS[model](store) == (model in type(store).isolates)
+@pytest.mark.parametrize("store_class", BUILTIN_CLASSES, ids=lambda c: c.name)
+def test_declarations(store_class: type[StateStore[Any]]) -> None:
+    assert isinstance(store_class.isolates, frozenset)
+    assert {m.value for m in store_class.isolates} == EXPECTED[store_class.name]
+    assert Concurrency.SHARED_ID_RAW_THREAD not in store_class.isolates  # nobody can tell which one is meant
+
+
+def test_threadlocal_on_async_tasks_is_observed_broken() -> None:
+    seen = observe(ThreadLocalStore, Concurrency.ASYNC_TASKS)
+    assert not seen.isolated and "another's state" in seen.detail
+
+
+def test_contextvar_loses_the_state_in_a_spawned_greenlet() -> None:
+    seen = observe(ContextVarStore, Concurrency.GREENLETS)
+    assert not seen.isolated and "spawned during an invocation" in seen.detail and "nothing" in seen.detail
+
+
+def test_every_model_has_a_description() -> None:
+    assert all(m.description for m in Concurrency)
+    assert Concurrency.GREENLETS.description == "gevent greenlets sharing one owner, monkey-patched"
+
+
+# -- the kit can fail ------------------------------------------------------------------
+
+
+class ThreadLocalClaimingTasks(ThreadLocalStore):
+    """Claims asyncio tasks, but is a threading.local: tasks on one loop share its slot."""
+
+    name = "threadlocal_claiming_tasks"
+    isolates = ThreadLocalStore.isolates | {Concurrency.ASYNC_TASKS}
+
+
+class HandsOutEndedState(StateStore):
+    """The old ``contextvar`` design: the bare state in the variable, so a context copied during the call keeps it."""
+
+    name = "hands_out_ended_state"
+    isolates = frozenset({Concurrency.THREADS})
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(factory)
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar("hands_out_ended_state", default=None)
+
+    def _enter(self, scope: Scope) -> Any:
+        return self._var.set(scope.state)
+
+    def _exit(self, scope: Scope) -> None:
+        self._var.reset(scope.token)
+
+    def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+        return self._var.get()
+
+    def propagate(self, fn: Any) -> Any:
+        return fn
+
+
+class RaisesInEnd(ContextVarStore):
+    """Breaks "end never raises"."""
+
+    name = "raises_in_end"
+
+    def end(self, scope: Scope) -> None:
+        super().end(scope)
+        raise RuntimeError("end went wrong")
+
+
+class ContextVarClaimingGreenlets(ContextVarStore):
+    name = "contextvar_claiming_greenlets"
+    isolates = ContextVarStore.isolates | {Concurrency.GREENLETS}
+
+
+def _by_check(failures: list[Failure]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in failures:
+        out.setdefault(f.check, []).append(str(f))
+    return out
+
+
+@pytest.mark.parametrize("store_class", BUILTIN_CLASSES, ids=lambda c: c.name)
+def test_check_backend_passes_the_builtins(store_class: type[StateStore[Any]]) -> None:
+    assert check_backend(store_class) == []
+
+
+def test_a_threadlocal_claiming_async_tasks_fails_naming_the_model() -> None:
+    failures = check_backend(ThreadLocalClaimingTasks)
+    assert {f.check for f in failures} == {"asyncio_tasks"}
+    (failure,) = failures
+    assert failure.backend == "threadlocal_claiming_tasks"
+    assert "claims to isolate asyncio_tasks" in str(failure) and "another's state" in str(failure)
+    assert "\n" not in str(failure)
+
+
+def test_a_backend_handing_out_ended_state_fails_that_rule() -> None:
+    checks = _by_check(check_backend(HandsOutEndedState))
+    assert "no_ended_state_in_copied_context" in checks
+    assert any("an ended invocation's state" in m for m in checks["no_ended_state_in_copied_context"])
+    assert "threads" not in checks  # what it does isolate is not reported
+
+
+def test_a_backend_raising_in_end_fails_with_the_exception() -> None:
+    checks = _by_check(check_backend(RaisesInEnd))
+    assert "begin_current_end" in checks and "double_end" in checks and "never_raise" in checks
+    assert all("end went wrong" in m for m in checks["begin_current_end"])
+
+
+def test_a_backend_claiming_greenlets_it_does_not_isolate_fails() -> None:
+    failures = check_rule(ContextVarClaimingGreenlets, "begin_current_end") + check_backend(ContextVarClaimingGreenlets)
+    assert [f.check for f in failures] == ["greenlets"]
+    assert "claims to isolate greenlets" in str(failures[0]) and "spawned" in str(failures[0])
+
+
+def test_greenlets_claimed_without_gevent_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import statebackends.testing as kit
+
+    monkeypatch.setattr(kit, "_gevent_available", lambda: False)
+    failures = [f for f in check_backend(InvocationIdStore) if f.check == "greenlets"]
+    assert len(failures) == 1 and "could not be observed" in str(failures[0]) and "gevent" in str(failures[0])
+
+
+def test_a_local_class_claiming_greenlets_cannot_be_observed() -> None:
+    class Local(InvocationIdStore):
+        name = "local"
+
+    seen = observe(Local, Concurrency.GREENLETS)
+    assert not seen.isolated and "could not be observed" in seen.detail
+
+
+def test_a_hanging_backend_is_reported_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    import statebackends.testing as kit
+
+    monkeypatch.setattr(kit, "TIMEOUT", 0.5)
+    release = threading.Event()
+
+    class Hangs(ContextVarStore):
+        name = "hangs"
+
+        def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+            release.wait(30)
+            return super().current(owner, invocation_id)
+
+    try:
+        failures = check_rule(Hangs, "begin_current_end")
+    finally:
+        release.set()
+    assert failures and "hung" in str(failures[0])
+
+
+def test_rules_are_the_documented_ones() -> None:
+    assert list(RULES) == [
+        "begin_current_end", "fresh_state_per_begin", "nesting", "double_end", "end_from_another_thread",
+        "never_raise", "live_returns_to_zero", "no_ended_state_in_copied_context", "ends_in_any_order",
+        "shared_id_same_context",
+    ]
+
+
+def test_backend_contract_collects_one_test_per_rule_and_declared_model_and_fails_with_the_messages(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "test_third_party.py").write_text(textwrap.dedent(
+        """
+        from statebackends import Concurrency
+        from statebackends.testing import BackendContract
+        from statebackends.threadlocal import ThreadLocalStore
+
+        class Claims(ThreadLocalStore):
+            name = "claims"
+            isolates = frozenset({Concurrency.THREADS, Concurrency.ASYNC_TASKS})
+
+        class TestClaims(BackendContract):
+            store_class = Claims
+        """
+    ))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = run.stdout
+    assert run.returncode == 1, out
+    assert f"{len(RULES) + 1} passed" in out and "1 failed" in out, out
+    assert "TestClaims::test_declared_isolation[asyncio_tasks]" in out
+    assert "claims breaks asyncio_tasks: claims to isolate asyncio_tasks" in out
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                                str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout
+    ids = {line.split("::", 2)[-1] for line in collected.splitlines() if "::" in line}
+    assert ids == {f"test_contract_rule[{r}]" for r in RULES} | {
+        "test_declared_isolation[threads]", "test_declared_isolation[asyncio_tasks]"}
+
+
+def test_the_kit_imports_without_pytest() -> None:
+    code = "import sys; sys.modules['pytest'] = None; import statebackends.testing as t; print(t.BackendContract.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "BackendContract", run.stderr
