@@ -168,7 +168,7 @@ class InvocationIdStore(StateStore[S]):
         total, since = self.evicted, self.evicted - self._evicted_warned
         self._evicted_warned = total
         _logger.warning(
-            "%s: evicted %d still-open invocation(s) from the id index (%d in all; bound max_entries=%d, "
+            "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; bound max_entries=%d, "
             "max_age=%s, set by %s); they keep their state in their own context, but id look-ups from other "
             "threads lose them",
             self.name, since, total, self.max_entries, self.max_age, ENV_MAX_ENTRIES,

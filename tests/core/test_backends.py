@@ -1,25 +1,178 @@
-"""Each backend's own promises, and its known failures asserted as failures."""
+"""Each backend's own promises and policies, and its known failures asserted as failures."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
+import os
+import signal
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
 
-from statebackends import get_store
-from statebackends.invocation_id import InvocationIdStore
+from statebackends import Scope, StateStore, get_store
+from statebackends.contextvar import ContextVarStore
+from statebackends.invocation_id import DEFAULT_MAX_ENTRIES, ENV_MAX_ENTRIES, InvocationIdStore
+
+BUILTINS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
 
 
 class Owner:
     pass
 
 
-def test_instance_backend_cross_talk_between_two_overlapping_threads() -> None:
-    """The legacy bug, shown: two threads on one owner read each other's state and leave one behind."""
+def raw_hop(fn: Any, *args: Any) -> Any:
+    with ThreadPoolExecutor(1) as pool:  # executor.submit copies no context
+        return pool.submit(fn, *args).result(10)
+
+
+def run_threads(*targets: Any) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    [t.start() for t in threads]
+    [t.join(20) for t in threads]
+    assert not any(t.is_alive() for t in threads)
+
+
+# -- no ended state, in any context ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_ended_state_is_never_handed_to_a_context_copied_during_the_call(name: str) -> None:
+    store = get_store(name, dict)
+    owner = Owner()
+    scope = store.begin(owner)
+    copied = contextvars.copy_context()
+    store.end(scope)
+    assert raw_hop(copied.run, store.current, owner) is None
+    assert raw_hop(copied.run, store.current, owner, scope.invocation_id) is None
+
+    async def main() -> Any:
+        s = store.begin(owner)
+
+        async def job_started_during_the_call() -> Any:
+            await asyncio.sleep(0)
+            return store.current(owner)
+
+        task = asyncio.ensure_future(job_started_during_the_call())
+        store.end(s)
+        return await task
+
+    assert asyncio.run(main()) is None
+
+
+@pytest.mark.parametrize("name", ["contextvar", "otel_context", "invocation_id"])
+def test_a_copy_made_in_a_nested_call_falls_back_to_the_open_outer_call(name: str) -> None:
+    store = get_store(name, dict)
+    owner = Owner()
+    outer = store.begin(owner)
+    inner = store.begin(owner)
+    copied = contextvars.copy_context()
+    store.end(inner)
+    assert raw_hop(copied.run, store.current, owner) is outer.state
+    store.end(outer)
+    assert raw_hop(copied.run, store.current, owner) is None
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_ends_in_any_order_restore_nothing_that_ended(name: str) -> None:
+    def body() -> None:
+        store = get_store(name, dict)
+        owner = Owner()
+        before = dict(contextvars.copy_context().items())
+        otel_before = otel_context.get_current()
+        a = store.begin(owner)
+        b = store.begin(owner)
+        store.end(a)
+        assert store.current(owner) is b.state
+        store.end(b)
+        assert store.current(owner) is None
+        assert store.live() == 0
+        assert dict(contextvars.copy_context().items()) == before
+        assert otel_context.get_current() is otel_before
+        assert not any(isinstance(v, Scope) for v in vars(owner).values())
+
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _record(errors, body))  # a fresh context
+    t.start()
+    t.join(10)
+    assert not errors, errors
+
+
+def _record(errors: list[BaseException], fn: Any) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_double_end_is_logged_at_debug(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = get_store(name, dict)
+    scope = store.begin(Owner())
+    store.end(scope)
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        store.end(scope)
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "already ended" in caplog.records[0].getMessage()
+    assert store.live() == 0
+
+
+def test_contextvar_end_in_another_context_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    store = get_store("contextvar", dict)
+    owner = Owner()
+    scope = store.begin(owner)
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        contextvars.Context().run(store.end, scope)
+    assert any("outside its context" in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+    assert store.current(owner) is None and store.live() == 0
+    with store.invocation(owner):  # the next end here unwinds the ended scope too
+        pass
+    assert store._var.get().state is None
+
+
+def test_otel_context_end_out_of_order_does_not_detach_someone_elses_context(caplog: pytest.LogCaptureFixture) -> None:
+    store = get_store("otel_context", dict)
+    original = otel_context.get_current()
+    owner = Owner()
+    scope = store.begin(owner)
+    foreign = otel_context.attach(otel_context.set_value("foreign", 1))
+    with caplog.at_level(logging.DEBUG):
+        store.end(scope)
+        assert otel_context.get_value("foreign") == 1, "the foreign attach is untouched"
+        assert store.current(owner) is None
+        otel_context.detach(foreign)
+        assert store.current(owner) is None
+        with store.invocation(owner):  # unwinds the ended scope it uncovers
+            pass
+        # an end in a copy of the attaching context is skipped, not a failed detach
+        other = store.begin(owner)
+        contextvars.copy_context().run(store.end, other)
+        assert store.current(owner) is None
+        with store.invocation(owner):
+            pass
+    assert otel_context.get_current() is original
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no 'Failed to detach context'"
+
+
+def test_threadlocal_end_from_another_thread_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    store = get_store("threadlocal", dict)
+    owner = Owner()
+    scope = store.begin(owner)
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        run_threads(lambda: store.end(scope))
+    assert any("in another thread" in r.getMessage() for r in caplog.records)
+    assert store.live() == 0 and store.current(owner) is None
+
+
+def test_instance_backend_still_cross_talks_between_two_overlapping_threads() -> None:
+    """The legacy bug, shown (not declared isolated): the first call reads the second's state; nothing is left after."""
     store = get_store("instance", dict)
     owner = Owner()
     first_open, second_open, first_done = threading.Event(), threading.Event(), threading.Event()
@@ -43,115 +196,218 @@ def test_instance_backend_cross_talk_between_two_overlapping_threads() -> None:
         seen["second"] = store.current(owner)
         store.end(scope)
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    run_threads(first, second)
     assert seen["first"] == {"who": "second"}, "the first call reads the second call's state"
-    assert seen["second"] is None, "the first call's end removed the second call's state"
-    assert store.current(owner) == {"who": "first"}, "the second call's end left a finished call's state on the owner"
+    assert seen["second"] == {"who": "second"}, "the first call's end no longer removes the second's state"
+    assert store.current(owner) is None, "no finished call's state is left on the owner"
 
 
-def test_threadlocal_backend_shares_state_between_tasks_on_one_loop() -> None:
-    store = get_store("threadlocal", dict)
+# -- begin and end: nothing half-done, never raising -----------------------------------
+
+
+class EnterFails(ContextVarStore):
+    name = "enter_fails"
+
+    def _enter(self, scope: Scope) -> Any:
+        raise OSError("cannot enter")
+
+
+class ExitFails(ContextVarStore):
+    name = "exit_fails"
+
+    def _exit(self, scope: Scope) -> None:
+        super()._exit(scope)
+        raise OSError("cannot exit")
+
+
+def test_begin_whose_enter_raises_leaves_nothing_half_done() -> None:
+    store = EnterFails(dict)
+    with pytest.raises(OSError, match="cannot enter"):
+        store.begin(Owner())
+    assert store.live() == 0 and store.current(Owner()) is None
+
+
+def test_invocation_id_begin_with_an_unhashable_id_leaves_nothing_behind() -> None:
+    store = InvocationIdStore(dict)
+    with pytest.raises(TypeError):
+        store.begin(Owner(), invocation_id=["unhashable"])  # type: ignore[arg-type]
+    assert store.live() == 0 and store._open == {} and store._by_id == {}
+    assert store.current(Owner()) is None
+
+
+def test_end_whose_exit_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    store = ExitFails(dict)
+    scope = store.begin(Owner())
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        store.end(scope)
+    assert store.live() == 0
+    assert any("could not undo" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+
+
+# -- invocation_id: shared ids ---------------------------------------------------------
+
+
+def test_shared_id_in_overlapping_threads_each_sees_its_own_state() -> None:
+    store = InvocationIdStore(dict)
     owner = Owner()
+    barrier = threading.Barrier(2, timeout=10)
+    ok: list[bool] = []
 
-    started: list[str] = []
-
-    async def call(name: str) -> object:
-        scope = store.begin(owner)
+    def turn(name: str) -> None:
+        scope = store.begin(owner, "session-1")  # a front end reuses the session id as task id
         scope.state["who"] = name
-        started.append(name)
-        while len(started) < 2:
-            await asyncio.sleep(0)
-        seen = store.current(owner)
-        await asyncio.sleep(0)
+        barrier.wait()
+        ok.append(store.current(owner, "session-1") is scope.state and store.current(owner) is scope.state)
+        barrier.wait()
         store.end(scope)
-        return seen["who"]
 
-    async def main() -> list:
-        return await asyncio.gather(call("a"), call("b"))
+    run_threads(lambda: turn("a"), lambda: turn("b"))
+    assert ok == [True, True]
+    assert store.live() == 0 and store._by_id == {} and not store._open
+    assert raw_hop(store.current, owner, "session-1") is None
 
-    assert asyncio.run(main()) == ["b", "b"], "both tasks see the last begin's state"
 
-
-@pytest.mark.parametrize("name", ["contextvar", "otel_context", "invocation_id"])
-def test_no_state_left_in_the_callers_context_after_end(name: str) -> None:
-    store = get_store(name, dict)
+@pytest.mark.parametrize("first_to_end", [0, 1])
+def test_shared_id_in_overlapping_tasks_each_sees_its_own_state_and_nothing_survives(first_to_end: int) -> None:
+    store = InvocationIdStore(dict)
     owner = Owner()
-    before = contextvars.copy_context()
-    otel_before = otel_context.get_current()
-    with store.invocation(owner):
-        pass
-    after = contextvars.copy_context()
-    assert store.current(owner) is None
-    # every variable holds the value it held before (reset, not merely set to None)
-    assert {var: after[var] for var in after if var in before} == dict(before.items())
-    assert otel_context.get_current() is otel_before
+
+    async def main() -> list[bool]:
+        gate = asyncio.Event()
+        ends = [asyncio.Event(), asyncio.Event()]
+
+        async def turn(i: int) -> bool:
+            scope = store.begin(owner, "session-1")
+            if i == 1:
+                gate.set()
+            await gate.wait()
+            mine = store.current(owner, "session-1") is scope.state
+            if i != first_to_end:
+                await ends[first_to_end].wait()
+            store.end(scope)
+            ends[i].set()
+            return mine and store.current(owner) is None
+
+        return list(await asyncio.gather(turn(0), turn(1)))
+
+    assert asyncio.run(main()) == [True, True]
+    assert store.live() == 0
+    assert raw_hop(store.current, owner, "session-1") is None
 
 
-def test_contextvar_end_in_another_context_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    store = get_store("contextvar", dict)
-    scope = store.begin(Owner())
-    with caplog.at_level(logging.DEBUG, logger="statebackends"):
-        contextvars.Context().run(store.end, scope)
-    assert any("could not undo" in r.getMessage() for r in caplog.records)
-    store.end(scope)  # already ended: a no-op
+def test_shared_id_raw_hop_with_two_owners_picks_by_owner() -> None:
+    store = InvocationIdStore(dict)
+    a, b = Owner(), Owner()
+    opened, done = threading.Barrier(3, timeout=10), threading.Event()
+    states: dict[str, Any] = {}
+
+    def turn(owner: Owner, key: str) -> None:
+        with store.invocation(owner, "session-1") as state:
+            states[key] = state
+            opened.wait()
+            done.wait(10)
+
+    threads = [threading.Thread(target=turn, args=(a, "a")), threading.Thread(target=turn, args=(b, "b"))]
+    [t.start() for t in threads]
+    opened.wait()
+    try:
+        assert raw_hop(store.current, a, "session-1") is states["a"]
+        assert raw_hop(store.current, b, "session-1") is states["b"]
+        assert store.ambiguous == 0
+    finally:
+        done.set()
+        [t.join(10) for t in threads]
     assert store.live() == 0
 
 
-def test_otel_context_end_out_of_order_does_not_detach_someone_elses_context(caplog: pytest.LogCaptureFixture) -> None:
-    store = get_store("otel_context", dict)
-    scope = store.begin(Owner())
-    foreign = otel_context.attach(otel_context.set_value("foreign", 1))
-    with caplog.at_level(logging.DEBUG, logger="statebackends"):
-        store.end(scope)
-    assert otel_context.get_value("foreign") == 1, "the foreign attach is untouched"
-    otel_context.detach(foreign)
-    assert any("could not undo" in r.getMessage() for r in caplog.records)
+def test_shared_id_raw_hop_on_one_owner_is_none_counted_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    store = InvocationIdStore(dict)
+    owner = Owner()
+    opened, done = threading.Barrier(3, timeout=10), threading.Event()
 
+    def turn() -> None:
+        with store.invocation(owner, "session-1"):
+            opened.wait()
+            done.wait(10)
 
-def test_threadlocal_end_from_another_thread_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    store = get_store("threadlocal", dict)
-    scope = store.begin(Owner())
-    with caplog.at_level(logging.DEBUG, logger="statebackends"):
-        t = threading.Thread(target=store.end, args=(scope,))
-        t.start()
-        t.join()
-    assert any("could not undo" in r.getMessage() for r in caplog.records)
+    threads = [threading.Thread(target=turn) for _ in range(2)]
+    [t.start() for t in threads]
+    opened.wait()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="statebackends"):
+            seen = [raw_hop(store.current, owner, "session-1") for _ in range(5)]
+        assert seen == [None] * 5, "never another invocation's state"
+        assert store.ambiguous == 5
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "session-1" in warnings[0].getMessage()
+    finally:
+        done.set()
+        [t.join(10) for t in threads]
     assert store.live() == 0
 
 
-def test_invocation_id_explicit_id_is_found_from_any_thread() -> None:
-    store = get_store("invocation_id", dict)
-    seen = []
-    with store.invocation(Owner(), invocation_id="task-42") as state:
-        t = threading.Thread(target=lambda: seen.append(store.current(None, "task-42")))
-        t.start()
-        t.join()
-    assert seen == [state]
-    assert store.current(None, "task-42") is None
+def test_ambient_invocation_wins_over_an_id_lookup() -> None:
+    store = InvocationIdStore(dict)
+    owner, other = Owner(), Owner()
+    elsewhere = threading.Event()
+    release = threading.Event()
+
+    def other_turn() -> None:
+        with store.invocation(other, "session-1"):
+            elsewhere.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_turn)
+    t.start()
+    elsewhere.wait(10)
+    try:
+        with store.invocation(owner, "session-1") as mine:
+            assert store.current(owner, "session-1") is mine
+            assert store.current(other, "session-1") is mine  # this context's invocation, whatever the owner
+            with store.invocation(owner, "child-7") as child:  # nested, another id
+                assert store.current(owner) is child
+                assert store.current(owner, "session-1") is mine  # an outer invocation of this context
+    finally:
+        release.set()
+        t.join(10)
 
 
-def test_invocation_id_generates_an_id_when_the_call_has_none() -> None:
-    store = get_store("invocation_id", dict)
-    scope = store.begin(Owner())
-    assert isinstance(scope.invocation_id, str) and scope.invocation_id
-    assert store.current(None, scope.invocation_id) is scope.state
-    store.end(scope)
+# -- invocation_id: eviction -----------------------------------------------------------
 
 
-def test_invocation_id_is_bounded_by_size_and_counts_evictions() -> None:
-    store = InvocationIdStore(dict, max_entries=3, max_age=None)
-    scopes = [store.begin(Owner(), invocation_id=i) for i in range(10)]  # abandoned: end never comes
-    assert store.live() == 3
+def test_eviction_is_counted_marked_and_warned_once_with_the_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import statebackends.invocation_id as mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
+    store = InvocationIdStore(dict, max_entries=3)
+    owner = Owner()
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        scopes = [store.begin(owner, invocation_id=i) for i in range(10)]  # nested in this context
     assert store.evicted == 7
-    assert store.current(None, 0) is None and store.current(None, 9) is scopes[9].state
+    assert [s.evicted for s in scopes] == [True] * 7 + [False] * 3
+    (warning,) = caplog.records
+    assert "evicted 1" in warning.getMessage() and ENV_MAX_ENTRIES in warning.getMessage()
+    # the evicted invocation keeps working through its ambient binding; raw-hop id look-ups lose it
+    assert store.current(owner, 0) is scopes[0].state
+    assert raw_hop(store.current, owner, 0) is None
+    assert raw_hop(store.current, owner, 9) is scopes[9].state
+    assert store.live() == 10
+    caplog.clear()
+    clock[0] += 61
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        late = store.begin(owner, invocation_id="late")
+    (warning,) = caplog.records
+    assert "evicted 7" in warning.getMessage() and "8 in all" in warning.getMessage()
+    store.end(late)
     for scope in reversed(scopes):
-        store.end(scope)  # late ends of evicted entries are harmless
-    assert store.live() == 0
+        store.end(scope)  # late ends of evicted invocations are harmless
+    assert store.live() == 0 and store.current(owner) is None and not store._open
 
 
-def test_invocation_id_is_bounded_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eviction_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
     import statebackends.invocation_id as mod
 
     clock = [1000.0]
@@ -160,14 +416,101 @@ def test_invocation_id_is_bounded_by_age(monkeypatch: pytest.MonkeyPatch) -> Non
     abandoned = store.begin(Owner(), invocation_id="old")
     clock[0] += 61
     fresh = store.begin(Owner(), invocation_id="new")
-    assert store.current(None, "old") is None
-    assert store.evicted == 1
+    assert raw_hop(store.current, None, "old") is None and abandoned.evicted
+    assert store.evicted == 1 and not fresh.evicted
     store.end(fresh)
     store.end(abandoned)
     assert store.live() == 0
 
 
 @pytest.mark.parametrize("kwargs", [{"max_entries": 0}, {"max_age": -1}])
-def test_invocation_id_rejects_bad_bounds(kwargs: dict) -> None:
+def test_invocation_id_rejects_bad_bounds_given_in_code(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="max_"):
         InvocationIdStore(dict, **kwargs)
+
+
+def test_eviction_bound_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_MAX_ENTRIES, " 5 ")
+    assert InvocationIdStore(dict).max_entries == 5
+    assert get_store("invocation_id", dict).max_entries == 5  # type: ignore[attr-defined]
+    assert InvocationIdStore(dict, max_entries=7).max_entries == 7  # the argument wins
+
+
+@pytest.mark.parametrize("bad", ["ten", "0", "-3", "1.5"])
+def test_bad_eviction_bound_in_the_environment_logs_and_uses_the_default(
+    bad: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(ENV_MAX_ENTRIES, bad)
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        store = get_store("invocation_id", dict)
+    assert store.max_entries == DEFAULT_MAX_ENTRIES == 10_000  # type: ignore[attr-defined]
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.ERROR
+    assert ENV_MAX_ENTRIES in message and repr(bad) in message and "positive integer" in message
+
+
+# -- fork safety ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: os.fork")
+def test_fork_while_threads_hold_the_locks_never_hangs_the_child() -> None:
+    stores: list[StateStore[dict]] = [InvocationIdStore(dict), ContextVarStore(dict)]
+    stop = threading.Event()
+
+    def churn(i: int) -> None:
+        owner = Owner()
+        while not stop.is_set():
+            for store in stores:
+                scope = store.begin(owner, f"thread-{i}")
+                store.current(owner, f"thread-{i}")
+                store.end(scope)
+
+    workers = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(4)]
+    [w.start() for w in workers]
+    forker = Owner()
+    before_fork = stores[0].begin(forker, "forking-thread")  # may end in the child
+    failures: list[str] = []
+    try:
+        for n in range(100):
+            pid = os.fork()
+            if pid == 0:  # the child: one thread, the parent's locks possibly held by threads that are gone
+                code = 3
+                try:
+                    code = 0
+                    for store in stores:
+                        owner = Owner()
+                        scope = store.begin(owner, "child")
+                        if store.current(owner, "child") is not scope.state or store.current(owner) is not scope.state:
+                            code = 1
+                        store.end(scope)
+                    if stores[0].current(forker, "forking-thread") is not before_fork.state:
+                        code = 1
+                    if stores[0].live() != 1 or stores[1].live() != 0:
+                        code = 2
+                    stores[0].end(before_fork)
+                    if stores[0].live() != 0:
+                        code = 2
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 10
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+                        failures.append(f"fork {n}: child exited with status {status}")
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    failures.append(f"fork {n}: child hung (killed after 10 s)")
+                    break
+                time.sleep(0.002)
+            if len(failures) >= 3:
+                break
+    finally:
+        stop.set()
+        [w.join(10) for w in workers]
+        stores[0].end(before_fork)
+    assert not failures, failures
+    assert [s.live() for s in stores] == [0, 0]
