@@ -17,7 +17,7 @@ Nothing here imports Hermes until a benchmark's setup runs.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from .bench_state import _backends
 from .timing import CONCURRENCY
@@ -76,6 +76,17 @@ def _skip_without_loongsuite(cache: Dict[str, Any], mode: str) -> None:
     """Per-benchmark asv setup (a function attribute): a skip, not a failure, without the compare extra."""
     if not cache.get("vs_loongsuite"):
         raise NotImplementedError(loongsuite_skip_reason())
+
+
+def _track(unit: str, doc: str, key: str, *, by_param: bool = False) -> Callable[..., float]:
+    """An asv ``track_`` method reading ``cache[key][param]`` (``cache[param][key]`` when ``by_param``)."""
+
+    def track(self: Any, cache: Dict[str, Any], param: str) -> float:
+        return cache[param][key] if by_param else cache[key][param]
+
+    track.unit = unit  # type: ignore[attr-defined]
+    track.__doc__ = doc
+    return track
 
 
 class FullCall:
@@ -192,20 +203,9 @@ class PairedOverhead:
         _skip_if(cache)
         _check_mode(mode)
 
-    def track_overhead_us(self, cache: Dict[str, Any], mode: str) -> float:
-        return cache["overhead_us"][mode]
-
-    track_overhead_us.unit = "microseconds"  # type: ignore[attr-defined]
-
-    def track_overhead_vs_floor(self, cache: Dict[str, Any], mode: str) -> float:
-        return cache["vs_floor"][mode]
-
-    track_overhead_vs_floor.unit = "ratio"  # type: ignore[attr-defined]
-
-    def track_overhead_vs_loongsuite(self, cache: Dict[str, Any], mode: str) -> float:
-        return cache["vs_loongsuite"][mode]
-
-    track_overhead_vs_loongsuite.unit = "ratio"  # type: ignore[attr-defined]
+    track_overhead_us = _track("microseconds", "Trimmed mean overhead per call, us.", "overhead_us")
+    track_overhead_vs_floor = _track("ratio", "Overhead / the floor.", "vs_floor")
+    track_overhead_vs_loongsuite = _track("ratio", "Overhead / loongsuite's.", "vs_loongsuite")
     track_overhead_vs_loongsuite.setup = _skip_without_loongsuite  # type: ignore[attr-defined]
 
 
@@ -233,31 +233,11 @@ class Correctness:
         if backend not in cache:
             raise NotImplementedError(f"backend {backend!r} not available in this commit")
 
-    def track_correct_calls(self, cache: Dict[str, Any], backend: str) -> int:
-        """Calls (of 16) whose own span tree is complete and right."""
-        return cache[backend]["correct"]
-
-    track_correct_calls.unit = "calls"  # type: ignore[attr-defined]
-
-    def track_orphans(self, cache: Dict[str, Any], backend: str) -> int:
-        return cache[backend]["orphans"]
-
-    track_orphans.unit = "spans"  # type: ignore[attr-defined]
-
-    def track_cross_talk(self, cache: Dict[str, Any], backend: str) -> int:
-        return cache[backend]["cross_talk"]
-
-    track_cross_talk.unit = "attributes"  # type: ignore[attr-defined]
-
-    def track_never_ended(self, cache: Dict[str, Any], backend: str) -> int:
-        return cache[backend]["never_ended"]
-
-    track_never_ended.unit = "spans"  # type: ignore[attr-defined]
-
-    def track_state_left(self, cache: Dict[str, Any], backend: str) -> int:
-        return cache[backend]["state_left"]
-
-    track_state_left.unit = "states"  # type: ignore[attr-defined]
+    track_correct_calls = _track("calls", "Calls (of 16) whose own span tree is complete and right.", "correct", by_param=True)
+    track_orphans = _track("spans", "Spans outside their call's tree.", "orphans", by_param=True)
+    track_cross_talk = _track("attributes", "Ids or token sums of another call.", "cross_talk", by_param=True)
+    track_never_ended = _track("spans", "Spans started and never ended.", "never_ended", by_param=True)
+    track_state_left = _track("states", "States left in the store.", "state_left", by_param=True)
 
 
 class AgentMemory:

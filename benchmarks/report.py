@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from statebackends_hermes_testbed.modes import LOONGSUITE, LOONGSUITE_DIST, NONE
 from statebackends_hermes_testbed.stamp import stamp_line, version_stamp
@@ -84,6 +84,13 @@ def _verdict_upper(ci: Sequence[float], target: float) -> str:
     if not math.isnan(lo) and lo > target:
         return "**missed**"
     return "inconclusive (CI straddles the target)" if not math.isnan(lo) else ("met" if est <= target else "missed")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
+    out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return out
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -208,11 +215,9 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add(f"Memory over {data['settings']['retained_invocations']:,} `begin`/`end` pairs per backend (tracemalloc, "
         "after 1,000 warm-up pairs):")
     add("")
-    add("| backend | bytes retained after | peak bytes during | `live()` after |")
-    add("|---|---:|---:|---:|")
-    for b in backends:
-        r = data["retained"][b]
-        add(f"| `{b}` | {r['retained']:,} | {r['peak']:,} | {r['live']} |")
+    lines += _table(["backend", "bytes retained after", "peak bytes during", "`live()` after"],
+                    ([f"`{b}`", f"{r['retained']:,}", f"{r['peak']:,}", r["live"]]
+                     for b, r in ((b, data["retained"][b]) for b in backends)))
     add("")
 
     # -- full calls ------------------------------------------------------------------------------
@@ -321,11 +326,9 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add(f"{n_calls} overlapping `run_conversation` calls (threads) on the one shared agent, judged by "
         "`statebackends_hermes_testbed.traces.judge` (complete tree per call, no orphans, no cross-talk, every span ended, no state left).")
     add("")
-    add("| backend | correct calls | orphans | cross-talk | never ended | state left |")
-    add("|---|---:|---:|---:|---:|---:|")
-    for b in backends:
-        c = data["correctness"][b]
-        add(f"| `{b}` | {c['correct']}/{c['calls']} | {c['orphans']} | {c['cross_talk']} | {c['never_ended']} | {c['state_left']} |")
+    lines += _table(["backend", "correct calls", "orphans", "cross-talk", "never ended", "state left"],
+                    ([f"`{b}`", f"{c['correct']}/{c['calls']}", c["orphans"], c["cross_talk"], c["never_ended"],
+                      c["state_left"]] for b, c in ((b, data["correctness"][b]) for b in backends)))
     add("")
 
     # -- vs N ------------------------------------------------------------------------------------------
@@ -364,13 +367,9 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("Per-call overhead against N (us, trimmed mean of paired differences with the uninstrumented run of the same repeat): "
         "see `overhead.png`.")
     add("")
-    add("| mode | " + " | ".join(f"N={n}" for n in ns) + " |")
-    add("|---|" + "---:|" * len(ns))
-    for mode, d in vs_n.items():
-        if mode == NONE:
-            continue
-        cells = [_us(st.trimmed_mean([a - b for a, b in zip(d[n], vs_n[NONE][n])])) for n in ns]
-        add(f"| `{mode}` | " + " | ".join(cells) + " |")
+    lines += _table(["mode"] + [f"N={n}" for n in ns],
+                    ([f"`{mode}`"] + [_us(st.trimmed_mean([a - b for a, b in zip(d[n], vs_n[NONE][n])])) for n in ns]
+                     for mode, d in vs_n.items() if mode != NONE))
     add("")
 
     # -- targets -----------------------------------------------------------------------------------------

@@ -124,3 +124,39 @@ def test_isolation_table_is_made_from_the_declarations() -> None:
 def test_readme_embeds_the_current_isolation_table() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert isolation_table() in readme, "README's backend table drifted: paste isolation_table()"
+
+
+def _late_trace(parent_kind: str | None) -> Any:
+    """One finished call (``late``: one step, one tool) and a late-work span under ``parent_kind`` (None: a root)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from statebackends_hermes_testbed.traces import LATE_TOOL, CallTruth, judge
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    made: dict[str, Any] = {}
+    with tracer.start_as_current_span("call late"):
+        with tracer.start_as_current_span("invoke_agent hermes") as made["invoke_agent"]:
+            with tracer.start_as_current_span("react step") as made["step"]:
+                with tracer.start_as_current_span("chat fake-model"):
+                    pass
+                with tracer.start_as_current_span("execute_tool sb_late") as made["execute_tool"]:
+                    pass
+    context = trace.set_span_in_context(made[parent_kind]) if parent_kind else None
+    tracer.start_span(f"execute_tool {LATE_TOOL}", context=context).end()
+    truth = CallTruth(tag="late", steps=1, chats=1, tools=1, late=1)
+    return judge(exporter.get_finished_spans(), [truth])
+
+
+@pytest.mark.parametrize(("parent_kind", "ok"), [(None, True), ("execute_tool", True), ("step", False), ("invoke_agent", False)])
+def test_judge_keeps_late_work_out_of_the_ended_call(parent_kind: str | None, ok: bool) -> None:
+    """Late work may start a trace of its own or hang under the tool that started it; never in the call's own tree."""
+    verdict = _late_trace(parent_kind)
+    assert verdict.ok is ok, verdict.as_dict()
+    assert verdict.actual["late_work"] == 1
+    assert (verdict.broken == ["late"]) is not ok

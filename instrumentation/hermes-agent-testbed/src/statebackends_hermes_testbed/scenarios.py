@@ -114,17 +114,18 @@ class _LateJobs:
         self.seen: list[str] = []
         """What a job found that it should not have (state of the ended call, an error)."""
         self.store: Any = None
+        self.owner: Any = None
 
-    def reset(self, store: Any) -> None:
+    def reset(self, store: Any, owner: Any) -> None:
+        """Forget earlier jobs; later ones probe ``store`` for ``owner``'s state."""
         with self._lock:
             self.gate = threading.Event()
-            self.threads, self.seen, self.store = [], [], store
+            self.threads, self.seen, self.store, self.owner = [], [], store, owner
 
     def start(self, text: str, task_id: Any) -> None:
         """Start one job in a copy of the calling tool's context (Hermes's background work does the same)."""
         ctx = contextvars.copy_context()
-        gate, store = self.gate, self.store
-        owner = _late_owner()
+        gate, store, owner = self.gate, self.store, self.owner
 
         def job() -> None:
             if not gate.wait(LATE_TIMEOUT):
@@ -159,15 +160,6 @@ class _LateJobs:
 
 
 _late = _LateJobs()
-
-
-def _late_owner() -> Any:
-    """The agent whose tool runs here: the instrumentation's own ``_tool_owner``, when it has one."""
-    try:
-        from statebackends_hermes_agent.wrappers import _tool_owner
-    except ImportError:  # another instrumentation: the owner is not needed to judge
-        return None
-    return _tool_owner.get()
 
 
 def _sb_late(args: dict[str, Any], **kwargs: Any) -> str:
@@ -254,6 +246,13 @@ def _explain(bench: HermesBench, verdict: Verdict) -> Verdict:
         for span in bench.exporter.get_finished_spans():
             if kind_of(span) is not None and span.status.status_code.name == "ERROR":
                 verdict.notes.append(f"{span.name}: {(span.status.description or '')[:160]}")
+    return verdict
+
+
+def _found(verdict: Verdict, findings: list[str], count: str = "state_left") -> Verdict:
+    """Add what a scenario's own probes found to ``verdict``: noted, and counted in the field ``count``."""
+    verdict.notes.extend(findings)
+    setattr(verdict, count, getattr(verdict, count) + len(findings))
     return verdict
 
 
@@ -409,10 +408,7 @@ def run_cancel(bench: HermesBench, backend: str) -> Verdict:
         else _truth(bench, t, tools=2, errors={})
         for t in tags
     ]
-    verdict = _explain(bench, bench.verdict(calls, owners=[stub]))
-    verdict.notes.extend(notes)
-    verdict.wrong_error += len(notes)
-    return verdict
+    return _found(_explain(bench, bench.verdict(calls, owners=[stub])), notes, "wrong_error")
 
 
 # -- 6-7. tool pools -----------------------------------------------------------------------------------------------
@@ -490,17 +486,14 @@ def run_late_work(bench: HermesBench, backend: str) -> Verdict:
     hang under the tool span that started it, never in the ended call's tree; nothing of the call is found or left."""
     store = _begin(bench, backend)
     agent = agents(bench).main
-    _late.reset(store)
+    _late.reset(store, agent)
     live_before = store.live() or 0
     bench.call(agent, "late", f"[tool:{LATE_LAUNCHER}] [tools:1]", task_id=SESSION_ID)
     seen = _late.release()
     bench.call(agent, "after", "[tools:1]", task_id=SESSION_ID)  # the next turn of the session is untouched
-    verdict = _explain(bench, bench.verdict(
+    return _found(_explain(bench, bench.verdict(
         [bench.truth("late", tools=1, late=1), bench.truth("after", tools=1)], owners=[agent], live_before=live_before,
-    ))
-    verdict.state_left += len(seen)
-    verdict.notes.extend(seen)
-    return verdict
+    )), seen)
 
 
 # -- 8-9. subagents --------------------------------------------------------------------------------------------------
@@ -569,10 +562,7 @@ def run_worker_reuse(bench: HermesBench, backend: str) -> Verdict:
                 await loop.run_in_executor(pool, bench.call, agent, tag, "[tools:1]")
 
     asyncio.run(main())
-    verdict = _explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent]))
-    verdict.state_left += len(seen)
-    verdict.notes.extend(seen)
-    return verdict
+    return _found(_explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent])), seen)
 
 
 # -- 11. errors ---------------------------------------------------------------------------------------------------

@@ -325,7 +325,7 @@ def judge(
                 verdict.wrong_error += 1
                 broken.add(owner)
     for call in calls:
-        if any(per_call[call.tag][k] != call.total(k) for k in kinds):
+        if any(per_call[call.tag][k] != call.total(k) for k in KINDS):  # late work may rightly leave the tree
             broken.add(call.tag)
         if call.errors is None:
             continue
