@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import statebackends
-from statebackends import StateStore, get_store, store_from_config
+from statebackends import DEPRECATED_ENV_STATE_BACKEND, ENV_STATE_BACKEND, StateStore, get_store, store_from_config
 
 BUILTINS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
 
@@ -78,8 +78,9 @@ def _write_dist(root: Path, dist: str, module: str, source: str, entry: str) -> 
 def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for mod in ("sb_thirdparty_ok", "sb_thirdparty_broken"):
-        sys.modules.pop(mod, None)
+    for mod in list(sys.modules):
+        if mod.startswith("sb_thirdparty_"):
+            sys.modules.pop(mod, None)
 
 
 def test_third_party_backend_through_a_real_entry_point(plugin_path: Path) -> None:
@@ -116,3 +117,126 @@ def test_broken_third_party_entry_point_is_reported_and_hides_nothing(
         get_store("brokenstore", dict)
     assert "failed to load" in str(info.value) and "no such dep" in str(info.value)
     assert get_store("contextvar", dict).name == "contextvar"
+
+
+BAD_PLUGINS = {
+    # name: (module source, entry object, what the message must name)
+    "ctorraises": (
+        """
+        from statebackends.contextvar import ContextVarStore
+
+        class Store(ContextVarStore):
+            name = "ctorraises"
+
+            def __init__(self, factory):
+                raise RuntimeError("no license key")
+        """,
+        "Store",
+        "no license key",
+    ),
+    "factoryraises": (
+        """
+        def make(factory):
+            raise OSError("socket refused")
+        """,
+        "make",
+        "socket refused",
+    ),
+    "notastore": (
+        """
+        class Store:
+            def __init__(self, factory):
+                pass
+        """,
+        "Store",
+        "not a StateStore",
+    ),
+    "buildsjunk": (
+        """
+        def make(factory):
+            return {"not": "a store"}
+        """,
+        "make",
+        "not a StateStore",
+    ),
+}
+
+
+def _install_bad_plugin(root: Path, name: str) -> str:
+    source, obj, cause = BAD_PLUGINS[name]
+    module = f"sb_thirdparty_{name}"
+    _write_dist(root, module, module, source, f"{name} = {module}:{obj}")
+    return cause
+
+
+@pytest.mark.parametrize("name", list(BAD_PLUGINS))
+def test_a_plugin_that_cannot_build_a_store_gives_a_value_error_naming_backend_cause_and_valid_names(
+    plugin_path: Path, name: str
+) -> None:
+    cause = _install_bad_plugin(plugin_path, name)
+    with pytest.raises(ValueError) as info:
+        get_store(name, dict)
+    message = str(info.value)
+    assert name in message and cause in message, message
+    assert all(builtin in message for builtin in BUILTINS), message
+
+
+@pytest.mark.parametrize("name", list(BAD_PLUGINS))
+def test_a_plugin_that_cannot_build_a_store_named_by_the_environment_logs_one_error_and_uses_the_default(
+    plugin_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cause = _install_bad_plugin(plugin_path, name)
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        store = store_from_config(None, dict, environ={ENV_STATE_BACKEND: name})
+    assert store.name == "contextvar"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert ENV_STATE_BACKEND in message and repr(name) in message and cause in message
+
+
+def test_the_library_wide_variable_is_outside_the_otel_namespace() -> None:
+    assert ENV_STATE_BACKEND == "STATEBACKENDS_BACKEND"
+    assert DEPRECATED_ENV_STATE_BACKEND == "OTEL_PYTHON_STATE_BACKEND"
+    assert store_from_config(None, dict, environ={"STATEBACKENDS_BACKEND": "threadlocal"}).name == "threadlocal"
+
+
+def test_the_old_variable_is_a_deprecated_alias_read_after_the_new_one(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        store = store_from_config(None, dict, environ={"OTEL_PYTHON_STATE_BACKEND": "instance"})
+    assert store.name == "instance"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "STATEBACKENDS_BACKEND" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="statebackends"):
+        both = {"STATEBACKENDS_BACKEND": "threadlocal", "OTEL_PYTHON_STATE_BACKEND": "instance"}
+        assert store_from_config(None, dict, environ=both).name == "threadlocal"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # an instrumentation's own variable first, then the library-wide one, then its old name
+    env = {"OTEL_PYTHON_STATE_BACKEND": "instance"}
+    assert store_from_config(None, dict, env_vars=("MY_INSTRUMENTATION_BACKEND", ENV_STATE_BACKEND),
+                             environ=env).name == "instance"
+    env["MY_INSTRUMENTATION_BACKEND"] = "invocation_id"
+    assert store_from_config(None, dict, env_vars=("MY_INSTRUMENTATION_BACKEND", ENV_STATE_BACKEND),
+                             environ=env).name == "invocation_id"
+    # a list without the library-wide variable does not read its old name either
+    assert store_from_config(None, dict, env_vars=("OTHER",), environ=env).name == "contextvar"
+
+
+def test_the_default_environment_is_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_STATE_BACKEND, "threadlocal")
+    assert store_from_config(None, dict).name == "threadlocal"
+
+
+def test_a_store_built_by_a_plugin_factory_is_checked_and_used(plugin_path: Path) -> None:
+    _write_dist(
+        plugin_path, "sb_thirdparty_factory", "sb_thirdparty_factory",
+        """
+        from statebackends.threadlocal import ThreadLocalStore
+
+        def make(factory):
+            return ThreadLocalStore(factory)
+        """,
+        "madebyfactory = sb_thirdparty_factory:make",
+    )
+    assert get_store("madebyfactory", dict).name == "threadlocal"
