@@ -25,13 +25,15 @@ from statebackends.contextvar import ContextVarStore
 
 GOOD_BACKENDS = ["contextvar", "invocation_id", "otel_context"]
 ENV_HERMES = "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND"
-ENV_GLOBAL = "OTEL_PYTHON_STATE_BACKEND"
+ENV_LIBRARY = "STATEBACKENDS_BACKEND"
+ENV_GLOBAL = "OTEL_PYTHON_STATE_BACKEND"  # the library's deprecated alias of STATEBACKENDS_BACKEND
 
 
 @pytest.fixture
 def bench(hermes_bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> Iterator[HermesBench]:
     monkeypatch.delenv(ENV_HERMES, raising=False)
     monkeypatch.delenv(ENV_GLOBAL, raising=False)
+    monkeypatch.delenv(ENV_LIBRARY, raising=False)
     hermes_bench.uninstrument()
     hermes_bench.reset()
     yield hermes_bench
@@ -284,7 +286,7 @@ def test_backend_object_by_kwarg(bench: HermesBench) -> None:
     assert bench.instrumentor.store is mine
 
 
-@pytest.mark.parametrize("var", [ENV_HERMES, ENV_GLOBAL])
+@pytest.mark.parametrize("var", [ENV_HERMES, ENV_LIBRARY, ENV_GLOBAL])
 def test_backend_by_each_environment_variable(bench: HermesBench, monkeypatch: pytest.MonkeyPatch, var: str) -> None:
     monkeypatch.setenv(var, "threadlocal")
     bench.instrumentor.instrument(tracer_provider=bench.provider)
@@ -292,7 +294,7 @@ def test_backend_by_each_environment_variable(bench: HermesBench, monkeypatch: p
 
 
 def test_backend_precedence(bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_GLOBAL, "threadlocal")
+    monkeypatch.setenv(ENV_LIBRARY, "threadlocal")
     monkeypatch.setenv(ENV_HERMES, "contextvar")
     bench.instrumentor.instrument(tracer_provider=bench.provider)
     assert bench.instrumentor.state_backend == "contextvar", "the instrumentation's variable wins"
@@ -304,7 +306,7 @@ def test_backend_precedence(bench: HermesBench, monkeypatch: pytest.MonkeyPatch)
     bench.instrumentor.instrument(tracer_provider=bench.provider)
     assert bench.instrumentor.state_backend == "threadlocal"
     bench.uninstrument()
-    monkeypatch.delenv(ENV_GLOBAL)
+    monkeypatch.delenv(ENV_LIBRARY)
     bench.instrumentor.instrument(tracer_provider=bench.provider)
     assert bench.instrumentor.state_backend == "invocation_id", "the default"
 
@@ -431,6 +433,8 @@ def test_opentelemetry_instrument_picks_it_up_with_the_backend_from_the_environm
         "OTEL_LOGS_EXPORTER": "none",
         ENV_HERMES: "invocation_id",
     }
+    env.pop(ENV_LIBRARY, None)
+    env.pop(ENV_GLOBAL, None)
     code = (
         "import run_agent\n"
         "from statebackends_hermes_agent import HermesAgentInstrumentor\n"

@@ -503,3 +503,83 @@ def test_subagent_started_after_the_parent_ended_hangs_under_delegate_task(
         assert child.context.trace_id == tool.context.trace_id == parent.context.trace_id
         assert child.start_time > parent.end_time, "the child really started after its parent ended"
     assert telemetry.store.live() == 0
+
+
+# -- the public lifecycle itself -------------------------------------------------------------------------------------------------------
+
+
+class _Owner:
+    model = "fake-model"
+    provider = "custom"
+    session_id = "owner-session"
+
+
+class _BrokenTracer:
+    """A tracer whose every span start raises."""
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise ProcessorBoom("start_span is broken")
+
+
+@pytest.mark.parametrize("broken", ["on_start", "on_end", "tracer", "nothing"])
+def test_lifecycle_never_raises_and_stop_or_fail_twice_is_harmless(broken: str) -> None:
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    if broken in ("on_start", "on_end"):
+        provider.add_span_processor(RaisingProcessor(broken, ""))
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer: Any = _BrokenTracer() if broken == "tracer" else provider.get_tracer("test")
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(tracer, store, capture_content=True)
+    owner = _Owner()
+
+    invocation = telemetry.start_invocation(owner, None, user_message="hello")
+    assert invocation.task_id, "an id is made when none is given"
+    chat = telemetry.start_chat(owner, {"model": "fake-model"})
+    chat.stop(object())  # not a ChatCompletion: read as zero tokens, never an error
+    chat.stop(object())
+    chat.fail(RuntimeError("after stop: ignored"))
+    tool = telemetry.start_tool(owner, "sb_echo", {"text": object()}, task_id=invocation.task_id, tool_call_id="c1")
+    tool.stop({"not": "a string"})
+    tool.fail(RuntimeError("after stop: ignored"))
+    telemetry.end_tool_round(owner, invocation.task_id, None)
+    telemetry.end_tool_round(owner, invocation.task_id, None)
+    failing = telemetry.start_chat(owner, None)
+    failing.fail(RuntimeError("llm down"))
+    failing.stop(None)
+    invocation.stop({"final_response": "done", "failed": False})
+    invocation.fail(RuntimeError("after stop: ignored"))
+    invocation.stop(None)
+    assert store.live() == 0 and store.current(owner) is None
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    if broken == "nothing":
+        assert names == sorted(["invoke_agent hermes", "react step", "react step", "chat fake-model",
+                                "chat fake-model", "execute_tool sb_echo"])
+        (agent_span,) = [s for s in exporter.get_finished_spans() if s.name == "invoke_agent hermes"]
+        assert agent_span.status.is_unset, "the first outcome (stop) wins"
+    elif broken in ("tracer", "on_start"):
+        assert names == []
+
+
+def test_async_stub_agent_goes_through_the_public_lifecycle(bench: HermesBench) -> None:
+    """The async stub agent drives ``instrumentor.telemetry`` only; a raising processor changes none of its results."""
+    import asyncio
+
+    from statebackends_hermes_testbed.stub_agent import AsyncStubAgent
+
+    telemetry = instrumented(bench, RaisingProcessor("on_end", "execute_tool"), backend="contextvar")
+    assert bench.instrumentor.telemetry is bench.instrumentor._wrappers, "one lifecycle, the one the wrappers use"
+    stub = AsyncStubAgent(lambda: bench.instrumentor.telemetry, bench.server.script)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(stub.run_conversation(f"[conv:as{i}] [tools:2] hello") for i in range(4)))
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        assert result["final_response"] == f"done as{i}"
+        assert [m["content"] for m in result["messages"] if m["role"] == "tool"] == [f"as{i}-1", f"as{i}-2"]
+    agents = telemetry.spans("invoke_agent")
+    assert len(agents) == 4 and len({s.context.trace_id for s in agents}) == 4
+    assert telemetry.store.live() == 0
