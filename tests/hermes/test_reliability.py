@@ -269,6 +269,21 @@ def test_raising_processor_on_every_span_kind_at_once(bench: HermesBench, hermes
     assert telemetry.store.live() == 0
 
 
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+def test_raising_processor_on_a_streaming_call_changes_no_outcome(bench: HermesBench, where: str) -> None:
+    """The streaming path (``on_first_delta`` wrapped for the time to first chunk) under a processor raising everywhere."""
+    streaming = bench.agent(streaming=True)
+    reference = outcome(lambda: bench.call(streaming, f"stream-{where}", "[tools:1]"))
+    bench.server.reset()
+    processor = RaisingProcessor(where, "")
+    telemetry = instrumented(bench, processor)
+    got = outcome(lambda: bench.call(streaming, f"stream-{where}", "[tools:1]"))
+    same_outcome(reference, got)
+    assert got[1]["final_response"] == f"done stream-{where}"
+    assert all(entry.stream for entry in bench.server.log(f"stream-{where}"))
+    assert processor.raised > 0 and telemetry.store.live() == 0
+
+
 class AgentError(Exception):
     pass
 
