@@ -104,7 +104,7 @@ class InvocationIdStore(StateStore[S]):
         """Id look-ups answered None because several open invocations of one owner share the id."""
         self._warned_ambiguous = False
         self._evicted_warned = 0
-        self._next_eviction_warning = 0.0
+        self._next_eviction_warning = float("-inf")
         # scope -> monotonic start time, oldest first; id -> the open scopes with that id.
         self._open: OrderedDict[Scope[S], float] = OrderedDict()
         self._by_id: dict[Hashable, tuple[Scope[S], ...]] = {}
@@ -124,10 +124,15 @@ class InvocationIdStore(StateStore[S]):
         with self._lock:
             self._by_id[key] = self._by_id.get(key, ()) + (scope,)
             self._open[scope] = now
-            evicted = self._evict(now)
+            report = self._eviction_report(now) if self._evict(now) else None
         token = self._ambient.set(scope)
-        if evicted:
-            self._warn_evicted(evicted, now)
+        if report is not None:
+            _logger.warning(
+                "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
+                "bound max_entries=%d, max_age=%s, set by %s); they keep their state in their own context, but "
+                "id look-ups from other threads lose them",
+                self.name, report[0], report[1], self.max_entries, self.max_age, ENV_MAX_ENTRIES,
+            )
         return token
 
     def _evict(self, now: float) -> int:
@@ -161,18 +166,13 @@ class InvocationIdStore(StateStore[S]):
         else:
             self._by_id.pop(key, None)
 
-    def _warn_evicted(self, n: int, now: float) -> None:
+    def _eviction_report(self, now: float) -> tuple[int, int] | None:
+        """(evicted since the last warning, evicted in all) if a warning is due (the lock is held)."""
         if now < self._next_eviction_warning:
-            return
+            return None
         self._next_eviction_warning = now + EVICTION_WARNING_INTERVAL
-        total, since = self.evicted, self.evicted - self._evicted_warned
-        self._evicted_warned = total
-        _logger.warning(
-            "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; bound max_entries=%d, "
-            "max_age=%s, set by %s); they keep their state in their own context, but id look-ups from other "
-            "threads lose them",
-            self.name, since, total, self.max_entries, self.max_age, ENV_MAX_ENTRIES,
-        )
+        since, self._evicted_warned = self.evicted - self._evicted_warned, self.evicted
+        return since, self.evicted
 
     def _exit(self, scope: Scope[S]) -> None:
         with self._lock:
