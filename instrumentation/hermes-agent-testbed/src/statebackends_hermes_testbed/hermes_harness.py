@@ -7,6 +7,7 @@ Public API (all Hermes imports are lazy, so ``hermes_home`` can run first):
   import time, so enter it BEFORE the first import of ``run_agent`` /
   ``model_tools`` / ``tools.*`` in the process and keep it for the process's
   life when in doubt.
+* :func:`register_tool` - registers one tool (a ``text`` argument) in a toolset, idempotently.
 * :func:`register_bench_tools` - registers ``sb_echo`` / ``sb_fail`` in the
   toolset :data:`BENCH_TOOLSET` of Hermes's tool registry; they dispatch
   through ``model_tools.handle_function_call`` -> ``registry.dispatch`` like
@@ -45,6 +46,7 @@ __all__ = [
     "minimal_config_text",
     "hermes_home",
     "register_bench_tools",
+    "register_tool",
     "ToolCallRecord",
     "tool_log",
     "clear_tool_log",
@@ -173,22 +175,30 @@ def _sb_fail(args: Dict[str, Any], **_: Any) -> str:
     raise RuntimeError("tool boom")
 
 
-def _schema(name: str, description: str) -> Dict[str, Any]:
+def _schema(name: str, description: str, sleep: bool = True) -> Dict[str, Any]:
+    properties: Dict[str, Any] = {"text": {"type": "string", "description": "Text to echo."}}
+    if sleep:
+        properties["sleep_ms"] = {"type": "integer", "description": "Optional delay before answering."}
     return {
         "name": name,
         "description": description,
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "text": {"type": "string", "description": "Text to echo."},
-                "sleep_ms": {"type": "integer", "description": "Optional delay before answering."},
-            },
-            "required": ["text"],
-        },
+        "parameters": {"type": "object", "properties": properties, "required": ["text"]},
     }
 
 
 _register_lock = threading.Lock()
+
+
+def register_tool(name: str, toolset: str, handler: Any, description: str, *, sleep: bool = False) -> None:
+    """Register ``handler`` as tool ``name`` (one ``text`` argument, ``sleep_ms`` too when ``sleep``) in ``toolset``,
+    unless it already is; a toolset absent from ``toolsets.TOOLSETS`` resolves through the registry."""
+    from tools.registry import registry
+
+    with _register_lock:
+        entry = registry.get_entry(name)
+        if entry is None or entry.handler is not handler:
+            registry.register(name=name, toolset=toolset, schema=_schema(name, description, sleep),
+                              handler=handler, description=description, emoji="*")
 
 
 def register_bench_tools(parallel_safe: Iterable[str] = ("sb_echo", "sb_fail")) -> None:
@@ -202,18 +212,11 @@ def register_bench_tools(parallel_safe: Iterable[str] = ("sb_echo", "sb_fail")) 
     frozenset read on every batch by ``_plan_tool_batch_segments``), which is
     Hermes's only non-MCP notion of a parallel-safe tool.  Idempotent.
     """
-    from tools.registry import registry
     import agent.tool_dispatch_helpers as tdh
 
+    register_tool("sb_echo", BENCH_TOOLSET, _sb_echo, "Benchmark tool: returns its text argument.", sleep=True)
+    register_tool("sb_fail", BENCH_TOOLSET, _sb_fail, "Benchmark tool: always raises RuntimeError.", sleep=True)
     with _register_lock:
-        for name, handler, desc in (
-            ("sb_echo", _sb_echo, "Benchmark tool: returns its text argument."),
-            ("sb_fail", _sb_fail, "Benchmark tool: always raises RuntimeError."),
-        ):
-            entry = registry.get_entry(name)
-            if entry is None or entry.handler is not handler:
-                registry.register(name=name, toolset=BENCH_TOOLSET, schema=_schema(name, desc),
-                                  handler=handler, description=desc, emoji="*")
         wanted = frozenset(parallel_safe)
         if not wanted <= tdh._PARALLEL_SAFE_TOOLS:
             tdh._PARALLEL_SAFE_TOOLS = tdh._PARALLEL_SAFE_TOOLS | wanted

@@ -36,7 +36,14 @@ from opentelemetry.sdk.trace import Span, TracerProvider
 from statebackends import Concurrency, get_store
 
 from .driver import HermesBench, run_threads
-from .hermes_harness import BENCH_TOOLSET, InProcessLLM, make_agent, register_bench_tools, wait_for_delegations
+from .hermes_harness import (
+    BENCH_TOOLSET,
+    InProcessLLM,
+    make_agent,
+    register_bench_tools,
+    register_tool,
+    wait_for_delegations,
+)
 from .stub_agent import AsyncStubAgent
 from .traces import CALLER_PREFIX, LATE_TOOL, CallTruth, StreamingJudge, Verdict, kind_of, state_left
 
@@ -173,35 +180,12 @@ def _sb_late_job(args: dict[str, Any], **_: Any) -> str:
     return str(args.get("text", ""))
 
 
-def _register(name: str, handler: Callable[..., str], description: str) -> None:
-    from tools.registry import registry
-
-    entry = registry.get_entry(name)
-    if entry is None or entry.handler is not handler:
-        registry.register(
-            name=name,
-            toolset=MATRIX_TOOLSET,
-            schema={
-                "name": name,
-                "description": description,
-                "parameters": {
-                    "type": "object",
-                    "properties": {"text": {"type": "string", "description": "Tag of the call."}},
-                    "required": ["text"],
-                },
-            },
-            handler=handler,
-            description=description,
-            emoji="*",
-        )
-
-
 def register_matrix_tools() -> None:
     """``sb_echo``/``sb_fail`` (harness), ``sb_nested``, ``sb_late`` and ``sb_late_job`` in toolset ``sb_matrix``."""
     register_bench_tools()
-    _register(NESTED_TOOL, _sb_nested, "Matrix tool: runs another agent inline and returns its answer.")
-    _register(LATE_LAUNCHER, _sb_late, "Matrix tool: starts a job that runs after the call has returned.")
-    _register(LATE_TOOL, _sb_late_job, "Matrix tool: the job sb_late started.")
+    register_tool(NESTED_TOOL, MATRIX_TOOLSET, _sb_nested, "Matrix tool: runs another agent inline and returns its answer.")
+    register_tool(LATE_LAUNCHER, MATRIX_TOOLSET, _sb_late, "Matrix tool: starts a job that runs after the call has returned.")
+    register_tool(LATE_TOOL, MATRIX_TOOLSET, _sb_late_job, "Matrix tool: the job sb_late started.")
 
 
 class _Agents:
