@@ -98,6 +98,8 @@ def _median(xs: Sequence[float]) -> float:
 
 
 class Log:
+    """Progress lines on stderr, stamped with the seconds since the run started."""
+
     def __init__(self, quiet: bool = False) -> None:
         self.t0 = time.perf_counter()
         self.quiet = quiet
@@ -163,6 +165,7 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
 
 
 def render(data: Dict[str, Any], command: str, stamp: str) -> str:
+    """The report as markdown, from what :func:`run` measured."""
     m = data["machine"]
     directives = data["directives"]
     backends: List[str] = data["backends"]
@@ -414,6 +417,7 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
 
 
 def plot(data: Dict[str, Any], path: Path, stamp: str, command: str) -> None:
+    """Write the overhead-against-N figure to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,6 +464,7 @@ def plot(data: Dict[str, Any], path: Path, stamp: str, command: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Measure, then write report.md, overhead.png and report.json to ``--out``; 0 on success."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: about 2 minutes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/benchmarks)")

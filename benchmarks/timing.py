@@ -61,6 +61,7 @@ class PairedResult:
         return bootstrap_ci([self.overhead(mode), self.floor], ratio_of_trimmed_means)
 
     def as_dict(self) -> Dict[str, Any]:
+        """JSON-able data that ``PairedResult(**data)`` rebuilds."""
         return {
             "per_call": self.per_call,
             "spans_per_call": self.spans_per_call,

@@ -45,10 +45,12 @@ class Cell:
 
     @property
     def ok(self) -> bool:
+        """The run raised nothing and its verdict is ok."""
         return self.error is None and self.verdict is not None and self.verdict.ok
 
     @property
     def as_expected(self) -> bool:
+        """The outcome is what the backend's declaration predicts."""
         return self.ok == self.expected
 
     def text(self) -> str:
@@ -62,6 +64,7 @@ class Cell:
         return f"**{UNEXPECTED} ok**" if self.ok else f"**{UNEXPECTED}:** {body}"
 
     def as_dict(self) -> dict[str, Any]:
+        """The cell as JSON-able data."""
         return {
             "backend": self.backend,
             "scenario": self.scenario.id,

@@ -103,12 +103,14 @@ class CallTruth:
     """Late-work spans (:data:`LATE_TOOL`) this call's tools started and that ran after it returned."""
 
     def all_tags(self) -> set[str]:
+        """This call's tag and its children's, all the way down."""
         tags = {self.tag}
         for child in self.children:
             tags |= child.all_tags()
         return tags
 
     def total(self, kind: str) -> int:
+        """Spans of ``kind`` this call and its children should have made."""
         own = {"invoke_agent": 1, "step": self.steps, "chat": self.chats, "execute_tool": self.tools, LATE: self.late}[kind]
         return own + sum(child.total(kind) for child in self.children)
 
@@ -134,6 +136,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
+        """True when the counts match and nothing broke."""
         return self.expected == self.actual and not (
             self.never_ended
             or self.orphans
@@ -145,6 +148,7 @@ class Verdict:
         )
 
     def summary(self) -> str:
+        """``ok``, or what broke, with counts, in one line."""
         if self.ok:
             return "ok"
         parts = []
@@ -165,6 +169,7 @@ class Verdict:
         return "; ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
+        """The verdict as JSON-able data."""
         return {
             "ok": self.ok,
             "summary": self.summary(),
