@@ -578,6 +578,7 @@ print(json.dumps(_greenlet_problems(lambda: store_class(factory, **spec["kwargs"
 def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
     """Run in a monkey-patched process: greenlets on one owner, each spawning one during its invocation."""
     import gevent
+    import gevent.event
 
     store, owner = make(), _Owner()
     started: list[int] = []
@@ -598,8 +599,6 @@ def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
         after = late.get(timeout=TIMEOUT)
         return (_describe(mine, scope.state), _describe(spawned, scope.state),
                 _describe(after, None, [scope.state]), _describe(store.current(owner, sid), None, [scope.state]))
-
-    import gevent.event
 
     greenlets = [gevent.spawn(call) for _ in range(n)]
     gevent.joinall(greenlets, timeout=3 * TIMEOUT)
