@@ -75,10 +75,13 @@ def resolve_store(value: str | StateStore[Any] | None, factory: Callable[[], Any
             var, raw, type(exc).__name__, exc, _valid_names(), DEFAULT_HERMES_BACKEND,
         )
         store = get_store(DEFAULT_HERMES_BACKEND, factory)
-    _logger.debug(
-        "hermes-agent instrumentation: state backend %r (from %s)",
-        store.name, source[0] if source is not None else "default",
-    )
+    if source is None:
+        origin = "the default"
+    elif store.name == source[1].strip().lower():
+        origin = source[0]
+    else:
+        origin = f"the default: {source[0]} was not usable"
+    _logger.debug("hermes-agent instrumentation: state backend %r (from %s)", store.name, origin)
     return store
 
 

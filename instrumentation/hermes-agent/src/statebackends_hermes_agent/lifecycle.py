@@ -684,11 +684,10 @@ class HermesTelemetry:
         try:
             launcher = self.store.propagate(_call_through)
             parent = launcher(self._subagent_parent, child)
+            with self._pending_lock:
+                self._pending[child] = PendingSubagent(launcher, parent)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: subagent will start a trace of its own")
-            return
-        with self._pending_lock:
-            self._pending[child] = PendingSubagent(launcher, parent)
 
     def _subagent_parent(self, child: Any) -> Optional[Context]:
         state = self.store.current(child)

@@ -45,11 +45,15 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
 
 
 class HermesWrappers(HermesTelemetry):
-    """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`."""
+    """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
+
+    Each wrapper returns what the wrapped Hermes method returns and raises what it raises.
+    """
 
     # -- invoke_agent -------------------------------------------------------------------
 
     def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
         pending = self.take_subagent(instance)
         if pending is not None:  # a subagent: hang under its parent's delegate_task span
             return pending.run(self._invoke_agent, wrapped, instance, args, kwargs, pending.parent)
@@ -82,6 +86,7 @@ class HermesWrappers(HermesTelemetry):
     # -- react step ------------------------------------------------------------------------
 
     def execute_tool_calls(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent._execute_tool_calls``: names the agent for the tools it runs, then ends the react step."""
         token = _tool_owner.set(instance)
         error: Optional[BaseException] = None
         try:
@@ -96,6 +101,7 @@ class HermesWrappers(HermesTelemetry):
     # -- chat ----------------------------------------------------------------------------------
 
     def api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent._interruptible_api_call``: one ``chat`` span."""
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"))
         try:
             response = wrapped(*args, **kwargs)
@@ -106,6 +112,7 @@ class HermesWrappers(HermesTelemetry):
         return response
 
     def streaming_api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
@@ -120,6 +127,7 @@ class HermesWrappers(HermesTelemetry):
     # -- execute_tool --------------------------------------------------------------------------
 
     def invoke_tool(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent._invoke_tool``: names the agent and the tool call id for ``handle_function_call``."""
         owner = _tool_owner.set(instance)
         call_id = _tool_call_id.set(_arg(args, kwargs, 3, "tool_call_id"))
         try:
@@ -129,6 +137,7 @@ class HermesWrappers(HermesTelemetry):
             _tool_owner.reset(owner)
 
     def handle_function_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``run_agent.handle_function_call``: one ``execute_tool`` span."""
         call = self.start_tool(
             _tool_owner.get(),
             str(_arg(args, kwargs, 0, "function_name")),
@@ -145,6 +154,7 @@ class HermesWrappers(HermesTelemetry):
         return result
 
     def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
         call = self.start_tool(
             instance, "delegate_task", _arg(args, kwargs, 0, "function_args"), tool_call_id=_tool_call_id.get()
         )
@@ -159,6 +169,7 @@ class HermesWrappers(HermesTelemetry):
     # -- subagents -------------------------------------------------------------------------------
 
     def build_child_agent(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``tools.delegate_tool._build_child_agent``: remembers where the child's invocation will hang."""
         child = wrapped(*args, **kwargs)
         # Built in the parent's tool thread; run later in a worker that copies no context.
         self.prepare_subagent(child)
