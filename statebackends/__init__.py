@@ -6,7 +6,7 @@ registered in the ``statebackends`` entry-point group) is one small module.
 ``statebackends.testing`` is the conformance kit a backend is checked with.
 """
 
-from ._store import Concurrency, Scope, StateStore
+from ._store import NO_SCOPE, Concurrency, Scope, StateStore, first_open
 from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
@@ -20,6 +20,7 @@ from .registry import (
 
 __all__ = [
     "Concurrency",
+    "NO_SCOPE",
     "DEFAULT_BACKEND",
     "DEPRECATED_ENV_STATE_BACKEND",
     "ENTRY_POINT_GROUP",
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "StateStore",
     "available",
+    "first_open",
     "get_store",
     "store_from_config",
 ]
