@@ -30,7 +30,8 @@ from wrapt import wrap_function_wrapper
 
 from statebackends import StateStore
 
-from .config import capture_content, resolve_store
+from . import genai
+from .config import capture_mode, resolve_store
 from .package import _instruments
 from .state import InvocationState
 from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
@@ -58,7 +59,9 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     """Traces ``AIAgent`` calls: ``invoke_agent``, one step per ReAct round, ``chat`` and ``execute_tool`` spans.
 
     ``state_backend`` (after ``instrument``) names the backend in use, ``store`` is the store itself
-    and ``telemetry`` the live :class:`HermesTelemetry` (None when not instrumented).
+    and ``telemetry`` the live :class:`HermesTelemetry` (None when not instrumented). ``instrument()``
+    takes ``tracer_provider``, ``meter_provider``, ``logger_provider`` (for the content events) and
+    ``state_backend``; content capture follows ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
     """
 
     state_backend: Optional[str] = None
@@ -77,7 +80,10 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         store = resolve_store(kwargs.get("state_backend"), InvocationState)
         tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"))
         meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"))
-        wrappers = HermesWrappers(tracer, store, meter=meter, capture_content=capture_content())
+        mode = capture_mode()
+        # The Logs API logger is made only when content goes to events: capturing nothing costs nothing.
+        logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None
+        wrappers = HermesWrappers(tracer, store, meter=meter, capture_content=mode, event_logger=logger)
         self.store, self.state_backend, self._wrappers = store, store.name, wrappers
         import run_agent  # noqa: F401 - the instrumented module
         import tools.delegate_tool  # noqa: F401

@@ -9,6 +9,9 @@ from typing import Any, Callable, Mapping, Optional
 import statebackends
 from statebackends import StateStore, get_store, store_from_config
 
+from . import genai
+from .genai import CaptureMode
+
 _logger = logging.getLogger(__name__)
 
 ENV_HERMES_STATE_BACKEND = "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND"
@@ -20,8 +23,8 @@ ENV_LIBRARY_STATE_BACKEND: str = statebackends.ENV_STATE_BACKEND
 _DEPRECATED_LIBRARY_STATE_BACKEND = "OTEL_PYTHON_STATE_BACKEND"
 """The library's old variable name, still honoured by ``store_from_config`` as an alias."""
 
-ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-"""``true`` records message content and tool arguments/results; anything else records none."""
+ENV_CAPTURE_CONTENT = genai.ENV_CAPTURE_CONTENT
+"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT`` (any case) or ``true`` (``SPAN_ONLY``)."""
 
 STATE_BACKEND_ENV_VARS = (ENV_HERMES_STATE_BACKEND, ENV_LIBRARY_STATE_BACKEND)
 
@@ -85,6 +88,11 @@ def resolve_store(value: str | StateStore[Any] | None, factory: Callable[[], Any
     return store
 
 
+def capture_mode() -> CaptureMode:
+    """The content capture mode :data:`ENV_CAPTURE_CONTENT` names (an invalid value warns once, captures nothing)."""
+    return genai.capture_mode()
+
+
 def capture_content() -> bool:
-    """Whether :data:`ENV_CAPTURE_CONTENT` asks for message content to be recorded."""
-    return os.environ.get(ENV_CAPTURE_CONTENT, "").strip().lower() == "true"
+    """Whether :data:`ENV_CAPTURE_CONTENT` asks for any message content to be recorded (spans or events)."""
+    return capture_mode() is not CaptureMode.NO_CONTENT

@@ -1,7 +1,7 @@
 """The public lifecycle of the Hermes telemetry: start an invocation, a chat or a tool; stop or fail it.
 
 In the spirit of ``opentelemetry-util-genai``'s invocation objects: :class:`HermesTelemetry`
-holds the tracer, the meter, the state store and the content-capture flag, and its
+holds the tracer, the meter, the event logger, the state store and the content-capture mode, and its
 ``start_*`` methods return small objects (:class:`AgentInvocation`, :class:`ChatCall`,
 :class:`ToolCall`) whose ``stop(result)`` and ``fail(exc)`` end what was started.
 
@@ -33,12 +33,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
-from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from statebackends import StateStore
 
+from . import genai
+from .genai import CaptureMode
 from .state import InvocationState, read_response
 
 __all__ = [
@@ -62,7 +64,9 @@ _INPUT_MESSAGES = getattr(GenAI, "GEN_AI_INPUT_MESSAGES", "gen_ai.input.messages
 _OUTPUT_MESSAGES = getattr(GenAI, "GEN_AI_OUTPUT_MESSAGES", "gen_ai.output.messages")
 _TOOL_ARGUMENTS = getattr(GenAI, "GEN_AI_TOOL_CALL_ARGUMENTS", "gen_ai.tool.call.arguments")
 _TOOL_RESULT = getattr(GenAI, "GEN_AI_TOOL_CALL_RESULT", "gen_ai.tool.call.result")
-# The ReAct step attributes of the existing Hermes instrumentation, kept so dashboards carry over.
+# The names loongsuite's Hermes instrumentation gives its step span and two of its step attributes. Only
+# these: its gen_ai.operation.name "react", gen_ai.span.kind "STEP" and gen_ai.agent.name "Hermes" are not
+# set (see the README: dashboards keyed on those do not carry over).
 REACT_ROUND = "gen_ai.react.round"
 REACT_FINISH_REASON = "gen_ai.react.finish_reason"
 STEP_SPAN_NAME = "react step"
@@ -75,6 +79,19 @@ _OP_CHAT = GenAI.GenAiOperationNameValues.CHAT.value
 _OP_EXECUTE_TOOL = GenAI.GenAiOperationNameValues.EXECUTE_TOOL.value
 AGENT_NAME = "hermes"
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
+_CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
+
+
+def _error_labels(labels: dict[str, Any], response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
+    """Metric attributes of one finished operation: its start ``labels`` plus response model and error type."""
+    if response_model is None and error_type is None:
+        return labels
+    out = dict(labels)
+    if response_model is not None:
+        out[GenAI.GEN_AI_RESPONSE_MODEL] = response_model
+    if error_type is not None:
+        out[ERROR_TYPE] = error_type
+    return out
 
 
 def _record_error(span: Span, exc: BaseException) -> None:
@@ -134,7 +151,7 @@ class AgentInvocation:
     or None when the telemetry could not start it (the call then runs uninstrumented).
     """
 
-    __slots__ = ("_telemetry", "task_id", "scope", "span", "_token", "_done")
+    __slots__ = ("_telemetry", "task_id", "scope", "span", "_token", "_done", "_started", "_labels")
 
     def __init__(self, telemetry: "HermesTelemetry", task_id: str) -> None:
         self._telemetry = telemetry
@@ -143,6 +160,8 @@ class AgentInvocation:
         self.span: Optional[Span] = None
         self._token: Any = None
         self._done = False
+        self._started = 0.0
+        self._labels: Optional[dict[str, Any]] = None
 
     @property
     def evicted(self) -> bool:
@@ -187,10 +206,12 @@ class AgentInvocation:
                     attributes[GenAI.GEN_AI_RESPONSE_MODEL] = state.response_model
                 if state.finish_reasons:
                     attributes[GenAI.GEN_AI_RESPONSE_FINISH_REASONS] = list(state.finish_reasons)
-                if telemetry.capture_content and isinstance(result, dict) and result.get("final_response"):
-                    attributes[_OUTPUT_MESSAGES] = json.dumps(
-                        [{"role": "assistant", "parts": [{"type": "text", "content": str(result["final_response"])}]}]
-                    )
+                if telemetry._span_content and error is None and not failed and isinstance(result, dict):
+                    # A failed run's final_response is Hermes's error text: never an assistant message.
+                    final = result.get("final_response")
+                    if final:
+                        reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
+                        attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
                 if getattr(scope, "evicted", False):
                     # Not an error of the call (the agent's answer is fine): the telemetry of this call may be
                     # incomplete, because its state was dropped to keep the store bounded.
@@ -204,6 +225,9 @@ class AgentInvocation:
                     _record_error(span, error)
                 elif failed:
                     _mark_failed(span, result)
+            if self._labels is not None:
+                error_type = type(error).__qualname__ if error is not None else ("agent_run_failed" if failed else None)
+                telemetry._record_duration(self._labels, self._started, state.response_model, error_type)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete invoke_agent")
         finally:
@@ -229,7 +253,7 @@ class ChatCall:
     call Hermes falls back to inside a streaming call, which the outer span already covers).
     """
 
-    __slots__ = ("_telemetry", "_state", "span", "_started", "_labels", "_done")
+    __slots__ = ("_telemetry", "_state", "span", "_started", "_labels", "_done", "_inputs", "_first_chunk")
 
     def __init__(
         self,
@@ -239,21 +263,29 @@ class ChatCall:
         started: float,
         labels: Optional[dict[str, Any]],
         done: bool = False,
+        inputs: Optional[list[dict[str, Any]]] = None,
     ) -> None:
         self._telemetry = telemetry
         self._state = state
         self.span = span
         self._started = started
-        self._labels = labels
+        self._labels = labels  # the metric attributes known at start (shared: never mutated)
         self._done = done
+        self._inputs = inputs  # the request's messages in the conventions' shape, only when content goes to events
+        self._first_chunk = False
 
     def first_chunk(self) -> None:
-        """Record the time to the first streamed chunk on the span; never raises."""
+        """Record the time to the first streamed chunk (span attribute and metric), once; never raises."""
         span = self.span
-        if span is None:
+        if span is None or self._first_chunk:
             return
+        self._first_chunk = True
         try:
-            span.set_attribute(_TIME_TO_FIRST_CHUNK, time.monotonic() - self._started)
+            elapsed = time.monotonic() - self._started
+            span.set_attribute(_TIME_TO_FIRST_CHUNK, elapsed)
+            histogram = self._telemetry._ttfc
+            if histogram is not None and self._labels is not None:
+                histogram.record(elapsed, self._labels)
         except Exception:  # noqa: BLE001
             _logger.debug("hermes-agent instrumentation: time to first chunk not recorded", exc_info=True)
 
@@ -270,7 +302,7 @@ class ChatCall:
         return on_first_delta
 
     def stop(self, response: Any) -> None:
-        """End the chat with the LLM's ``response`` (usage, ids, finish reasons, metrics); never raises."""
+        """End the chat with the LLM's ``response`` (usage, ids, finish reasons, content, metrics); never raises."""
         if self._done:
             return
         self._done = True
@@ -282,9 +314,11 @@ class ChatCall:
             if span is None:
                 return
             try:
+                telemetry = self._telemetry
                 input_tokens, output_tokens, reasons, wants_tools = read_response(response)
                 response_id = getattr(response, "id", None)
                 response_model = getattr(response, "model", None)
+                response_model = str(response_model) if response_model else None
                 attributes: dict[str, Any] = {
                     GenAI.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
                     GenAI.GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
@@ -292,7 +326,7 @@ class ChatCall:
                 if response_id:
                     attributes[GenAI.GEN_AI_RESPONSE_ID] = str(response_id)
                 if response_model:
-                    attributes[GenAI.GEN_AI_RESPONSE_MODEL] = str(response_model)
+                    attributes[GenAI.GEN_AI_RESPONSE_MODEL] = response_model
                 if reasons:
                     attributes[GenAI.GEN_AI_RESPONSE_FINISH_REASONS] = list(reasons)
                 if state is not None:
@@ -301,19 +335,28 @@ class ChatCall:
                     if response_id:
                         state.response_id = str(response_id)
                     if response_model:
-                        state.response_model = str(response_model)
+                        state.response_model = response_model
                     state.finish_reasons = reasons or state.finish_reasons
                     if not wants_tools:  # a final answer closes the round
-                        self._telemetry._end_step(state, reasons[0] if reasons else "stop")
+                        telemetry._end_step(state, reasons[0] if reasons else "stop")
+                outputs = None
+                if telemetry._span_content or telemetry._event_content:
+                    outputs = genai.output_messages(response)
+                    if telemetry._span_content:
+                        attributes[_OUTPUT_MESSAGES] = genai.to_json(outputs)
                 span.set_attributes(attributes)
-                self._telemetry._record_metrics(self._labels, self._started, input_tokens, output_tokens)
+                labels = self._labels
+                if labels is not None and telemetry._duration is not None:
+                    telemetry._record_chat(labels, self._started, response_model, input_tokens, output_tokens)
+                if outputs is not None and telemetry._event_content:
+                    telemetry._emit_details(span, labels, attributes, self._inputs, outputs)
             finally:
                 _end_span(span, "chat")
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the chat span")
 
     def fail(self, error: BaseException) -> None:
-        """End the chat with the exception the LLM call raised, recorded on the span; never raises."""
+        """End the chat with the exception the LLM call raised (span, duration with ``error.type``); never raises."""
         if self._done:
             return
         self._done = True
@@ -325,6 +368,14 @@ class ChatCall:
                 return
             try:
                 _record_error(span, error)
+                telemetry = self._telemetry
+                labels = self._labels
+                error_type = type(error).__qualname__
+                if labels is not None:
+                    telemetry._record_duration(labels, self._started, None, error_type)
+                    if telemetry._event_content:
+                        # The request is reported; the error text is never an output message.
+                        telemetry._emit_details(span, labels, {ERROR_TYPE: error_type}, self._inputs, None)
             finally:
                 _end_span(span, "chat")
         except Exception:  # noqa: BLE001
@@ -366,9 +417,9 @@ class ToolCall:
                 if failure is not None:
                     span.set_status(Status(StatusCode.ERROR, failure[1]))  # type: ignore[union-attr]
                     span.set_attribute(ERROR_TYPE, failure[0])  # type: ignore[union-attr]
-                if self._telemetry.capture_content and result is not None:
+                if self._telemetry._span_content and result is not None:
                     span.set_attribute(  # type: ignore[union-attr]
-                        _TOOL_RESULT, result if isinstance(result, str) else json.dumps(result, default=str)
+                        _TOOL_RESULT, result if isinstance(result, str) else genai.to_json(result)
                     )
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the execute_tool span")
@@ -430,10 +481,12 @@ class PendingSubagent:
 
 
 class HermesTelemetry:
-    """The tracer, meter, state store and content-capture flag of one instrumentation, and its public lifecycle.
+    """The tracer, meter, event logger, state store and content-capture mode of one instrumentation, and its public lifecycle.
 
     ``start_invocation``, ``start_chat`` and ``start_tool`` never raise and return objects whose
     ``stop``/``fail`` never raise; ``end_tool_round`` and ``prepare_subagent`` never raise.
+    ``capture_content`` is a :class:`~statebackends_hermes_agent.genai.CaptureMode` (``True`` means
+    ``SPAN_ONLY``, ``False`` ``NO_CONTENT``); events need ``event_logger`` (a Logs API ``Logger``).
     """
 
     def __init__(
@@ -441,21 +494,34 @@ class HermesTelemetry:
         tracer: Tracer,
         store: StateStore[InvocationState],
         meter: Optional[Meter] = None,
-        capture_content: bool = False,
+        capture_content: "bool | CaptureMode" = False,
+        event_logger: Any = None,
     ) -> None:
         self.tracer = tracer
         self.store = store
-        self.capture_content = capture_content
+        if isinstance(capture_content, CaptureMode):
+            mode = capture_content
+        else:
+            mode = CaptureMode.SPAN_ONLY if capture_content else CaptureMode.NO_CONTENT
+        self.capture_mode = mode
+        self._span_content = mode.on_span
+        self._event_content = mode.on_event and event_logger is not None
+        self._event_logger = event_logger if self._event_content else None
+        self.capture_content = self._span_content or self._event_content
+        """Whether any message content is recorded (the wrappers pass the user message only then)."""
         self._pending: "weakref.WeakKeyDictionary[Any, PendingSubagent]" = weakref.WeakKeyDictionary()
         self._pending_lock = threading.Lock()
-        self._duration = self._tokens = None
+        # (provider label, base URL, model) -> (chat span name, chat span attributes, metric attributes)
+        self._chat_identities: dict[tuple, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        # (provider label, model, session id) -> (invoke_agent span attributes, metric attributes)
+        self._agent_identities: dict[tuple, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._duration = self._tokens = self._ttfc = None
         if meter is not None:
             try:
-                self._duration = gen_ai_metrics.create_gen_ai_client_operation_duration(meter)
-                self._tokens = gen_ai_metrics.create_gen_ai_client_token_usage(meter)
+                self._duration, self._tokens, self._ttfc = genai.create_instruments(meter)
             except Exception:  # noqa: BLE001
                 _logger.exception("hermes-agent instrumentation: metrics disabled, the instruments could not be created")
-                self._duration = self._tokens = None
+                self._duration = self._tokens = self._ttfc = None
 
     # -- invoke_agent ---------------------------------------------------------------------------
 
@@ -482,23 +548,14 @@ class HermesTelemetry:
                 parent = self._parent_of_agent(agent)
             scope = store.begin(agent, invocation_id=invocation.task_id)
             state = scope.state
-            attributes: dict[str, Any] = {
-                GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT,
-                GenAI.GEN_AI_AGENT_NAME: AGENT_NAME,
-            }
-            provider = getattr(agent, "provider", None)
-            if provider:
-                attributes[GenAI.GEN_AI_PROVIDER_NAME] = str(provider)
-            model = getattr(agent, "model", None)
-            if model:
-                attributes[GenAI.GEN_AI_REQUEST_MODEL] = str(model)
-            session_id = getattr(agent, "session_id", None)
-            if session_id:
-                attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
-            if self.capture_content:
-                attributes[_INPUT_MESSAGES] = json.dumps(
-                    [{"role": "user", "parts": [{"type": "text", "content": str(user_message)}]}]
-                )
+            key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
+            identity = self._agent_identities.get(key)
+            if identity is None:
+                identity = self._agent_identity(key)
+            attributes, invocation._labels = identity
+            if self._span_content and user_message is not None:
+                attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message)])}
+            invocation._started = time.monotonic()
             span = self.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, attributes=attributes)
             state.agent_span = span
             state.agent_ctx = trace.set_span_in_context(span, parent)
@@ -516,6 +573,25 @@ class HermesTelemetry:
         invocation.scope = scope
         invocation.span = span
         return invocation
+
+    def _agent_identity(self, key: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The ``invoke_agent`` span attributes and metric attributes of one (provider, model, session id)."""
+        provider, model, session_id = key
+        attributes: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT, GenAI.GEN_AI_AGENT_NAME: AGENT_NAME}
+        labels: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT}
+        if provider:
+            attributes[GenAI.GEN_AI_PROVIDER_NAME] = labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
+            attributes[genai.HERMES_PROVIDER] = str(provider)
+        if model:
+            attributes[GenAI.GEN_AI_REQUEST_MODEL] = labels[GenAI.GEN_AI_REQUEST_MODEL] = str(model)
+        if session_id:
+            attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
+        identity = (attributes, labels)
+        cache = self._agent_identities
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = identity
+        return identity
 
     def _parent_of_agent(self, agent: Any) -> Optional[Context]:
         """A nested invocation hangs under its enclosing invocation; a top-level one under the caller's span."""
@@ -589,13 +665,19 @@ class HermesTelemetry:
                 if state.step_span is None:
                     self._start_step(state)
             model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
-            model = model or getattr(agent, "model", None) or "unknown"
-            attributes: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_CHAT, GenAI.GEN_AI_REQUEST_MODEL: str(model)}
-            provider = getattr(agent, "provider", None)
-            if provider:
-                attributes[GenAI.GEN_AI_PROVIDER_NAME] = str(provider)
+            key = (getattr(agent, "provider", None), getattr(agent, "base_url", None), model or getattr(agent, "model", None))
+            identity = self._chat_identities.get(key)
+            if identity is None:
+                identity = self._chat_identity(key)
+            name, attributes, labels = identity
+            inputs = None
+            if self._span_content or self._event_content:
+                messages = api_kwargs.get("messages") if isinstance(api_kwargs, dict) else None
+                inputs = genai.input_messages(messages)
+                if self._span_content:
+                    attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
             span = self.tracer.start_span(
-                f"chat {model}",
+                name,
                 context=state.step_ctx if state is not None else None,
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
@@ -607,20 +689,80 @@ class HermesTelemetry:
             return ChatCall(self, None, None, 0.0, None, done=True)
         if state is not None:
             state.llm_depth += 1
-        return ChatCall(self, state, span, time.monotonic(), attributes)
+        return ChatCall(self, state, span, time.monotonic(), labels, inputs=inputs if self._event_content else None)
 
-    def _record_metrics(self, labels: Optional[dict[str, Any]], started: float, input_tokens: int, output_tokens: int) -> None:
-        """``labels`` are the chat span's start attributes: operation, provider and request model."""
+    def _chat_identity(self, key: tuple) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The chat span name, span start attributes and metric attributes of one (provider, base URL, model)."""
+        provider, base_url, model = key
+        model = str(model) if model else "unknown"
+        labels: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_CHAT, GenAI.GEN_AI_REQUEST_MODEL: model}
+        if provider:
+            labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
+        address, port = genai.server_of(base_url)
+        if address:
+            labels[SERVER_ADDRESS] = address
+            if port:
+                labels[SERVER_PORT] = port
+        attributes = dict(labels)
+        if provider:
+            attributes[genai.HERMES_PROVIDER] = str(provider)
+        identity = (f"chat {model}", attributes, labels)
+        cache = self._chat_identities
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = identity
+        return identity
+
+    def _record_duration(
+        self, labels: dict[str, Any], started: float, response_model: Optional[str], error_type: Optional[str]
+    ) -> None:
+        """Record one operation's ``gen_ai.client.operation.duration`` (with ``error.type`` when it failed); never raises."""
         duration = self._duration
-        if duration is None or labels is None:
+        if duration is None:
             return
         try:
-            duration.record(time.monotonic() - started, labels)
-            if self._tokens is not None:
-                self._tokens.record(input_tokens, {**labels, GenAI.GEN_AI_TOKEN_TYPE: "input"})
-                self._tokens.record(output_tokens, {**labels, GenAI.GEN_AI_TOKEN_TYPE: "output"})
+            duration.record(time.monotonic() - started, _error_labels(labels, response_model, error_type))
+        except Exception:  # noqa: BLE001
+            _logger.exception("hermes-agent instrumentation: could not record the operation duration")
+
+    def _record_chat(
+        self, labels: dict[str, Any], started: float, response_model: Optional[str], input_tokens: int, output_tokens: int
+    ) -> None:
+        """Record a successful chat's duration and token usage; never raises."""
+        try:
+            final = _error_labels(labels, response_model, None)
+            self._duration.record(time.monotonic() - started, final)  # type: ignore[union-attr]
+            tokens = self._tokens
+            if tokens is not None:
+                tokens.record(input_tokens, {**final, GenAI.GEN_AI_TOKEN_TYPE: "input"})
+                tokens.record(output_tokens, {**final, GenAI.GEN_AI_TOKEN_TYPE: "output"})
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not record the chat metrics")
+
+    def _emit_details(
+        self,
+        span: Span,
+        labels: Optional[dict[str, Any]],
+        response: dict[str, Any],
+        inputs: Optional[list[dict[str, Any]]],
+        outputs: Optional[list[dict[str, Any]]],
+    ) -> None:
+        """Emit one ``gen_ai.client.inference.operation.details`` event for a chat, tied to its span; never raises."""
+        logger = self._event_logger
+        if logger is None:
+            return
+        try:
+            attributes: dict[str, Any] = dict(labels or ())
+            for key, value in response.items():
+                if key != _OUTPUT_MESSAGES:
+                    attributes[key] = value
+            if inputs is not None:
+                attributes[_INPUT_MESSAGES] = inputs
+            if outputs is not None:
+                attributes[_OUTPUT_MESSAGES] = outputs
+            genai.emit_details(logger, attributes, trace.set_span_in_context(span))
+        except Exception:  # noqa: BLE001
+            _logger.exception("hermes-agent instrumentation: could not emit the inference details event")
 
     # -- execute_tool ---------------------------------------------------------------------------------
 
@@ -655,8 +797,8 @@ class HermesTelemetry:
             }
             if tool_call_id:
                 attributes[GenAI.GEN_AI_TOOL_CALL_ID] = str(tool_call_id)
-            if self.capture_content and arguments is not None:
-                attributes[_TOOL_ARGUMENTS] = json.dumps(arguments, default=str)
+            if self._span_content and arguments is not None:
+                attributes[_TOOL_ARGUMENTS] = arguments if isinstance(arguments, str) else genai.to_json(arguments)
             span = self.tracer.start_span(f"execute_tool {name}", context=parent, kind=SpanKind.INTERNAL, attributes=attributes)
             span_ctx = trace.set_span_in_context(span)
             if state is not None and name == "delegate_task":

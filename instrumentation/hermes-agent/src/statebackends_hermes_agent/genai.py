@@ -1,0 +1,299 @@
+"""What the GenAI semantic conventions ask of the telemetry, apart from where the state lives.
+
+Content capture modes (the ``opentelemetry-util-genai`` vocabulary), messages in the
+conventions' JSON shape, the well-known ``gen_ai.provider.name`` values, the server
+address of an agent's base URL and the metric instruments with the conventions'
+advisory bucket boundaries. Pure functions: nothing here touches the state store.
+Follows semantic conventions 1.37.0 (``gen_ai.input.messages`` / ``gen_ai.output.messages``,
+``gen_ai.client.inference.operation.details``); the time-to-first-chunk metric is from a later
+release (named with a fallback where the installed semconv package lacks it).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import threading
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from urllib.parse import urlsplit
+
+from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+_logger = logging.getLogger(__name__)
+
+ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means ``SPAN_ONLY``."""
+
+SEMCONV_VERSION = "1.37.0"
+"""The semantic-conventions release whose message shapes this module writes."""
+
+# -- content capture ----------------------------------------------------------------------------
+
+
+class CaptureMode(enum.Enum):
+    """Where message content goes: nowhere, on spans, in events, or both (util-genai's names)."""
+
+    NO_CONTENT = "NO_CONTENT"
+    SPAN_ONLY = "SPAN_ONLY"
+    EVENT_ONLY = "EVENT_ONLY"
+    SPAN_AND_EVENT = "SPAN_AND_EVENT"
+
+    @property
+    def on_span(self) -> bool:
+        """Whether content goes on the spans."""
+        return self in (CaptureMode.SPAN_ONLY, CaptureMode.SPAN_AND_EVENT)
+
+    @property
+    def on_event(self) -> bool:
+        """Whether content goes in ``gen_ai.client.inference.operation.details`` events."""
+        return self in (CaptureMode.EVENT_ONLY, CaptureMode.SPAN_AND_EVENT)
+
+
+_ALIASES = {"TRUE": CaptureMode.SPAN_ONLY}
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def capture_mode(environ: Optional[Mapping[str, str]] = None) -> CaptureMode:
+    """The capture mode that ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` names; never raises.
+
+    Unset means ``NO_CONTENT``; ``true`` is an alias of ``SPAN_ONLY``; any other value logs one
+    warning (once per distinct value in the process) naming the value and the valid ones, and
+    captures nothing.
+    """
+    raw = (os.environ if environ is None else environ).get(ENV_CAPTURE_CONTENT, "").strip()
+    if not raw:
+        return CaptureMode.NO_CONTENT
+    key = raw.upper()
+    if key in CaptureMode.__members__:
+        return CaptureMode[key]
+    if key in _ALIASES:
+        return _ALIASES[key]
+    with _warned_lock:
+        first = raw not in _warned
+        _warned.add(raw)
+    if first:
+        _logger.warning(
+            "%s=%r is not a valid content capture mode; valid: %s (or true); capturing no content",
+            ENV_CAPTURE_CONTENT, raw, ", ".join(CaptureMode.__members__),
+        )
+    return CaptureMode.NO_CONTENT
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+_FINISH_REASONS = {"tool_calls": "tool_call", "function_call": "tool_call"}
+
+
+def finish_reason(reason: Any) -> str:
+    """The conventions' finish reason for a provider's (OpenAI's ``tool_calls`` is ``tool_call``)."""
+    text = str(reason) if reason else "stop"
+    return _FINISH_REASONS.get(text, text)
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _text(content: Any) -> Optional[str]:
+    """Chat content as text: a string, or the text pieces of a list of content parts."""
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Iterable) and not isinstance(content, (Mapping, bytes)):
+        pieces = [str(_get(p, "text")) for p in content if _get(p, "text") is not None]
+        return "".join(pieces) if pieces else None
+    return str(content)
+
+
+def _tool_call_parts(tool_calls: Any) -> list[dict[str, Any]]:
+    parts = []
+    for call in tool_calls or ():
+        function = _get(call, "function")
+        part: dict[str, Any] = {"type": "tool_call", "name": str(_get(function, "name") or "")}
+        call_id = _get(call, "id")
+        if call_id is not None:  # optional in the conventions; absent rather than null
+            part["id"] = str(call_id)
+        arguments = _arguments(_get(function, "arguments"))
+        if arguments is not None:
+            part["arguments"] = arguments
+        parts.append(part)
+    return parts
+
+
+def chat_message(message: Any, default_role: str = "user") -> dict[str, Any]:
+    """One OpenAI-style chat message (dict or object) in the conventions' shape: role and parts."""
+    role = str(_get(message, "role") or default_role)
+    parts: list[dict[str, Any]] = []
+    if role == "tool":
+        part: dict[str, Any] = {"type": "tool_call_response", "response": _text(_get(message, "content")) or ""}
+        call_id = _get(message, "tool_call_id")
+        if call_id is not None:
+            part["id"] = str(call_id)
+        parts.append(part)
+    else:
+        text = _text(_get(message, "content"))
+        if text:
+            parts.append({"type": "text", "content": text})
+        parts.extend(_tool_call_parts(_get(message, "tool_calls")))
+    return {"role": role, "parts": parts}
+
+
+def input_messages(messages: Any) -> list[dict[str, Any]]:
+    """The request's chat history in the conventions' shape (``gen_ai.input.messages``)."""
+    return [chat_message(m) for m in messages or ()]
+
+
+def output_messages(response: Any) -> list[dict[str, Any]]:
+    """Each choice of a chat completion as an output message with its ``finish_reason``."""
+    out = []
+    for choice in _get(response, "choices") or ():
+        message = chat_message(_get(choice, "message") or {}, "assistant")
+        message["finish_reason"] = finish_reason(_get(choice, "finish_reason"))
+        out.append(message)
+    return out
+
+
+def text_message(role: str, text: Any, reason: Optional[str] = None) -> dict[str, Any]:
+    """A message of one text part; with ``reason``, an output message."""
+    message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": str(text)}]}
+    if reason is not None:
+        message["finish_reason"] = reason
+    return message
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON for a span attribute; never raises (unknown objects become strings, a cycle its repr)."""
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError):  # a circular structure, or keys json cannot write
+        return json.dumps(repr(value))
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+INFERENCE_DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+"""The conventions' event carrying one inference's request, response and (structured) messages."""
+
+
+def event_logger(logger_provider: Any = None, version: str = "") -> Any:
+    """A Logs API ``Logger`` of this instrumentation on ``logger_provider`` (the global one when None)."""
+    from opentelemetry import _logs
+
+    return _logs.get_logger(__name__.rsplit(".", 1)[0], version, logger_provider)
+
+
+def emit_details(logger: Any, attributes: Mapping[str, Any], context: Any = None) -> None:
+    """Emit :data:`INFERENCE_DETAILS_EVENT` with ``attributes`` (messages as structured values) in ``context``."""
+    from opentelemetry._logs import LogRecord
+
+    logger.emit(LogRecord(event_name=INFERENCE_DETAILS_EVENT, attributes=dict(attributes), context=context))
+
+
+# -- provider and server ----------------------------------------------------------------------
+
+
+PROVIDER_NAMES = {
+    "anthropic": "anthropic",
+    "openai-api": "openai",
+    "openai-codex": "openai",
+    "azure-foundry": "azure.ai.inference",
+    "bedrock": "aws.bedrock",
+    "gemini": "gcp.gemini",
+    "vertex": "gcp.vertex_ai",
+    "xai": "x_ai",
+    "xai-oauth": "x_ai",
+    "deepseek": "deepseek",
+}
+"""Hermes 0.19 provider ids (``hermes_cli.auth.PROVIDER_REGISTRY`` and its provider plugins) that are a
+provider the conventions list; any other label (``openrouter``, ``nous``, ``custom``, ...) is used as is.
+Hermes's bare ``openai`` is an alias of ``openrouter`` (an aggregator), so it is not mapped."""
+
+HERMES_PROVIDER = "hermes.provider"
+"""Hermes's own provider label (``openrouter``, ``nous``, ``custom``, ...), always recorded."""
+
+
+def provider_name(label: Any) -> Optional[str]:
+    """``gen_ai.provider.name`` for a Hermes provider label: the well-known value, else the label."""
+    if not label:
+        return None
+    text = str(label)
+    return PROVIDER_NAMES.get(text.lower(), text)
+
+
+def server_of(base_url: Any) -> tuple[Optional[str], Optional[int]]:
+    """(``server.address``, ``server.port``) of a base URL; the port defaults by scheme; never raises."""
+    if not base_url:
+        return None, None
+    try:
+        parts = urlsplit(str(base_url))
+        host = parts.hostname
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except (TypeError, ValueError):
+        return None, None
+    return (host, port) if host else (None, None)
+
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+"""Advisory bucket boundaries, in seconds, of ``gen_ai.client.operation.duration``."""
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+"""Advisory bucket boundaries of ``gen_ai.client.token.usage``."""
+FIRST_CHUNK_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+"""Advisory bucket boundaries, in seconds, of ``gen_ai.client.operation.time_to_first_chunk`` (those of the
+conventions' other first-token/first-chunk latencies, e.g. ``gen_ai.server.time_to_first_token``)."""
+
+OPERATION_DURATION: str = getattr(gen_ai_metrics, "GEN_AI_CLIENT_OPERATION_DURATION", "gen_ai.client.operation.duration")
+TOKEN_USAGE: str = getattr(gen_ai_metrics, "GEN_AI_CLIENT_TOKEN_USAGE", "gen_ai.client.token.usage")
+TIME_TO_FIRST_CHUNK: str = getattr(
+    gen_ai_metrics, "GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK", "gen_ai.client.operation.time_to_first_chunk"
+)
+
+
+class Instruments(NamedTuple):
+    """The histograms this instrumentation records."""
+
+    duration: Histogram
+    tokens: Histogram
+    time_to_first_chunk: Histogram
+
+
+def _histogram(meter: Meter, name: str, unit: str, description: str, buckets: tuple) -> Histogram:
+    """A histogram with the advisory ``buckets`` (without them on an API too old to take the advice)."""
+    try:
+        return meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=list(buckets)
+        )
+    except TypeError:  # an opentelemetry-api older than the advisory parameter
+        return meter.create_histogram(name, unit=unit, description=description)
+
+
+def create_instruments(meter: Meter) -> Instruments:
+    """The conventions' client histograms, with their advisory bucket boundaries."""
+    return Instruments(
+        _histogram(meter, OPERATION_DURATION, "s", "GenAI operation duration", DURATION_BUCKETS),
+        _histogram(meter, TOKEN_USAGE, "{token}", "Number of input and output tokens used", TOKEN_BUCKETS),
+        _histogram(
+            meter, TIME_TO_FIRST_CHUNK, "s", "Time to receive the first chunk of a streaming response", FIRST_CHUNK_BUCKETS
+        ),
+    )
