@@ -125,7 +125,7 @@ class HermesBench:
     def instrument(self, backend: str | StateStore[Any]) -> StateStore[Any]:
         """Instrument with ``backend`` (a name or a store) on the recorder's provider; return the store in use."""
         self.instrumentors.set_mode(backend, self.provider)
-        return self.instrumentor.store
+        return self.instrumentors.store
 
     def uninstrument(self) -> None:
         """Remove whichever instrumentation is active."""
@@ -133,8 +133,8 @@ class HermesBench:
 
     @property
     def store(self) -> StateStore[Any]:
-        """Our instrumentation's store (None when uninstrumented)."""
-        return self.instrumentor.store
+        """Our instrumentation's store (None when uninstrumented or a foreign instrumentor is active)."""
+        return self.instrumentors.store
 
     def reset(self) -> None:
         """Forget the spans recorded and what the fake LLM sent."""

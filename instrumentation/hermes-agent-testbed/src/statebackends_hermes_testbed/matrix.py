@@ -9,6 +9,19 @@ the scenario requires; a cell whose outcome differs from that is marked
     statebackends-matrix                      # the whole matrix, markdown
     statebackends-matrix --json               # machine-readable
     statebackends-matrix --backend contextvar --scenario threads --scenario soak
+    statebackends-matrix --instrumentor opentelemetry.instrumentation.hermes_agent:HermesAgentInstrumentor
+
+``--instrumentor MODULE:CLASS`` judges ANY Hermes instrumentation (an OpenTelemetry
+``BaseInstrumentor``): one column named after it, instrumented with nothing but the
+bench's tracer provider, and judged only from the exported spans (kinds from
+``gen_ai.operation.name``, else span names; parentage; response ids, tool call ids and
+token usage per call) and spans never ended; no store is read. Scenarios that need our
+own hooks or store (``Scenario.native``: the stub agents, the soak, the greenlets) are
+``n/a`` there. A foreign column has no declaration, so its cells have no expected
+outcome: they are printed as observed and never make the exit code 1.
+
+The scenarios with ``+threading`` in their id run with ``opentelemetry-instrumentation-threading``
+enabled; ``greenlets`` runs in a subprocess under gevent monkey patching.
 
 The fake LLM listens on 127.0.0.1; every other connection is refused while the
 matrix runs. Hermes's own console output goes to stderr, the table to stdout.
@@ -32,29 +45,37 @@ from .stamp import stamp_line, version_stamp
 UNEXPECTED = "✗ unexpected"
 
 
+NOT_APPLICABLE = "n/a"
+
+
 @dataclass
 class Cell:
-    """The outcome of one scenario with one backend."""
+    """The outcome of one scenario with one backend (or one foreign instrumentor)."""
 
     scenario: Any  # statebackends_hermes_testbed.scenarios.Scenario
     backend: str
-    expected: bool
+    expected: Optional[bool]
+    """None for a foreign instrumentor's cell: no declaration, no expected outcome."""
     verdict: Any = None  # statebackends_hermes_testbed.traces.Verdict, None when the run raised
     error: Optional[str] = None
     seconds: float = 0.0
+    applicable: bool = True
+    """False when the scenario needs our own hooks and the column is a foreign instrumentor (``n/a``)."""
 
     @property
     def ok(self) -> bool:
         """The run raised nothing and its verdict is ok."""
-        return self.error is None and self.verdict is not None and self.verdict.ok
+        return self.applicable and self.error is None and self.verdict is not None and self.verdict.ok
 
     @property
     def as_expected(self) -> bool:
-        """The outcome is what the backend's declaration predicts."""
-        return self.ok == self.expected
+        """The outcome is what the backend's declaration predicts (always, where nothing is predicted)."""
+        return self.expected is None or not self.applicable or self.ok == self.expected
 
     def text(self) -> str:
-        """``ok``, the broken counts, or the error; prefixed with ``✗ unexpected`` when not as declared."""
+        """``ok``, the broken counts, the error or ``n/a``; prefixed with ``✗ unexpected`` when not as declared."""
+        if not self.applicable:
+            return NOT_APPLICABLE
         if self.error is not None:
             body = f"error: {self.error}"
         else:
@@ -71,6 +92,7 @@ class Cell:
             "title": self.scenario.title,
             "requires": sorted(c.value for c in self.scenario.requires),
             "expected": self.expected,
+            "applicable": self.applicable,
             "ok": self.ok,
             "as_expected": self.as_expected,
             "seconds": round(self.seconds, 3),
@@ -79,11 +101,20 @@ class Cell:
         }
 
 
-def run_cell(bench: Any, scenario: Any, backend: str) -> Cell:
-    """Run one cell on ``bench``; an exception is recorded in the cell, never raised."""
+def run_cell(bench: Any, scenario: Any, backend: str, *, foreign: bool = False) -> Cell:
+    """Run one cell on ``bench``; an exception is recorded in the cell, never raised.
+
+    ``foreign``: ``backend`` names an instrumentor added with ``bench.instrumentors.add_foreign``;
+    the cell has no expected outcome, and a ``native`` scenario is not run (``n/a``).
+    """
     from .scenarios import expected_ok
 
-    cell = Cell(scenario=scenario, backend=backend, expected=expected_ok(scenario, backend))
+    if foreign:
+        cell = Cell(scenario=scenario, backend=backend, expected=None, applicable=not scenario.native)
+        if not cell.applicable:
+            return cell
+    else:
+        cell = Cell(scenario=scenario, backend=backend, expected=expected_ok(scenario, backend))
     started = time.perf_counter()
     try:
         cell.verdict = scenario.run(bench, backend)
@@ -109,13 +140,22 @@ def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence
         requires = ", ".join(sorted(c.value for c in s.requires)) or "-"
         row = [by_key[(s.id, b)].text() if (s.id, b) in by_key else "" for b in backends]
         lines.append(f"| {s.title} (`{s.id}`) | {requires} | " + " | ".join(row) + " |")
-    n_ok = sum(c.ok for c in cells)
-    n_exp = sum(c.as_expected for c in cells)
-    lines += [
-        "",
-        f"{n_ok}/{len(cells)} cells ok; {n_exp}/{len(cells)} as expected from the backends' declarations"
-        f"{'' if n_exp == len(cells) else f' ({len(cells) - n_exp} {UNEXPECTED})'}; {wall:.0f} s",
-    ]
+    run = [c for c in cells if c.applicable]
+    n_ok = sum(c.ok for c in run)
+    judged = [c for c in run if c.expected is not None]
+    n_exp = sum(c.as_expected for c in judged)
+    n_na = len(cells) - len(run)
+    tail = f"{n_ok}/{len(run)} cells ok"
+    if n_na:
+        tail += f" ({n_na} n/a)"
+    if judged:
+        tail += (
+            f"; {n_exp}/{len(judged)} as expected from the backends' declarations"
+            f"{'' if n_exp == len(judged) else f' ({len(judged) - n_exp} {UNEXPECTED})'}"
+        )
+    if len(judged) < len(run):
+        tail += f"; {len(run) - len(judged)} cells of a foreign instrumentor: observed, no expectation"
+    lines += ["", f"{tail}; {wall:.0f} s"]
     return "\n".join(lines)
 
 
@@ -129,7 +169,8 @@ def _pick(kind: str, wanted: Optional[list[str]], valid: Sequence[str]) -> list[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the chosen cells and print the table (or JSON); 0 when every cell is as declared, 1 if not, 2 on bad arguments."""
+    """Run the chosen cells and print the table (or JSON); 0 when every cell is as declared (a foreign instrumentor's
+    always are), 1 if not, 2 on bad arguments."""
     parser = argparse.ArgumentParser(
         prog="statebackends-matrix",
         description="Run every state backend through every concurrency scenario on the real hermes-agent "
@@ -139,13 +180,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backend", action="append", metavar="NAME", help="only this backend (repeatable)")
     parser.add_argument("--scenario", action="append", metavar="ID", help="only this scenario (repeatable)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="concurrent callers, 2..16 (default 8)")
+    parser.add_argument(
+        "--instrumentor",
+        metavar="MODULE:CLASS",
+        help="judge this OpenTelemetry BaseInstrumentor instead of our backends (one column named after it; "
+        "judged from exported spans only; scenarios needing our own hooks are n/a; never fails the exit code)",
+    )
     args = parser.parse_args(argv)
 
     from . import scenarios as sc
+    from .modes import load_instrumentor
 
+    foreign: Any = None
     try:
-        backends = _pick("backend", args.backend, list(available()))
+        if args.instrumentor is not None:
+            if args.backend:
+                raise ValueError("--backend does not apply with --instrumentor (a foreign instrumentor has no backends)")
+            foreign = load_instrumentor(args.instrumentor)
+            backends = [args.instrumentor]
+        else:
+            backends = _pick("backend", args.backend, list(available()))
         chosen = [sc.BY_ID[i] for i in _pick("scenario", args.scenario, [s.id for s in sc.SCENARIOS])]
+        if not args.scenario:
+            chosen = [s for s in chosen if not s.opt_in]
     except ValueError as exc:
         print(f"statebackends-matrix: error: {exc}", file=sys.stderr)
         return 2
@@ -163,10 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with loopback_only() as guard, contextlib.redirect_stdout(sys.stderr):
         bench = HermesBench(callers=callers)
+        if foreign is not None:
+            bench.instrumentors.add_foreign(args.instrumentor, foreign)
         try:
             for s in chosen:
                 for b in backends:
-                    cell = run_cell(bench, s, b)
+                    cell = run_cell(bench, s, b, foreign=foreign is not None)
                     cells.append(cell)
                     mark = "" if cell.as_expected else f"  {UNEXPECTED}"
                     progress(f"[{len(cells)}/{total}] {s.id} x {b}: {cell.text()} ({cell.seconds:.1f} s){mark}")
@@ -184,8 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "callers": callers,
                     "wall_seconds": round(wall, 1),
                     "cells": [c.as_dict() for c in cells],
+                    "instrumentor": args.instrumentor,
                     "ok": sum(c.ok for c in cells),
                     "as_expected": sum(c.as_expected for c in cells),
+                    "not_applicable": sum(not c.applicable for c in cells),
                     "total": len(cells),
                     "blocked_connections": [list(b) for b in guard.blocked],
                 },

@@ -34,6 +34,28 @@ def loongsuite_skip_reason() -> str:
     )
 
 
+def load_instrumentor(spec: str) -> Any:
+    """An instance of the ``BaseInstrumentor`` subclass named ``MODULE:CLASS``; ValueError naming what is wrong."""
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"--instrumentor {spec!r}: expected MODULE:CLASS, e.g. opentelemetry.instrumentation.hermes_agent:HermesAgentInstrumentor")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--instrumentor {spec!r}: module {module_name!r} not found or not importable ({exc})") from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ValueError(f"--instrumentor {spec!r}: module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, BaseInstrumentor)):
+        raise ValueError(
+            f"--instrumentor {spec!r}: {module_name}.{class_name} is not a BaseInstrumentor subclass "
+            "(opentelemetry.instrumentation.instrumentor.BaseInstrumentor)"
+        )
+    return cls()
+
+
 class Instrumentors:
     """Our instrumentor and, when installed, loongsuite's; at most one of them active, for one mode at a time."""
 
@@ -45,8 +67,14 @@ class Instrumentors:
         if loongsuite_available():
             theirs = importlib.import_module(LOONGSUITE_MODULE)
             self.theirs = theirs.HermesAgentInstrumentor()
+        self.foreign: dict[str, Any] = {}
+        """Foreign instrumentors by column name (:meth:`add_foreign`): instrumented with only a tracer provider."""
         self.mode = NONE
         self.release()
+
+    def add_foreign(self, name: str, instrumentor: Any) -> None:
+        """Make ``instrumentor`` (any ``BaseInstrumentor``) a mode named ``name``: judged from its spans only, no store."""
+        self.foreign[name] = instrumentor
 
     def modes(self, include_loongsuite: bool = True) -> List[str]:
         """``none``, every backend, and ``loongsuite`` when installed."""
@@ -59,7 +87,7 @@ class Instrumentors:
 
     def release(self) -> None:
         """Uninstrument whichever instrumentor is active."""
-        for instrumentor in (self.ours, self.theirs):
+        for instrumentor in (self.ours, self.theirs, *self.foreign.values()):
             if instrumentor is not None and instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.uninstrument()
         self.mode = NONE
@@ -69,7 +97,9 @@ class Instrumentors:
         self.release()
         if mode == NONE:
             return
-        if mode == LOONGSUITE:
+        if isinstance(mode, str) and mode in self.foreign:
+            self.foreign[mode].instrument(tracer_provider=provider)
+        elif mode == LOONGSUITE:
             if self.theirs is None:
                 raise RuntimeError(loongsuite_skip_reason())
             self.theirs.instrument(tracer_provider=provider)
@@ -80,4 +110,6 @@ class Instrumentors:
     @property
     def store(self) -> Optional[Any]:
         """Our instrumentation's state store while one of our modes is active, else None."""
-        return self.ours.store if self.mode not in (NONE, LOONGSUITE) else None
+        if self.mode in (NONE, LOONGSUITE) or (isinstance(self.mode, str) and self.mode in self.foreign):
+            return None
+        return self.ours.store

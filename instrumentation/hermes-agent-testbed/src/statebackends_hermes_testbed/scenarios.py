@@ -79,6 +79,12 @@ class Scenario:
     requires: frozenset[Concurrency]
     run: Callable[[HermesBench, str], Verdict] = field(repr=False, compare=False)
     doc: str = ""
+    native: bool = False
+    """Needs our own hooks or store (the stub agents, store probes): ``n/a`` for a foreign instrumentation."""
+    also_ok: frozenset[str] = frozenset()
+    """Backends expected ok although their declarations do not cover ``requires`` (see ``THREADING_VARIANTS``)."""
+    opt_in: bool = False
+    """Left out of the CLI's default run (named with ``--scenario`` or a flag); always in the pytest matrix."""
 
 
 # -- expectations from the declarations ------------------------------------------------------------
@@ -91,8 +97,9 @@ def isolates_of(backend: str) -> frozenset[Concurrency]:
 
 
 def expected_ok(scenario: Scenario, backend: str) -> bool:
-    """A cell is expected ok exactly when the backend declares all that the scenario requires."""
-    return scenario.requires <= isolates_of(backend)
+    """A cell is expected ok exactly when the backend declares all that the scenario requires (or the scenario's
+    data names the backend in ``also_ok``)."""
+    return scenario.requires <= isolates_of(backend) or backend in scenario.also_ok
 
 
 # -- agents, built once per bench ---------------------------------------------------------------------
@@ -471,7 +478,7 @@ def run_late_work(bench: HermesBench, backend: str) -> Verdict:
     store = _begin(bench, backend)
     agent = agents(bench).main
     _late.reset(store, agent)
-    live_before = store.live() or 0
+    live_before = (store.live() if store is not None else 0) or 0  # no store: a foreign instrumentation
     bench.call(agent, "late", f"[tool:{LATE_LAUNCHER}] [tools:1]", task_id=SESSION_ID)
     seen = _late.release()
     bench.call(agent, "after", "[tools:1]", task_id=SESSION_ID)  # the next turn of the session is untouched
@@ -532,7 +539,7 @@ def run_worker_reuse(bench: HermesBench, backend: str) -> Verdict:
     seen: list[str] = []
 
     def probe(before: str) -> None:
-        if store.current(agent) is not None:
+        if store is not None and store.current(agent) is not None:
             seen.append(f"state of an earlier call visible on the worker before {before}")
         if trace.get_current_span().get_span_context().is_valid:
             seen.append(f"a span of an earlier call is current on the worker before {before}")
@@ -653,11 +660,79 @@ def run_soak(bench: HermesBench, backend: str) -> Verdict:
     return verdict
 
 
+# -- greenlets (a subprocess under gevent monkey patching) -----------------------------------------------------
+
+
+def run_greenlets(bench: HermesBench, backend: str) -> Verdict:
+    """Invocations as gevent greenlets sharing one owner under ``monkey.patch_all()``, each tool dispatched in a greenlet
+    spawned during the invocation and handed only the owner and the id; run in a subprocess (patching must come first)
+    by :mod:`statebackends_hermes_testbed.greenlets` on a greenlet stub agent driving our public lifecycle."""
+    from .greenlets import run_in_subprocess
+
+    data = run_in_subprocess(backend, bench.callers)
+    fields = {f.name for f in dataclasses.fields(Verdict)}
+    verdict = Verdict(**{k: v for k, v in data.items() if k in fields})
+    if not data.get("monkey_patched"):
+        verdict.notes.append("the subprocess was not monkey-patched")
+        verdict.wrong_error += 1
+    for error in data.get("errors") or []:
+        verdict.notes.append(error)
+    if data.get("errors") or data.get("blocked_connections"):
+        verdict.wrong_error += len(data.get("errors") or []) + len(data.get("blocked_connections") or [])
+    return verdict
+
+
+# -- coexistence with opentelemetry-instrumentation-threading ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def threading_instrumentation() -> Iterator[None]:
+    """``ThreadingInstrumentor().instrument()`` for the block: OpenTelemetry's context rides ``Thread.start`` and
+    ``ThreadPoolExecutor.submit`` (only OpenTelemetry's context, not a ``contextvars`` copy); uninstrumented after."""
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+    instrumentor = ThreadingInstrumentor()
+    already = instrumentor.is_instrumented_by_opentelemetry
+    if not already:
+        instrumentor.instrument()
+    try:
+        yield
+    finally:
+        if not already:
+            instrumentor.uninstrument()
+
+
+def with_threading(run: Callable[[HermesBench, str], Verdict]) -> Callable[[HermesBench, str], Verdict]:
+    """``run`` with :func:`threading_instrumentation` active around it."""
+
+    def variant(bench: HermesBench, backend: str) -> Verdict:
+        with threading_instrumentation():
+            return run(bench, backend)
+
+    variant.__doc__ = f"{(run.__doc__ or '').strip()} With opentelemetry-instrumentation-threading enabled."
+    return variant
+
+
+OTEL_BRIDGED = frozenset({"otel_context"})
+"""Backends expected to cross a raw thread hop once opentelemetry-instrumentation-threading carries OpenTelemetry's
+context over it. ``otel_context`` keeps the state under a key of OpenTelemetry's ``Context`` and documents that it
+crosses the hops OpenTelemetry bridges; ``contextvar`` keeps it in a ContextVar of its own, which the threading
+instrumentation does NOT carry (it attaches OpenTelemetry's context only). The core's ``Concurrency`` has no member
+for "raw hop bridged by OpenTelemetry's context propagation" (a proposed ``OTEL_BRIDGED_THREAD``, declared by
+``otel_context``), so until it has one, this expectation is data here, by backend name, not a declaration."""
+
+
 # -- the registry --------------------------------------------------------------------------------------------
 
 
-def _s(id: str, title: str, requires: set[Concurrency], run: Callable[[HermesBench, str], Verdict]) -> Scenario:
-    return Scenario(id=id, title=title, requires=frozenset(requires), run=run, doc=(run.__doc__ or "").strip())
+def _s(
+    id: str,
+    title: str,
+    requires: set[Concurrency],
+    run: Callable[[HermesBench, str], Verdict],
+    **options: Any,
+) -> Scenario:
+    return Scenario(id=id, title=title, requires=frozenset(requires), run=run, doc=(run.__doc__ or "").strip(), **options)
 
 
 SCENARIOS: list[Scenario] = [
@@ -666,7 +741,7 @@ SCENARIOS: list[Scenario] = [
     _s("threads_tool_pool", "threads on one agent, 2 tools each in Hermes's pool", {C.THREADS, C.COPIED_CONTEXT}, run_threads_tool_pool),
     _s("to_thread", "asyncio tasks via asyncio.to_thread", {C.THREADS}, run_to_thread),
     _s("run_in_executor", "asyncio tasks via run_in_executor (no context copy)", {C.THREADS}, run_in_executor),
-    _s("async_tasks", "asyncio tasks interleaved on one loop (stub agent)", {C.ASYNC_TASKS}, run_async_tasks),
+    _s("async_tasks", "asyncio tasks interleaved on one loop (stub agent)", {C.ASYNC_TASKS}, run_async_tasks, native=True),
     _s("tool_pool", "tools in Hermes's concurrent pool (context copied)", {C.COPIED_CONTEXT}, run_tool_pool),
     _s("raw_thread", "tool pool without context copy (raw thread hop)", {C.RAW_THREAD}, run_raw_thread),
     _s("nested", "nested invocation inside a tool, same thread", {C.NESTED}, run_nested),
@@ -674,8 +749,9 @@ SCENARIOS: list[Scenario] = [
     _s("delegate_batch", "delegate_task batch of two subagents", {C.PROPAGATE}, run_delegate_batch),
     _s("worker_reuse", "one reused pool worker, calls in turn", set(), run_worker_reuse),
     _s("errors", "LLM error and tool error mid-call", set(), run_errors),
-    _s("cancel", "asyncio cancellation mid-call (stub agent)", {C.ASYNC_TASKS}, run_cancel),
-    _s("soak", "soak: thousands of calls, in a row then in threads", {C.THREADS}, run_soak),
+    _s("cancel", "asyncio cancellation mid-call (stub agent)", {C.ASYNC_TASKS}, run_cancel, native=True),
+    # The soak instruments our instrumentor with a backend on a provider of its own and reads the store.
+    _s("soak", "soak: thousands of calls, in a row then in threads", {C.THREADS}, run_soak, native=True),
     _s("shared_task_id", "turns of one session overlap on one agent (shared task id, pooled tools)",
        {C.THREADS, C.COPIED_CONTEXT, C.SHARED_ID}, run_shared_task_id),
     # Each agent has one open turn at a time: no owner is shared, so neither THREADS nor SHARED_ID (both about
@@ -688,6 +764,24 @@ SCENARIOS: list[Scenario] = [
     _s("shared_task_id_two_agents_raw", "shared task id on two agents, tool pool without context copy",
        {C.RAW_THREAD}, run_shared_task_id_two_agents_raw),
     _s("late_work", "work started by a tool runs after its call returned", set(), run_late_work),
+    _s("greenlets", "gevent greenlets on one agent, tools in spawned greenlets (subprocess, stub agent)",
+       {C.GREENLETS}, run_greenlets, native=True),
 ]
+
+THREADING_VARIANTS: list[Scenario] = [
+    # The raw-hop rows again with opentelemetry-instrumentation-threading enabled: the requirements stay those of the
+    # plain rows (a declared RAW_THREAD still crosses the hop); `otel_context` is expected ok too (OTEL_BRIDGED).
+    _s("raw_thread+threading", "tool pool without context copy, with threading instrumentation",
+       {C.RAW_THREAD}, with_threading(run_raw_thread), also_ok=OTEL_BRIDGED),
+    _s("shared_task_id_raw+threading", "shared task id on one agent, raw tool pool, with threading instrumentation",
+       {C.THREADS, C.RAW_THREAD, C.SHARED_ID, C.SHARED_ID_RAW_THREAD}, with_threading(run_shared_task_id_raw),
+       also_ok=OTEL_BRIDGED),
+    _s("shared_task_id_two_agents_raw+threading",
+       "shared task id on two agents, raw tool pool, with threading instrumentation",
+       {C.RAW_THREAD}, with_threading(run_shared_task_id_two_agents_raw), also_ok=OTEL_BRIDGED),
+]
+"""Rows run with ``--with-threading-instrumentation`` (or named with ``--scenario``)."""
+
+SCENARIOS.extend(THREADING_VARIANTS)
 
 BY_ID: dict[str, Scenario] = {s.id: s for s in SCENARIOS}

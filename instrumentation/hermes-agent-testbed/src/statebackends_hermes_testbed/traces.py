@@ -25,20 +25,58 @@ LATE = "late_work"
 """The kind of an ``execute_tool sb_late_job`` span: counted apart from the call's own tree."""
 
 
+OPERATION_KINDS: dict[str, str] = {
+    "invoke_agent": "invoke_agent",
+    "create_agent": "invoke_agent",
+    "chat": "chat",
+    "text_completion": "chat",
+    "execute_tool": "execute_tool",
+    "react": "step",
+}
+"""``gen_ai.operation.name`` values and the kind they make a span (``react``: loongsuite's step spans)."""
+ENTRY_OPERATIONS = frozenset({"enter"})
+"""Operations of a span an instrumentation may put between the caller and ``invoke_agent`` (loongsuite's
+``enter_ai_application_system``): transparent to the judge's parentage checks, never counted."""
+
+
+def _operation(span: Any) -> Optional[str]:
+    attrs = getattr(span, "attributes", None) or {}
+    op = attrs.get(GenAI.GEN_AI_OPERATION_NAME)
+    return op if isinstance(op, str) else None
+
+
 def kind_of(span: ReadableSpan) -> Optional[str]:
-    """The kind of an instrumentation span (one of :data:`KINDS`, or :data:`LATE`), None for any other span."""
+    """The kind of an instrumentation span (one of :data:`KINDS`, or :data:`LATE`), None for any other span.
+
+    Classified by the standard ``gen_ai.operation.name`` where the span carries a known one
+    (:data:`OPERATION_KINDS`), else by its name (``invoke_agent ...``, ``react step``, ``chat ...``,
+    ``execute_tool ...``), so any Hermes instrumentation is judged, not only ours.
+    """
     name = span.name
-    if name == f"execute_tool {LATE_TOOL}":
+    attrs = span.attributes or {}
+    kind = OPERATION_KINDS.get(_operation(span) or "")
+    if kind is None:
+        if name.startswith("invoke_agent"):
+            kind = "invoke_agent"
+        elif name == "react step":
+            kind = "step"
+        elif name.startswith("chat "):
+            kind = "chat"
+        elif name.startswith("execute_tool"):
+            kind = "execute_tool"
+    if kind == "execute_tool" and (attrs.get(GenAI.GEN_AI_TOOL_NAME) == LATE_TOOL or name == f"execute_tool {LATE_TOOL}"):
         return LATE
-    if name.startswith("invoke_agent"):
-        return "invoke_agent"
-    if name == "react step":
-        return "step"
-    if name.startswith("chat "):
-        return "chat"
-    if name.startswith("execute_tool"):
-        return "execute_tool"
-    return None
+    return kind
+
+
+def is_entry(span: Optional[ReadableSpan]) -> bool:
+    """Whether ``span`` is an entry span (:data:`ENTRY_OPERATIONS`) that the parentage checks look through."""
+    return span is not None and _operation(span) in ENTRY_OPERATIONS
+
+
+def is_instrumentation_span(span: ReadableSpan) -> bool:
+    """A span the instrumentation made: one of the judged kinds or an entry span (counted when never ended)."""
+    return kind_of(span) is not None or is_entry(span)
 
 
 class SpanProcessorBase(SpanProcessor):
@@ -253,7 +291,7 @@ def judge(
     expected = {k: sum(c.total(k) for c in calls) for k in kinds}
     actual = {k: 0 for k in kinds}
     verdict = Verdict(expected=expected, actual=actual, state_left=state_left)
-    verdict.never_ended = sum(1 for s in open_spans if kind_of(s) is not None)
+    verdict.never_ended = sum(1 for s in open_spans if is_instrumentation_span(s))
     per_call: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in kinds} for c in calls}
     error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in KINDS} for c in calls}
     broken: set[str] = set()
@@ -291,6 +329,9 @@ def judge(
         actual[kind] += 1
         owner = root_call(span)
         parent = by_id.get(span.parent.span_id) if span.parent is not None else None
+        hops = 0
+        while is_entry(parent) and parent.parent is not None and hops < 64:  # look through entry spans
+            parent, hops = by_id.get(parent.parent.span_id), hops + 1
         if owner in per_call:
             per_call[owner][kind] += 1
         if kind == LATE:
@@ -364,12 +405,16 @@ class StreamingJudge(SpanProcessorBase):
         with self._lock:
             parent = self._open.get(span.parent.span_id) if span.parent is not None else None
             root = span.name[len(CALLER_PREFIX):] if kind == CALL else (parent[1] if parent is not None else None)
-            self._open[span.context.span_id] = (kind, root, parent[0] if parent is not None else None)
+            parent_kind = parent[0] if parent is not None else None
+            if is_entry(span):  # transparent: its children see its parent's kind
+                self._open[span.context.span_id] = (parent_kind, root, parent[2] if parent is not None else None)
+                return
+            self._open[span.context.span_id] = (kind, root, parent_kind)
 
     def on_end(self, span: ReadableSpan) -> None:
         with self._lock:
             kind, root, parent_kind = self._open.pop(span.context.span_id, (None, None, None))
-            if kind not in self.counts:
+            if kind not in self.counts or is_entry(span):
                 return
             self.counts[kind] += 1
             if root is None or parent_kind not in PARENT_KINDS[kind]:
