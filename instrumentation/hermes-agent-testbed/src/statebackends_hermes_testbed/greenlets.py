@@ -5,16 +5,21 @@
 Monkey patching must come before anything imports ``threading`` or ``ssl``, so this module
 patches first, and the matrix runs it in a fresh interpreter (:func:`run_in_subprocess`).
 
-It drives our instrumentation's PUBLIC lifecycle (``HermesAgentInstrumentor().telemetry``:
-``start_invocation``, ``start_chat``, ``start_tool``, ``end_tool_round``, ``stop``/``fail``) from
-:class:`GreenletStubAgent`, a small synchronous agent whose LLM turns sleep (so gevent switches
-greenlets between them): ``callers`` invocations run as gevent greenlets sharing ONE agent (the
-owner), and each tool round dispatches every tool call in a greenlet SPAWNED during the invocation
-and handed only the owner and the invocation id (``task_id``), joined before the round ends. That
-greenlet starts with an empty ``contextvars`` context and its own (greenlet-local) ``threading.local``:
-its ``execute_tool`` span finds its parent only through what the store finds for (owner, id).
+By default (``--agent real``) it runs the REAL Hermes ``AIAgent`` (LLM faked in process, see
+``hermes_harness.InProcessLLM``): ``callers`` invocations run as gevent greenlets sharing ONE agent
+(the owner), each asking for two tools, which Hermes's concurrent tool pool runs in worker
+greenlets it spawns during the invocation; ``propagate_context_to_thread`` is patched to identity
+(as in the ``raw_thread`` row), so a worker starts with an empty ``contextvars`` context and its own
+greenlet-local ``threading.local`` and knows only the invocation id (``task_id``). Its
+``execute_tool`` span finds its parent only through what the store finds for that id.
 
-The real Hermes ``AIAgent`` is not used here: this cell uses the stub, and says so in its notes.
+``--agent stub`` runs :class:`GreenletStubAgent` instead, a small greenlet agent driving our
+instrumentation's PUBLIC lifecycle (``HermesAgentInstrumentor().telemetry``: ``start_invocation``,
+``start_chat``, ``start_tool``, ``end_tool_round``, ``stop``/``fail``), which spawns a greenlet per
+tool call handed only the owner and the id and joins it before the round ends (the fallback, kept
+for a Hermes release that does not run under gevent).
+
+The verdict includes ``max_overlap``: the most invocations open at once (below 2, the row tested nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ if __name__ == "__main__":  # pragma: no branch - before anything imports thread
     monkey.patch_all()
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +41,7 @@ GREENLET_DIRECTIVES = "[tools:2] [delay_ms:15]"
 """Each greenlet invocation: an LLM turn asking for two tools, the tools, a final LLM turn; every turn sleeps."""
 SUBPROCESS_TIMEOUT = 180.0
 STUB_NOTE = "greenlet stub agent (our public lifecycle), not the real Hermes AIAgent"
+REAL_NOTE = "real Hermes AIAgent under gevent, tools in greenlets its pool spawned (raw hop: only the id)"
 
 
 class GreenletStubAgent:
@@ -119,45 +126,81 @@ class GreenletStubAgent:
         return result
 
 
-def run(backend: str, callers: int) -> dict[str, Any]:
-    """Run ``callers`` greenlet invocations on one shared stub agent under ``backend``; the verdict as JSON-able data."""
+def max_overlap(spans: Sequence[Any]) -> int:
+    """The most ``invoke_agent`` spans open at one instant (did the greenlets really interleave?)."""
+    from .traces import kind_of
+
+    edges = sorted(
+        (t, step)
+        for s in spans
+        if kind_of(s) == "invoke_agent" and s.start_time is not None and s.end_time is not None
+        for t, step in ((s.start_time, 1), (s.end_time, -1))
+    )
+    best = open_now = 0
+    for _, step in edges:
+        open_now += step
+        best = max(best, open_now)
+    return best
+
+
+def run(backend: str, callers: int, agent_kind: str = "real") -> dict[str, Any]:
+    """Run ``callers`` greenlet invocations on one shared agent under ``backend``; the verdict as JSON-able data.
+
+    ``agent_kind`` ``real``: the real Hermes ``AIAgent`` (in-process fake LLM), its tool pool hopping raw
+    (``propagate_context_to_thread`` patched to identity), so each tool runs in a greenlet the pool spawns
+    during the invocation with only the id; ``stub``: :class:`GreenletStubAgent`.
+    """
     import gevent
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: F401 - imported after patching
 
     from statebackends_hermes_agent import HermesAgentInstrumentor
 
     from .driver import Recorder, ensure_hermes_home, truth_of
-    from .fakellm import Script
-    from .hermes_harness import MODEL, loopback_only
+    from .fakellm import FakeLLMServer, Script
+    from .hermes_harness import BENCH_TOOLSET, MODEL, InProcessLLM, loopback_only, make_agent
     from .traces import CALLER_PREFIX
 
     ensure_hermes_home()
-    with loopback_only() as guard:
+    errors: list[str] = []
+    with loopback_only() as guard, contextlib.ExitStack() as stack:
         recorder = Recorder("statebackends.greenlets")
         instrumentor = HermesAgentInstrumentor()
         instrumentor.instrument(tracer_provider=recorder.provider, state_backend=backend)
-        try:
-            telemetry = instrumentor.telemetry
-            store = instrumentor.store
+        stack.callback(instrumentor.uninstrument)
+        store = instrumentor.store
+        if agent_kind == "real":
+            from .scenarios import raw_tool_pool
+
+            server = FakeLLMServer().start()  # answers the model probes of the agent's construction only
+            stack.callback(server.stop)
+            agent: Any = make_agent(server.base_url, toolsets=(BENCH_TOOLSET,))
+            llm = InProcessLLM()
+            llm.install(agent)
+            stack.enter_context(raw_tool_pool())
+            records: Any = llm
+            note = REAL_NOTE
+        else:
             script = Script()
-            agent = GreenletStubAgent(telemetry, script, MODEL)
-            tags = [f"gl{i}" for i in range(callers)]
+            agent = GreenletStubAgent(instrumentor.telemetry, script, MODEL)
+            records, note = script, STUB_NOTE
+        tags = [f"gl{i}" for i in range(callers)]
 
-            def call(tag: str) -> None:
-                with recorder.tracer.start_as_current_span(f"{CALLER_PREFIX}{tag}"):
-                    agent.run_conversation(f"[conv:{tag}] {GREENLET_DIRECTIVES} hello", task_id=f"task-{tag}")
+        def call(tag: str) -> None:
+            with recorder.tracer.start_as_current_span(f"{CALLER_PREFIX}{tag}"):
+                agent.run_conversation(f"[conv:{tag}] {GREENLET_DIRECTIVES} hello", task_id=f"task-{tag}")
 
-            greenlets = [gevent.spawn(call, t) for t in tags]
-            gevent.joinall(greenlets, timeout=60)
-            errors = [repr(g.exception) for g in greenlets if g.exception is not None or not g.ready()]
-            verdict = recorder.verdict([truth_of(script, t, tools=2) for t in tags], store=store, owners=[agent])
-        finally:
-            instrumentor.uninstrument()
-    verdict.notes.insert(0, STUB_NOTE)
+        greenlets = [gevent.spawn(call, t) for t in tags]
+        gevent.joinall(greenlets, timeout=60)
+        errors = [repr(g.exception) if g.ready() else "a greenlet did not finish" for g in greenlets
+                  if g.exception is not None or not g.ready()]
+        verdict = recorder.verdict([truth_of(records, t, tools=2) for t in tags], store=store, owners=[agent])
+        overlap = max_overlap(recorder.exporter.get_finished_spans())
+    verdict.notes.insert(0, f"{note}; at most {overlap} invocations open at once")
     verdict.notes.extend(f"greenlet raised {e}" for e in errors)
     data = verdict.as_dict()
-    data["ok"] = verdict.ok and not errors and not guard.blocked
+    data["ok"] = verdict.ok and not errors and not guard.blocked and overlap >= 2
     data["errors"] = errors
+    data["agent"] = agent_kind
+    data["max_overlap"] = overlap
     data["monkey_patched"] = _patched()
     data["blocked_connections"] = [list(b) for b in guard.blocked]
     return data
@@ -172,9 +215,12 @@ def _patched() -> bool:
         return False
 
 
-def run_in_subprocess(backend: str, callers: int, timeout: float = SUBPROCESS_TIMEOUT) -> dict[str, Any]:
+def run_in_subprocess(
+    backend: str, callers: int, agent_kind: str = "real", timeout: float = SUBPROCESS_TIMEOUT
+) -> dict[str, Any]:
     """Run :func:`run` in a fresh interpreter (monkey patching comes first there); its JSON verdict, or RuntimeError."""
-    cmd = [sys.executable, "-m", "statebackends_hermes_testbed.greenlets", "--backend", backend, "--callers", str(callers)]
+    cmd = [sys.executable, "-m", "statebackends_hermes_testbed.greenlets", "--backend", backend,
+           "--callers", str(callers), "--agent", agent_kind]
     env = {k: v for k, v in os.environ.items() if k not in ("HERMES_HOME",)}  # the child makes a private home
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -184,10 +230,11 @@ def run_in_subprocess(backend: str, callers: int, timeout: float = SUBPROCESS_TI
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the JSON verdict of one greenlet run on stdout (one line); 0 when it ran, whatever the verdict."""
+    """Print the JSON verdict of one greenlet run on stdout (one line); 0 when it ran, whatever the verdict, 2 if unpatched."""
     parser = argparse.ArgumentParser(prog="python -m statebackends_hermes_testbed.greenlets")
     parser.add_argument("--backend", required=True)
     parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--agent", choices=("real", "stub"), default="real")
     args = parser.parse_args(argv)
     if not _patched():
         print("statebackends_hermes_testbed.greenlets: gevent monkey patching is not active", file=sys.stderr)
@@ -195,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = sys.stdout
     sys.stdout = sys.stderr  # Hermes's or anything else's console output stays off the JSON line
     try:
-        data = run(args.backend, args.callers)
+        data = run(args.backend, args.callers, args.agent)
     finally:
         sys.stdout = out
     print(json.dumps(data), flush=True)

@@ -664,9 +664,9 @@ def run_soak(bench: HermesBench, backend: str) -> Verdict:
 
 
 def run_greenlets(bench: HermesBench, backend: str) -> Verdict:
-    """Invocations as gevent greenlets sharing one owner under ``monkey.patch_all()``, each tool dispatched in a greenlet
-    spawned during the invocation and handed only the owner and the id; run in a subprocess (patching must come first)
-    by :mod:`statebackends_hermes_testbed.greenlets` on a greenlet stub agent driving our public lifecycle."""
+    """N invocations as gevent greenlets on ONE real Hermes agent under ``monkey.patch_all()``, two tools each run in
+    greenlets Hermes's tool pool spawns during the invocation, hopping raw (only the id travels); run in a subprocess
+    (patching must come first) by :mod:`statebackends_hermes_testbed.greenlets`, whose JSON verdict makes the cell."""
     from .greenlets import run_in_subprocess
 
     data = run_in_subprocess(backend, bench.callers)
@@ -677,6 +677,9 @@ def run_greenlets(bench: HermesBench, backend: str) -> Verdict:
         verdict.wrong_error += 1
     for error in data.get("errors") or []:
         verdict.notes.append(error)
+    if int(data.get("max_overlap") or 0) < 2:  # the greenlets never interleaved: the row tested nothing
+        verdict.notes.append(f"at most {data.get('max_overlap')} invocation open at once")
+        verdict.wrong_error += 1
     if data.get("errors") or data.get("blocked_connections"):
         verdict.wrong_error += len(data.get("errors") or []) + len(data.get("blocked_connections") or [])
     return verdict
@@ -764,7 +767,7 @@ SCENARIOS: list[Scenario] = [
     _s("shared_task_id_two_agents_raw", "shared task id on two agents, tool pool without context copy",
        {C.RAW_THREAD}, run_shared_task_id_two_agents_raw),
     _s("late_work", "work started by a tool runs after its call returned", set(), run_late_work),
-    _s("greenlets", "gevent greenlets on one agent, tools in spawned greenlets (subprocess, stub agent)",
+    _s("greenlets", "gevent greenlets on one agent, tools in greenlets spawned raw (subprocess)",
        {C.GREENLETS}, run_greenlets, native=True),
 ]
 

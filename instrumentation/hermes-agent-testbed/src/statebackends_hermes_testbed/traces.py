@@ -322,6 +322,9 @@ def judge(
                     broken.add(owner)
         verdict.cross_talk += foreign_tags(span.attributes, late_tags)
 
+    detached: list[str] = []  # judged spans with no caller span at the root of their trace
+    caller_traces = {s.context.trace_id for s in spans if s.name.startswith(CALLER_PREFIX)}
+
     for span in spans:
         kind = kind_of(span)
         if kind is None:
@@ -339,6 +342,8 @@ def judge(
             continue
         if owner is None or owner not in truth:
             verdict.orphans += 1
+            if owner is None:
+                detached.append(span.name if span.context.trace_id in caller_traces else f"{span.name} (new trace)")
             continue
         if kind_or_call(parent) not in PARENT_KINDS[kind] or parent.context.trace_id != span.context.trace_id:
             verdict.orphans += 1
@@ -354,6 +359,10 @@ def judge(
             call = truth[owner]
             tokens_in = attrs.get(GenAI.GEN_AI_USAGE_INPUT_TOKENS)
             tokens_out = attrs.get(GenAI.GEN_AI_USAGE_OUTPUT_TOKENS)
+            if tokens_in is None and call.input_tokens == 0:
+                tokens_in = 0  # no usage reported where none was used: not a mismatch
+            if tokens_out is None and call.output_tokens == 0:
+                tokens_out = 0
             if call.input_tokens is not None and tokens_in != call.input_tokens:
                 verdict.cross_talk += 1
                 broken.add(owner)
@@ -381,6 +390,9 @@ def judge(
                 verdict.wrong_error += abs(want - got)
                 broken.add(call.tag)
                 verdict.notes.append(f"{call.tag}: {got} {kind} span(s) with error status, expected {want}")
+    if detached:
+        names = ", ".join(f"{n} x{detached.count(n)}" for n in sorted(set(detached)))
+        verdict.notes.append(f"{len(detached)} span(s) with no caller span at their root: {names}")
     verdict.broken = sorted(broken)
     return verdict
 
