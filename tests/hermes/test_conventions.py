@@ -1,0 +1,417 @@
+"""The GenAI semantic conventions on the REAL hermes-agent: content capture modes, message shapes, provider, server, metrics.
+
+Every test instruments with its own SDK tracer, meter and logger providers (in-memory exporters, and a
+span processor that keeps each span's attributes as they were at start), drives the real agent on the
+fake LLM server (127.0.0.1), and checks what the conventions ask. Captured messages are validated
+against ``tests/hermes/schemas/gen_ai_messages.json`` (written from semantic conventions 1.37.0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from statebackends_hermes_agent import genai
+from statebackends_hermes_testbed.driver import HermesBench
+
+ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND")
+INPUT, OUTPUT = "gen_ai.input.messages", "gen_ai.output.messages"
+TOOL_ARGS, TOOL_RESULT = "gen_ai.tool.call.arguments", "gen_ai.tool.call.result"
+CONTENT_KEYS = (INPUT, OUTPUT, TOOL_ARGS, TOOL_RESULT)
+EVENT = "gen_ai.client.inference.operation.details"
+DURATION, TOKENS, TTFC = (
+    "gen_ai.client.operation.duration",
+    "gen_ai.client.token.usage",
+    "gen_ai.client.operation.time_to_first_chunk",
+)
+# The conventions' advisory bucket boundaries, written out here (not read from the code under test).
+DURATION_BOUNDS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+TTFC_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+SCHEMA = json.loads((Path(__file__).parent / "schemas" / "gen_ai_messages.json").read_text())
+
+
+def _validator(definition: str) -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(SCHEMA)
+    cls.check_schema(SCHEMA)
+    return cls({**SCHEMA, "$ref": f"#/$defs/{definition}"})
+
+
+INPUT_SCHEMA = _validator("inputMessages")
+OUTPUT_SCHEMA = _validator("outputMessages")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON string parsed, or a structured log attribute (tuples) as plain JSON values."""
+    return json.loads(value) if isinstance(value, str) else json.loads(json.dumps(value))
+
+
+def valid_inputs(value: Any) -> list[dict[str, Any]]:
+    messages = _plain(value)
+    INPUT_SCHEMA.validate(messages)
+    return messages
+
+
+def valid_outputs(value: Any) -> list[dict[str, Any]]:
+    messages = _plain(value)
+    OUTPUT_SCHEMA.validate(messages)
+    return messages
+
+
+# -- the telemetry of one test ------------------------------------------------------------------------------
+
+
+class StartRecorder(SpanProcessor):
+    """Keeps each span's attributes as they were when it started."""
+
+    def __init__(self) -> None:
+        self.at_start: dict[int, dict[str, Any]] = {}
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        self.at_start[span.context.span_id] = dict(span.attributes or {})
+
+
+class Telemetry:
+    """SDK tracer, meter and logger providers with in-memory exporters, and the instrumentation on them."""
+
+    def __init__(self, bench: HermesBench) -> None:
+        self.bench = bench
+        self.spans = InMemorySpanExporter()
+        self.starts = StartRecorder()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(self.starts)
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.logs = InMemoryLogExporter()
+        self.logger_provider = LoggerProvider()
+        self.logger_provider.add_log_record_processor(SimpleLogRecordProcessor(self.logs))
+
+    def instrument(self) -> None:
+        self.bench.instrumentor.instrument(
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            logger_provider=self.logger_provider,
+            state_backend="contextvar",
+        )
+
+    def run(self, agent: Any, tag: str, directives: str = "[tools:1]") -> Any:
+        return agent.run_conversation(f"[conv:{tag}] {directives} hello")
+
+    def of(self, prefix: str) -> list[ReadableSpan]:
+        return sorted((s for s in self.spans.get_finished_spans() if s.name.startswith(prefix)), key=lambda s: s.start_time)
+
+    def events(self) -> list[Any]:
+        records = [getattr(r, "log_record", r) for r in self.logs.get_finished_logs()]
+        return [r for r in records if r.event_name == EVENT]
+
+    def points(self, name: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        found = []
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == name:
+                        found.extend(metric.data.data_points)
+        return found
+
+
+@pytest.fixture
+def tel(hermes_bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> Iterator[Telemetry]:
+    for var in (ENV_CAPTURE, *ENV_BACKENDS):
+        monkeypatch.delenv(var, raising=False)
+    hermes_bench.uninstrument()
+    hermes_bench.reset()
+    yield Telemetry(hermes_bench)
+    hermes_bench.uninstrument()
+
+
+def _with_mode(tel: Telemetry, monkeypatch: pytest.MonkeyPatch, value: Optional[str]) -> None:
+    if value is not None:
+        monkeypatch.setenv(ENV_CAPTURE, value)
+    tel.instrument()
+
+
+def _server(bench: HermesBench) -> tuple[str, int]:
+    parts = urlsplit(bench.server.base_url)
+    return parts.hostname, parts.port
+
+
+# -- content capture modes -------------------------------------------------------------------------------------
+
+
+def test_nothing_is_captured_by_default(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-off")
+    spans = tel.spans.get_finished_spans()
+    assert len(spans) == 6
+    assert not [(s.name, k) for s in spans for k in CONTENT_KEYS if k in s.attributes]
+    assert tel.events() == []
+
+
+@pytest.mark.parametrize("value", ["SPAN_ONLY", "span_only", "true", "True"])
+def test_span_capture_puts_valid_messages_on_every_span(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    _with_mode(tel, monkeypatch, value)
+    tag = f"cv-span-{value.lower()}"
+    result = tel.run(tel.bench.agent(), tag)
+    assert result["final_response"] == f"done {tag}"
+
+    first, second = tel.of("chat ")
+    for chat in (first, second):
+        assert INPUT in chat.attributes and OUTPUT in chat.attributes, chat.name
+    inputs1, outputs1 = valid_inputs(first.attributes[INPUT]), valid_outputs(first.attributes[OUTPUT])
+    assert inputs1[-1]["role"] == "user" and f"[conv:{tag}]" in inputs1[-1]["parts"][0]["content"]
+    (answer1,) = outputs1
+    assert answer1["role"] == "assistant" and answer1["finish_reason"] == "tool_call"
+    (call,) = [p for p in answer1["parts"] if p["type"] == "tool_call"]
+    assert call == {"type": "tool_call", "id": f"call_{tag}_1", "name": "sb_echo", "arguments": {"text": f"{tag}-1"}}
+
+    inputs2, outputs2 = valid_inputs(second.attributes[INPUT]), valid_outputs(second.attributes[OUTPUT])
+    (response,) = [p for m in inputs2 if m["role"] == "tool" for p in m["parts"]]
+    assert response["type"] == "tool_call_response" and response["id"] == f"call_{tag}_1"
+    assert response["response"] == f"{tag}-1"
+    assert outputs2 == [{"role": "assistant", "parts": [{"type": "text", "content": f"done {tag}"}], "finish_reason": "stop"}]
+
+    (agent_span,) = tel.of("invoke_agent")
+    (user,) = valid_inputs(agent_span.attributes[INPUT])
+    assert user["role"] == "user" and f"[conv:{tag}]" in user["parts"][0]["content"]
+    assert valid_outputs(agent_span.attributes[OUTPUT]) == outputs2
+
+    (tool,) = tel.of("execute_tool")
+    assert json.loads(tool.attributes[TOOL_ARGS]) == {"text": f"{tag}-1"}
+    assert tool.attributes[TOOL_RESULT] == f"{tag}-1"
+    assert tel.events() == [], "span capture emits no events"
+
+
+@pytest.mark.parametrize("value", ["EVENT_ONLY", "SPAN_AND_EVENT", "span_and_event"])
+def test_event_capture_emits_one_valid_details_event_per_chat(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    _with_mode(tel, monkeypatch, value)
+    tag = f"cv-ev-{value.lower()}"
+    tel.run(tel.bench.agent(), tag)
+    chats = tel.of("chat ")
+    events = tel.events()
+    assert len(events) == len(chats) == 2
+    host, port = _server(tel.bench)
+    by_span = {e.span_id: e for e in events}
+    for chat in chats:
+        event = by_span[chat.context.span_id]
+        assert event.trace_id == chat.context.trace_id
+        attrs = event.attributes
+        assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.request.model"] == "fake-model"
+        assert attrs["gen_ai.provider.name"] == "custom"
+        assert (attrs["server.address"], attrs["server.port"]) == (host, port)
+        assert attrs["gen_ai.response.id"] == chat.attributes["gen_ai.response.id"]
+        assert attrs["gen_ai.usage.input_tokens"] == chat.attributes["gen_ai.usage.input_tokens"]
+        assert not isinstance(attrs[INPUT], str), "structured on the event, not a JSON string"
+        valid_inputs(attrs[INPUT])
+        outputs = valid_outputs(attrs[OUTPUT])
+        assert outputs[0]["role"] == "assistant"
+    reasons = [valid_outputs(by_span[c.context.span_id].attributes[OUTPUT])[0]["finish_reason"] for c in chats]
+    assert reasons == ["tool_call", "stop"]
+
+    on_spans = [(s.name, k) for s in tel.spans.get_finished_spans() for k in CONTENT_KEYS if k in s.attributes]
+    if value.upper() == "EVENT_ONLY":
+        assert on_spans == []
+    else:
+        assert {k for _, k in on_spans} == set(CONTENT_KEYS)
+        for chat in chats:
+            assert _plain(by_span[chat.context.span_id].attributes[OUTPUT]) == json.loads(chat.attributes[OUTPUT])
+
+
+def test_an_invalid_mode_warns_once_and_captures_nothing(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="statebackends_hermes_agent"):
+        _with_mode(tel, monkeypatch, "SPANS_PLEASE")
+        tel.run(tel.bench.agent(), "cv-bad")
+        tel.bench.uninstrument()
+        tel.instrument()  # read again: still no second warning
+        tel.run(tel.bench.agent(), "cv-bad2")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and ENV_CAPTURE in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert "SPANS_PLEASE" in message and "SPAN_AND_EVENT" in message
+    assert not [(s.name, k) for s in tel.spans.get_finished_spans() for k in CONTENT_KEYS if k in s.attributes]
+    assert tel.events() == []
+
+
+def test_capture_mode_vocabulary() -> None:
+    modes = {v: genai.capture_mode({ENV_CAPTURE: v}) for v in ("", "no_content", "Span_Only", "EVENT_ONLY", "span_and_event", "TRUE")}
+    assert modes == {
+        "": genai.CaptureMode.NO_CONTENT,
+        "no_content": genai.CaptureMode.NO_CONTENT,
+        "Span_Only": genai.CaptureMode.SPAN_ONLY,
+        "EVENT_ONLY": genai.CaptureMode.EVENT_ONLY,
+        "span_and_event": genai.CaptureMode.SPAN_AND_EVENT,
+        "TRUE": genai.CaptureMode.SPAN_ONLY,
+    }
+    assert genai.capture_mode({ENV_CAPTURE: "false"}) is genai.CaptureMode.NO_CONTENT  # not a mode: warns, nothing
+
+
+# -- a failed run ---------------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_is_never_an_assistant_message(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_mode(tel, monkeypatch, "SPAN_AND_EVENT")
+    result = tel.run(tel.bench.agent(), "cv-fail", "[llm_error]")
+    assert result.get("failed") is True and result.get("final_response"), "Hermes reports the error as final_response"
+    (agent_span,) = tel.of("invoke_agent")
+    assert agent_span.status.status_code is StatusCode.ERROR
+    assert OUTPUT not in agent_span.attributes
+    valid_inputs(agent_span.attributes[INPUT])
+    (chat,) = tel.of("chat ")
+    assert OUTPUT not in chat.attributes and chat.attributes["error.type"] == "BadRequestError"
+    valid_inputs(chat.attributes[INPUT])
+    (event,) = tel.events()
+    assert OUTPUT not in event.attributes and event.attributes["error.type"] == "BadRequestError"
+    valid_inputs(event.attributes[INPUT])
+
+
+# -- the schema can fail ----------------------------------------------------------------------------------------
+
+
+def test_the_schema_rejects_what_the_conventions_forbid() -> None:
+    good = [{"role": "assistant", "parts": [{"type": "text", "content": "hi"}], "finish_reason": "stop"}]
+    OUTPUT_SCHEMA.validate(good)
+    bad_outputs = {
+        "no finish_reason": [{"role": "assistant", "parts": [{"type": "text", "content": "hi"}]}],
+        "OpenAI's tool_calls": [{**good[0], "finish_reason": "tool_calls"}],
+        "no parts": [{"role": "assistant", "finish_reason": "stop"}],
+        "unknown part": [{**good[0], "parts": [{"type": "image", "content": "x"}]}],
+        "text without content": [{**good[0], "parts": [{"type": "text"}]}],
+        "tool call without name": [{**good[0], "parts": [{"type": "tool_call", "id": "c1"}]}],
+        "unknown role": [{**good[0], "role": "robot"}],
+    }
+    for why, messages in bad_outputs.items():
+        with pytest.raises(jsonschema.ValidationError):
+            OUTPUT_SCHEMA.validate(messages)
+            pytest.fail(f"accepted: {why}")
+    with pytest.raises(jsonschema.ValidationError):
+        INPUT_SCHEMA.validate([{"role": "tool", "parts": [{"type": "tool_call_response", "id": "c1"}]}])
+    assert "1.37.0" in SCHEMA["description"]
+
+
+# -- server and provider -------------------------------------------------------------------------------------------
+
+
+def test_chat_spans_carry_the_server_at_start(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-server")
+    host, port = _server(tel.bench)
+    chats = tel.of("chat ")
+    assert len(chats) == 2
+    for chat in chats:
+        started = tel.starts.at_start[chat.context.span_id]
+        assert (started["server.address"], started["server.port"]) == (host, port)
+        assert started["gen_ai.provider.name"] == "custom" and started["hermes.provider"] == "custom"
+        assert started["gen_ai.operation.name"] == "chat" and started["gen_ai.request.model"] == "fake-model"
+
+
+@pytest.mark.parametrize("label, expected", [("anthropic", "anthropic"), ("xai", "x_ai"), ("openai-api", "openai"), ("custom", "custom")])
+def test_provider_label_mapped_to_the_well_known_name(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, label: str, expected: str
+) -> None:
+    _with_mode(tel, monkeypatch, None)
+    agent = tel.bench.agent(fresh=True)
+    agent.provider = label  # the label only: the agent still speaks chat completions to the fake server
+    result = tel.run(agent, f"cv-prov-{label}", "[tools:0]")
+    assert result["final_response"] == f"done cv-prov-{label}"
+    (agent_span,) = tel.of("invoke_agent")
+    (chat,) = tel.of("chat ")
+    for span in (agent_span, chat):
+        assert span.attributes["gen_ai.provider.name"] == expected
+        assert span.attributes["hermes.provider"] == label
+    (point,) = [p for p in tel.points(DURATION) if p.attributes["gen_ai.operation.name"] == "chat"]
+    assert point.attributes["gen_ai.provider.name"] == expected and "hermes.provider" not in point.attributes
+
+
+def test_provider_and_server_helpers() -> None:
+    assert genai.provider_name("Anthropic") == "anthropic"
+    assert genai.provider_name("openrouter") == "openrouter"
+    assert genai.provider_name(None) is None
+    assert genai.server_of("https://api.example.com/v1") == ("api.example.com", 443)
+    assert genai.server_of("http://127.0.0.1:8080/v1") == ("127.0.0.1", 8080)
+    assert genai.server_of("http://[::1]:99999/v1") == (None, None)  # a bad port: nothing, no exception
+    assert genai.server_of("") == (None, None)
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+
+def test_histograms_use_the_advisory_buckets_and_the_conventions_attributes(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-metrics")
+    host, port = _server(tel.bench)
+    durations = tel.points(DURATION)
+    chats = [p for p in durations if p.attributes["gen_ai.operation.name"] == "chat"]
+    agents = [p for p in durations if p.attributes["gen_ai.operation.name"] == "invoke_agent"]
+    assert sum(p.count for p in chats) == 2 and sum(p.count for p in agents) == 1
+    for point in durations:
+        assert tuple(point.explicit_bounds) == DURATION_BOUNDS
+        assert "error.type" not in point.attributes
+    (chat,) = chats  # both chats share one attribute set
+    assert dict(chat.attributes) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "custom",
+        "gen_ai.request.model": "fake-model",
+        "gen_ai.response.model": "fake-model",
+        "server.address": host,
+        "server.port": port,
+    }
+    (agent,) = agents
+    assert agent.attributes["gen_ai.response.model"] == "fake-model"
+    tokens = tel.points(TOKENS)
+    assert {p.attributes["gen_ai.token.type"] for p in tokens} == {"input", "output"}
+    for point in tokens:
+        assert tuple(point.explicit_bounds) == TOKEN_BOUNDS
+        assert point.attributes["server.address"] == host and point.count == 2
+    assert sum(p.sum for p in tokens if p.attributes["gen_ai.token.type"] == "input") == tel.bench.server.totals("cv-metrics")[0]
+    assert tel.points(TTFC) == [], "no time to first chunk without streaming"
+
+
+def test_a_failing_chat_and_run_record_their_duration_with_error_type(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-mfail", "[llm_error]")
+    durations = tel.points(DURATION)
+    (chat,) = [p for p in durations if p.attributes["gen_ai.operation.name"] == "chat"]
+    assert chat.count == 1 and chat.attributes["error.type"] == "BadRequestError"
+    assert chat.attributes["server.port"] == _server(tel.bench)[1]
+    (agent,) = [p for p in durations if p.attributes["gen_ai.operation.name"] == "invoke_agent"]
+    assert agent.count == 1 and agent.attributes["error.type"] == "agent_run_failed"
+    assert tel.points(TOKENS) == [], "a failed chat has no usage"
+
+
+def test_streaming_records_the_time_to_first_chunk(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(streaming=True), "cv-ttfc")
+    assert all(e.stream for e in tel.bench.server.log("cv-ttfc"))
+    (point,) = tel.points(TTFC)
+    assert point.count == 2, "one per streamed chat"
+    assert tuple(point.explicit_bounds) == TTFC_BOUNDS
+    assert point.attributes["gen_ai.operation.name"] == "chat" and point.attributes["server.address"] == _server(tel.bench)[0]
+    chats = tel.of("chat ")
+    assert point.sum == pytest.approx(sum(c.attributes["gen_ai.response.time_to_first_chunk"] for c in chats))
