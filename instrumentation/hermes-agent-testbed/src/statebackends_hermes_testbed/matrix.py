@@ -201,8 +201,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             backends = _pick("backend", args.backend, list(available()))
         chosen = [sc.BY_ID[i] for i in _pick("scenario", args.scenario, [s.id for s in sc.SCENARIOS])]
-        if not args.scenario:
-            chosen = [s for s in chosen if not s.opt_in]
     except ValueError as exc:
         print(f"statebackends-matrix: error: {exc}", file=sys.stderr)
         return 2

@@ -83,8 +83,6 @@ class Scenario:
     """Needs our own hooks or store (the stub agents, store probes): ``n/a`` for a foreign instrumentation."""
     also_ok: frozenset[str] = frozenset()
     """Backends expected ok although their declarations do not cover ``requires`` (see ``THREADING_VARIANTS``)."""
-    opt_in: bool = False
-    """Left out of the CLI's default run (named with ``--scenario`` or a flag); always in the pytest matrix."""
 
 
 # -- expectations from the declarations ------------------------------------------------------------
@@ -783,7 +781,7 @@ THREADING_VARIANTS: list[Scenario] = [
        "shared task id on two agents, raw tool pool, with threading instrumentation",
        {C.RAW_THREAD}, with_threading(run_shared_task_id_two_agents_raw), also_ok=OTEL_BRIDGED),
 ]
-"""Rows run with ``--with-threading-instrumentation`` (or named with ``--scenario``)."""
+"""The raw-hop rows with opentelemetry-instrumentation-threading enabled (ids ending ``+threading``); in the default run."""
 
 SCENARIOS.extend(THREADING_VARIANTS)
 
