@@ -697,7 +697,7 @@ class HermesTelemetry:
                 identity = self._chat_identity(key)
             name, attributes, labels = identity
             inputs = None
-            if self._span_content or self._event_content:
+            if self.capture_content:  # spans or events: otherwise no message is ever built
                 messages = api_kwargs.get("messages") if isinstance(api_kwargs, dict) else None
                 inputs = genai.input_messages(messages)
                 if self._span_content:

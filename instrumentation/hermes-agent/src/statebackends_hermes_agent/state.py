@@ -48,11 +48,22 @@ class InvocationState:
 def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
     """(input tokens, output tokens, finish reasons, whether it asks for tools) of a chat response, in one pass."""
     usage = getattr(response, "usage", None)
-    input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0) if usage is not None else 0
-    output_tokens = int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else 0
+    if usage is not None:
+        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    else:
+        input_tokens = output_tokens = 0
+    choices = getattr(response, "choices", None)
+    if not choices:
+        return input_tokens, output_tokens, (), False
+    if len(choices) == 1:  # what Hermes asks for: no list to build
+        choice = choices[0]
+        reason = getattr(choice, "finish_reason", None)
+        wants_tools = bool(getattr(getattr(choice, "message", None), "tool_calls", None))
+        return input_tokens, output_tokens, (str(reason),) if reason else (), wants_tools
     reasons: list[str] = []
     wants_tools = False
-    for choice in getattr(response, "choices", None) or ():
+    for choice in choices:
         reason = getattr(choice, "finish_reason", None)
         if reason:
             reasons.append(str(reason))

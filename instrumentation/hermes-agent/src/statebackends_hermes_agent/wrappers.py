@@ -102,7 +102,7 @@ class HermesWrappers(HermesTelemetry):
 
     def api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_api_call``: one ``chat`` span."""
-        call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"))
+        call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
         try:
             response = wrapped(*args, **kwargs)
         except BaseException as exc:
