@@ -415,3 +415,19 @@ def test_streaming_records_the_time_to_first_chunk(tel: Telemetry, monkeypatch: 
     assert point.attributes["gen_ai.operation.name"] == "chat" and point.attributes["server.address"] == _server(tel.bench)[0]
     chats = tel.of("chat ")
     assert point.sum == pytest.approx(sum(c.attributes["gen_ai.response.time_to_first_chunk"] for c in chats))
+
+
+def test_streamed_chats_capture_valid_messages(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hermes assembles a streamed response itself: its output messages keep the tool call and the finish reasons."""
+    _with_mode(tel, monkeypatch, "SPAN_AND_EVENT")
+    tel.run(tel.bench.agent(streaming=True), "cv-sstream")
+    first, second = tel.of("chat ")
+    (answer1,) = valid_outputs(first.attributes[OUTPUT])
+    assert answer1["finish_reason"] == "tool_call"
+    assert [p["name"] for p in answer1["parts"] if p["type"] == "tool_call"] == ["sb_echo"]
+    assert valid_outputs(second.attributes[OUTPUT])[0]["parts"] == [{"type": "text", "content": "done cv-sstream"}]
+    events = tel.events()
+    assert len(events) == 2
+    for event in events:
+        valid_inputs(event.attributes[INPUT])
+        valid_outputs(event.attributes[OUTPUT])

@@ -323,6 +323,85 @@ def test_spans_are_ended_and_state_released_when_on_end_raises(bench: HermesBenc
     assert telemetry.spans() == [], "the raising processor came first: nothing reached the exporter"
 
 
+# -- broken content events and metrics --------------------------------------------------------------------------------
+
+
+class RaisingLogProcessor:
+    """A log record processor raising in ``on_emit``: every content event fails."""
+
+    def __init__(self) -> None:
+        self.raised = 0
+
+    def on_emit(self, *args: Any, **kwargs: Any) -> None:
+        self.raised += 1
+        raise ProcessorBoom("on_emit")
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class RaisingHistogram:
+    """A histogram whose ``record`` raises (not a no-op: the instrumentation must record into it)."""
+
+    def __init__(self) -> None:
+        self.raised = 0
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        self.raised += 1
+        raise ProcessorBoom("record")
+
+
+class RaisingMeterProvider:
+    """A meter provider whose histograms all raise in ``record``."""
+
+    def __init__(self) -> None:
+        self.histograms: list[RaisingHistogram] = []
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> "RaisingMeterProvider":
+        return self
+
+    def create_histogram(self, *args: Any, **kwargs: Any) -> RaisingHistogram:
+        self.histograms.append(RaisingHistogram())
+        return self.histograms[-1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_raising_events_and_metrics_change_no_outcome(
+    bench: HermesBench, hermes: Any, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Content on spans and in events, a log processor raising for every event and histograms raising on every
+    record: the agent's outcome is the uninstrumented one, every span still ends and no state is left."""
+    from opentelemetry.sdk._logs import LoggerProvider
+
+    tag = f"ev-{case}"
+    directives = CASES[case]
+    reference = outcome(lambda: bench.call(hermes, tag, directives))
+    bench.server.reset()
+    _raised.clear()
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_AND_EVENT")
+    logs = RaisingLogProcessor()
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(logs)  # type: ignore[arg-type]
+    meters = RaisingMeterProvider()
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bench.uninstrument()
+    bench.instrumentor.instrument(
+        tracer_provider=provider, meter_provider=meters, logger_provider=logger_provider, state_backend="invocation_id"
+    )
+    got = outcome(lambda: bench.call(hermes, tag, directives))
+    same_outcome(reference, got, _raised[-1] if _raised else None)
+    assert logs.raised > 0, "the events were emitted (and failed)"
+    assert sum(h.raised for h in meters.histograms) > 0, "the metrics were recorded (and failed)"
+    assert bench.instrumentor.store.live() == 0
+    chats = [s for s in exporter.get_finished_spans() if s.name.startswith("chat ")]
+    assert chats and all("gen_ai.input.messages" in c.attributes for c in chats), "span content still captured"
+
+
 # -- broken exporters ------------------------------------------------------------------------------------------------
 
 

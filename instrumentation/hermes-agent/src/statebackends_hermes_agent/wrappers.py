@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from opentelemetry.context import Context
 
-from .lifecycle import (  # noqa: F401 - re-exported: the names tests and dashboards know
+from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
     AGENT_NAME,
     EVICTED_ATTRIBUTE,
     EVICTED_EVENT,
