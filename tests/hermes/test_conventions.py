@@ -165,6 +165,24 @@ def test_nothing_is_captured_by_default(tel: Telemetry, monkeypatch: pytest.Monk
     assert tel.events() == []
 
 
+def test_capturing_nothing_builds_no_message(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NO_CONTENT no message is converted or serialised (and no event logger exists), streaming or not."""
+    calls: list[str] = []
+    for name in ("input_messages", "output_messages", "text_message", "to_json", "emit_details"):
+        real = getattr(genai, name)
+        monkeypatch.setattr(genai, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
+    _with_mode(tel, monkeypatch, "NO_CONTENT")
+    assert tel.bench.instrumentor.telemetry._event_logger is None
+    tel.run(tel.bench.agent(), "cv-free")
+    tel.run(tel.bench.agent(streaming=True), "cv-free-s")
+    assert len(tel.spans.get_finished_spans()) == 12
+    assert calls == []
+    tel.bench.uninstrument()
+    _with_mode(tel, monkeypatch, "SPAN_ONLY")  # the control: the same counters see the conversions
+    tel.run(tel.bench.agent(), "cv-free-on")
+    assert {"input_messages", "output_messages", "to_json"} <= set(calls)
+
+
 @pytest.mark.parametrize("value", ["SPAN_ONLY", "span_only", "true", "True"])
 def test_span_capture_puts_valid_messages_on_every_span(
     tel: Telemetry, monkeypatch: pytest.MonkeyPatch, value: str
