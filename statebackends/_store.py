@@ -10,9 +10,17 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Generic, Hashable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, TypeVar
 
 _logger = logging.getLogger("statebackends")
+
+
+def _log_safely(level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+    """Log to the ``statebackends`` logger; a handler that raises cannot break the caller (begin, end, current)."""
+    try:
+        _logger.log(level, msg, *args, exc_info=exc_info)
+    except Exception:  # noqa: BLE001 - a broken handler must not break a promise of the store
+        pass
 
 S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -123,14 +131,14 @@ def unwind_var(var: contextvars.ContextVar[Scope[Any]], scope: Scope[Any], name:
     uncovers with their own tokens), and only in the context that set it.
     """
     if var.get() is not scope:
-        _logger.debug("%s: invocation %r ended out of order or outside its context; unwound later",
-                      name, scope.invocation_id)
+        _log_safely(logging.DEBUG, "%s: invocation %r ended out of order or outside its context; unwound later",
+                    name, scope.invocation_id)
         return
     try:
         var.reset(scope.token)
     except (ValueError, RuntimeError):  # a copy of the context that set it
-        _logger.debug("%s: invocation %r ended in a copy of its context; left to that context",
-                      name, scope.invocation_id)
+        _log_safely(logging.DEBUG, "%s: invocation %r ended in a copy of its context; left to that context",
+                    name, scope.invocation_id)
         return
     scope.token = UNWOUND
     uncovered = var.get()
@@ -155,10 +163,24 @@ class StateStore(abc.ABC, Generic[S]):
     :mod:`statebackends.testing` checks the declaration against behaviour.
 
     Every backend obeys: ``current()`` never returns the state of an ended
-    invocation, in any context; ends in any order, double ends and ends from
-    another thread or context never raise (logged at debug level); after a
-    ``fork`` the child re-creates the store's locks, so it cannot hang on a
-    lock another thread of the parent held.
+    invocation, nor another invocation's, in any context (within what the
+    backend declares it isolates); ends in any order, double ends and ends
+    from another thread or context never raise (logged at debug level; a
+    logging handler that raises is ignored, it never breaks ``begin``,
+    ``end`` or ``current``); ``begin`` either works or raises leaving nothing
+    behind.
+
+    Fork: the child re-creates the store's locks (it cannot hang on a lock
+    another thread of the parent held) and starts with ``live() == 0``:
+    ``live()`` counts invocations begun in *this* process, and none begun
+    before the fork is adopted, whether the forking thread began it or only
+    runs under it (installed by :meth:`propagate`), since the child cannot
+    tell whether that work will ever end there. The forking thread's context
+    is copied as it was, so ``current()`` there still gives the invocation(s)
+    in effect at the fork (the child is running their work); ending them in
+    the child is harmless and not counted. They are not in the child's id
+    index (``invocation_id``), and other threads' invocations are gone with
+    their threads (except on ``instance``, whose state lives on the owner).
     """
 
     name: ClassVar[str] = ""
@@ -194,16 +216,19 @@ class StateStore(abc.ABC, Generic[S]):
         logged at debug level; ``current()`` skips the ended state everywhere.
         """
         with self._lock:
-            if scope.ended:
-                _logger.debug("%s: end() of an already ended invocation %r ignored", self.name, scope.invocation_id)
-                return
+            again = scope.ended
             scope.ended = True
-            if scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
+            if not again and scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
                 self._live -= 1
+        if again:
+            _log_safely(logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
+                        self.name, scope.invocation_id)
+            return
         try:
             self._exit(scope)
         except Exception:  # noqa: BLE001 - the contract is "never raises"
-            _logger.debug("%s: could not undo begin() of invocation %r", self.name, scope.invocation_id, exc_info=True)
+            _log_safely(logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
+                        exc_info=True)
 
     @abc.abstractmethod
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
@@ -236,19 +261,10 @@ class StateStore(abc.ABC, Generic[S]):
     def _exit(self, scope: Scope[S]) -> None:
         """Undo ``_enter`` for ``scope`` (``scope.token`` holds its return value); may raise."""
 
-    def _scopes_here(self) -> Iterable[Scope[S]]:
-        """The open scopes current in the calling thread and context (used after a fork)."""
-        return ()
-
     def _after_fork_in_child(self) -> None:
-        """Re-create locks and per-process bookkeeping in a forked child (one thread only runs)."""
+        """Re-create locks and per-process bookkeeping in a forked child (one thread only runs; see the class docstring)."""
         self._lock = threading.Lock()
-        adopted = 0
-        for scope in self._scopes_here():
-            if not scope.ended:
-                scope._epoch = _fork_epoch  # the forking thread's invocation may end in the child
-                adopted += 1
-        self._live = adopted
+        self._live = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} live={self.live()}>"
@@ -261,7 +277,7 @@ def _reinit_stores_in_child() -> None:
         try:
             store._after_fork_in_child()
         except Exception:  # noqa: BLE001 - a fork must never fail because of a store
-            _logger.debug("%s: re-initialisation after fork failed", store.name, exc_info=True)
+            _log_safely(logging.DEBUG, "%s: re-initialisation after fork failed", store.name, exc_info=True)
 
 
 if hasattr(os, "register_at_fork"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import itertools
-from typing import Any, Callable, Hashable, Iterable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain, unwind_var
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, unwind_var
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
@@ -69,6 +69,3 @@ class ContextVarStore(StateStore[S]):
             return captured.copy().run(fn, *args, **kwargs)
 
         return run_in_captured_context  # type: ignore[return-value]
-
-    def _scopes_here(self) -> Iterable[Scope[S]]:
-        return open_chain(self._var.get())

@@ -6,11 +6,26 @@ import itertools
 import logging
 from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open
 
 F = TypeVar("F", bound=Callable[..., Any])
-_logger = logging.getLogger("statebackends")
 _ids = itertools.count()
+_own_dict = object.__getattribute__
+
+
+def _slots_of(owner: Any) -> dict[str, Any]:
+    """The owner's own instance ``__dict__``, read without running the owner's code; TypeError if it has none."""
+    try:
+        slots = _own_dict(owner, "__dict__")
+    except Exception:  # noqa: BLE001 - no instance __dict__ (slots, built-ins)
+        slots = None
+    if type(slots) is not dict:  # a class (mappingproxy), a slotted or built-in object
+        raise TypeError(
+            f"the instance backend keeps the state in the owner's own instance __dict__, which this owner "
+            f"(a {type(owner).__qualname__}) does not have; use an instance of a class without __slots__ "
+            f"(not a class, a built-in or a slotted object), or another backend"
+        )
+    return slots
 
 
 class InstanceStore(StateStore[S]):
@@ -24,6 +39,15 @@ class InstanceStore(StateStore[S]):
     holds the owner. An ended call's state is never handed out, and ends in
     any order leave nothing on the owner. Kept as the baseline that the other
     backends are measured against.
+
+    Owners: objects with a plain instance ``__dict__`` (instances of classes
+    without ``__slots__``, modules, ``unittest.mock`` objects). The slot is
+    read and written in that ``__dict__`` directly, never through the owner's
+    ``__getattr__``/``__setattr__`` (so no owner code runs under the store's
+    lock, and a class's slot never shows through its instances); a value there
+    that is not a :class:`Scope` counts as no invocation. ``begin`` on any
+    other owner (a class, a built-in such as ``object()``, a slotted object)
+    raises ``TypeError`` before anything changes; ``current`` on one is None.
     """
 
     name = "instance"
@@ -34,25 +58,35 @@ class InstanceStore(StateStore[S]):
         self.attribute = f"_statebackends_state_{next(_ids)}"
 
     def _enter(self, scope: Scope[S]) -> Any:
+        slots = _slots_of(scope.owner)
+        key = self.attribute
         with self._lock:
-            scope.previous = first_open(getattr(scope.owner, self.attribute, NO_SCOPE))
-            setattr(scope.owner, self.attribute, scope)
+            top = slots.get(key, NO_SCOPE)
+            scope.previous = first_open(top) if type(top) is Scope else NO_SCOPE
+            slots[key] = scope
         return None
 
     def _exit(self, scope: Scope[S]) -> None:
-        owner = scope.owner
+        slots, key = _slots_of(scope.owner), self.attribute
         with self._lock:
-            if getattr(owner, self.attribute, None) is not scope:
-                _logger.debug("%s: invocation %r ended out of order; cleared later", self.name, scope.invocation_id)
-                return
-            uncovered = first_open(scope.previous)
-            if uncovered is NO_SCOPE:
-                delattr(owner, self.attribute)
-            else:
-                setattr(owner, self.attribute, uncovered)
+            on_top = slots.get(key) is scope
+            if on_top:
+                uncovered = first_open(scope.previous)
+                if uncovered is NO_SCOPE:
+                    del slots[key]
+                else:
+                    slots[key] = uncovered
+        if not on_top:
+            _log_safely(logging.DEBUG, "%s: invocation %r ended out of order; cleared later",
+                        self.name, scope.invocation_id)
 
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
-        scope = getattr(owner, self.attribute, NO_SCOPE)
+        try:
+            scope = owner.__dict__.get(self.attribute, NO_SCOPE)
+        except Exception:  # noqa: BLE001 - no __dict__: no invocation
+            return None
+        if type(scope) is not Scope:
+            return None
         if not scope.ended:
             return scope.state
         return first_open(scope).state

@@ -10,12 +10,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain, unwind_var
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open, unwind_var
 
 F = TypeVar("F", bound=Callable[..., Any])
-_logger = logging.getLogger("statebackends")
 _ids = itertools.count()
 
 ENV_MAX_ENTRIES = "STATEBACKENDS_INVOCATION_ID_MAX_ENTRIES"
@@ -34,8 +33,8 @@ def _max_entries_from_env() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        _logger.error("statebackends: %s=%r is not valid (a positive integer is); using %d",
-                      ENV_MAX_ENTRIES, raw, DEFAULT_MAX_ENTRIES)
+        _log_safely(logging.ERROR, "statebackends: %s=%r is not valid (a positive integer is); using %d",
+                    ENV_MAX_ENTRIES, raw, DEFAULT_MAX_ENTRIES)
         return DEFAULT_MAX_ENTRIES
     return value
 
@@ -51,11 +50,16 @@ class InvocationIdStore(StateStore[S]):
       outer invocation of this context too): two overlapping invocations
       begun with the SAME id (two turns of one Hermes session) each see
       their own state;
+    * if this context belongs to an invocation with that id that has ENDED
+      (an ended scope with the id on the ambient chain: a task or copy made
+      during the call, running after it), the answer is None: that work
+      belongs to the ended invocation, never to another one sharing its id;
     * otherwise (a raw thread hop carrying only the id) the index is asked:
-      one open invocation with that id is the answer; of several, the one
-      whose ``owner`` is the given owner; if that still leaves several (or
-      none), the answer is None, never another invocation's state: the look-up
-      is counted in ``ambiguous`` and logged as a WARNING once per store.
+      of the open invocations with that id, those whose ``owner`` is the
+      given owner (any of them when no owner is given, ``owner=None``); one
+      is the answer; none gives None; several give None, never another
+      invocation's state: the look-up is counted in ``ambiguous`` and logged
+      as a WARNING once per store.
 
     So it isolates what ``contextvar`` isolates and also reaches threads that
     receive nothing but the id, and greenlets spawned during the call that are
@@ -65,7 +69,9 @@ class InvocationIdStore(StateStore[S]):
     agent run may rightly last hours), the oldest are evicted, counted in
     ``evicted``, marked ``scope.evicted`` and logged as a WARNING (the first,
     then at most once a minute, with the count). An evicted invocation keeps
-    working through its ambient binding; only id look-ups lose it.
+    working through its ambient binding; only id look-ups lose it (they never
+    fall back to another invocation sharing its id on another owner). Adding
+    and removing an invocation costs O(1), however many share its id.
     """
 
     name = "invocation_id"
@@ -101,13 +107,13 @@ class InvocationIdStore(StateStore[S]):
         self.evicted = 0
         """Open invocations dropped from the id index (see the class docstring)."""
         self.ambiguous = 0
-        """Id look-ups answered None because several open invocations of one owner share the id."""
+        """Id look-ups answered None because several open invocations (of the given owner) share the id."""
         self._warned_ambiguous = False
         self._evicted_warned = 0
         self._next_eviction_warning = float("-inf")
-        # scope -> monotonic start time, oldest first; id -> the open scopes with that id.
+        # scope -> monotonic start time, oldest first; id -> the open scopes with that id (as dict keys, in order).
         self._open: OrderedDict[Scope[S], float] = OrderedDict()
-        self._by_id: dict[Hashable, tuple[Scope[S], ...]] = {}
+        self._by_id: dict[Hashable, dict[Scope[S], None]] = {}
         self._ambient: contextvars.ContextVar[Scope[S]] = contextvars.ContextVar(
             f"statebackends_invocation_{next(_ids)}", default=NO_SCOPE
         )
@@ -122,12 +128,13 @@ class InvocationIdStore(StateStore[S]):
         scope.previous = first_open(self._ambient.get())
         now = time.monotonic()
         with self._lock:
-            self._by_id[key] = self._by_id.get(key, ()) + (scope,)
+            self._by_id.setdefault(key, {})[scope] = None
             self._open[scope] = now
             report = self._eviction_report(now) if self._evict(now) else None
         token = self._ambient.set(scope)
-        if report is not None:
-            _logger.warning(
+        if report is not None:  # logged once all is done: a raising handler cannot leave begin() half-done
+            _log_safely(
+                logging.WARNING,
                 "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
                 "bound max_entries=%d, max_age=%s, set by %s); they keep their state in their own context, but "
                 "id look-ups from other threads lose them",
@@ -160,11 +167,11 @@ class InvocationIdStore(StateStore[S]):
 
     def _unindex(self, scope: Scope[S]) -> None:
         key = scope.invocation_id
-        rest = tuple(s for s in self._by_id.get(key, ()) if s is not scope)
-        if rest:
-            self._by_id[key] = rest
-        else:
-            self._by_id.pop(key, None)
+        same_id = self._by_id.get(key)
+        if same_id is not None:
+            same_id.pop(scope, None)
+            if not same_id:
+                del self._by_id[key]
 
     def _eviction_report(self, now: float) -> tuple[int, int] | None:
         """(evicted since the last warning, evicted in all) if a warning is due (the lock is held)."""
@@ -187,28 +194,38 @@ class InvocationIdStore(StateStore[S]):
         return self._look_up(scope, owner, invocation_id)
 
     def _look_up(self, scope: Scope[S], owner: Any, invocation_id: Hashable | None) -> S | None:
-        for ambient in open_chain(scope):
-            if invocation_id is None or ambient.invocation_id == invocation_id:
-                return ambient.state
         if invocation_id is None:
+            return first_open(scope).state
+        ended_here = False
+        while scope is not NO_SCOPE:  # this context's chain, innermost first
+            if scope.invocation_id == invocation_id:
+                if not scope.ended:
+                    return scope.state
+                ended_here = True
+            scope = scope.previous
+        if ended_here:  # work of an ended invocation with that id: never another's state
             return None
         try:
-            candidates = [s for s in self._by_id.get(invocation_id, ()) if not s.ended]
+            same_id = self._by_id.get(invocation_id)
         except TypeError:  # unhashable id: nothing has it
             return None
-        if len(candidates) > 1:
-            candidates = [s for s in candidates if s.owner is owner]
-            if len(candidates) != 1:
-                self._ambiguous(invocation_id)
-                return None
-        return candidates[0].state if candidates else None
+        if same_id is None:
+            return None
+        with self._lock:
+            candidates = [s for s in same_id if not s.ended and (owner is None or s.owner is owner)]
+        if len(candidates) == 1:
+            return candidates[0].state
+        if candidates:
+            self._ambiguous(invocation_id)
+        return None
 
     def _ambiguous(self, invocation_id: Hashable) -> None:
         with self._lock:
             self.ambiguous += 1
             warn, self._warned_ambiguous = not self._warned_ambiguous, True
         if warn:
-            _logger.warning(
+            _log_safely(
+                logging.WARNING,
                 "%s: several open invocations share the id %r on one owner and the look-up came without "
                 "their context (a raw thread hop): returning None rather than another invocation's state; "
                 "further cases are counted in %s.ambiguous, not logged",
@@ -229,16 +246,9 @@ class InvocationIdStore(StateStore[S]):
 
         return run_with_captured_scope  # type: ignore[return-value]
 
-    def _scopes_here(self) -> Iterable[Scope[S]]:
-        return open_chain(self._ambient.get())
-
     def _after_fork_in_child(self) -> None:
         super()._after_fork_in_child()
-        # Invocations open in the parent's other threads do not exist here; the
-        # forking thread's own (its ambient chain) may still end here.
-        now = time.monotonic()
+        # Nothing begun before the fork is adopted (see StateStore): the forking
+        # thread's invocations keep their ambient binding, the index starts empty.
         self._open = OrderedDict()
         self._by_id = {}
-        for scope in reversed(list(self._scopes_here())):
-            self._open[scope] = now
-            self._by_id[scope.invocation_id] = self._by_id.get(scope.invocation_id, ()) + (scope,)

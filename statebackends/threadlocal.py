@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, Hashable, Iterable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, first_open, open_chain
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open
 
 F = TypeVar("F", bound=Callable[..., Any])
-_logger = logging.getLogger("statebackends")
 
 
 class ThreadLocalStore(StateStore[S]):
@@ -43,8 +42,8 @@ class ThreadLocalStore(StateStore[S]):
     def _exit(self, scope: Scope[S]) -> None:
         local = self._local
         if getattr(local, "scope", None) is not scope:
-            _logger.debug("%s: invocation %r ended out of order or in another thread; cleared later",
-                          self.name, scope.invocation_id)
+            _log_safely(logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared later",
+                        self.name, scope.invocation_id)
             return
         uncovered = first_open(scope.previous)
         if uncovered is NO_SCOPE:
@@ -75,6 +74,3 @@ class ThreadLocalStore(StateStore[S]):
                     local.scope = previous
 
         return run_with_captured_scope  # type: ignore[return-value]
-
-    def _scopes_here(self) -> Iterable[Scope[S]]:
-        return open_chain(getattr(self._local, "scope", NO_SCOPE))
