@@ -7,9 +7,7 @@ import os
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from ._store import StateStore
-
-_logger = logging.getLogger("statebackends")
+from ._store import StateStore, _log_safely
 
 S = TypeVar("S")
 
@@ -36,8 +34,13 @@ def _builtins() -> dict[str, Callable[..., StateStore[Any]]]:
     return {cls.name: cls for cls in classes}
 
 
+def _norm(name: str) -> str:
+    """How backend names compare: case-insensitively, surrounding blanks ignored."""
+    return name.strip().lower()
+
+
 def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str, str]]:
-    """Load the entry points of the group: (loaded backends, broken name -> error text)."""
+    """Load the entry points of the group: (loaded backends, broken name -> error text), by registered name."""
     loaded: dict[str, Callable[..., StateStore[Any]]] = {}
     broken: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -45,10 +48,12 @@ def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str,
             obj = ep.load()
             if not callable(obj) or (isinstance(obj, type) and not issubclass(obj, StateStore)):
                 raise TypeError(f"{ep.value} is {obj!r}, not a StateStore class or factory")
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the others
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) hides nothing
             broken[ep.name] = f"{type(exc).__name__}: {exc}"
-            _logger.warning(
-                "statebackends: entry point %r (%s) in group %r failed to load: %s",
+            _log_safely(
+                logging.WARNING, "statebackends: entry point %r (%s) in group %r failed to load: %s",
                 ep.name, ep.value, ENTRY_POINT_GROUP, broken[ep.name],
             )
             continue
@@ -57,27 +62,42 @@ def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str,
 
 
 def _backends() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str, str]]:
+    """(backends, broken plugins), keyed by registered name; names that compare equal keep the first (built-ins first)."""
+    backends: dict[str, Callable[..., StateStore[Any]]] = dict(_builtins())
+    taken = {_norm(name) for name in backends}
     third, broken = _third_party()
-    backends = dict(third)
-    backends.update(_builtins())  # a plugin cannot shadow a built-in name
-    for name in third:
-        if name in _builtins():
-            _logger.warning("statebackends: entry point %r ignored: a built-in backend has that name", name)
+    for name, obj in list(third.items()) + [(name, None) for name in broken]:
+        if _norm(name) in taken:
+            _log_safely(logging.WARNING, "statebackends: entry point %r ignored: a backend named %r is already "
+                        "registered (names compare case-insensitively)", name, _norm(name))
+            broken.pop(name, None)
+            continue
+        taken.add(_norm(name))
+        if obj is not None:
+            backends[name] = obj
     return backends, broken
 
 
+def _find(mapping: Mapping[str, Any], name: str) -> str | None:
+    """The registered spelling in ``mapping`` of ``name`` (compared case-insensitively), or None."""
+    wanted = _norm(name)
+    return next((key for key in mapping if _norm(key) == wanted), None)
+
+
 def available() -> dict[str, Callable[..., StateStore[Any]]]:
-    """Every backend that resolves by name: the built-ins and the loadable entry points."""
+    """Every backend that resolves by name (case-insensitively), under its registered spelling: the built-ins and the loadable entry points."""
     return dict(sorted(_backends()[0].items()))
 
 
 def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> StateStore[S]:
     """A store for ``factory``'s state: the given store itself, or a new one of the named backend.
 
+    Names compare case-insensitively (``"AcmeStore"``, ``"acmestore"``).
     Raises ``TypeError`` if ``factory`` is not callable, and ``ValueError``
     naming the backend, the cause and every valid name if the backend is
-    unknown, failed to load, or its class or factory raised or built
-    something that is not a ``StateStore``.
+    unknown, failed to load (even by raising ``SystemExit`` or another
+    ``BaseException``; ``KeyboardInterrupt`` excepted), or its class or
+    factory raised or built something that is not a ``StateStore``.
     """
     if isinstance(name_or_store, StateStore):
         return name_or_store
@@ -88,21 +108,22 @@ def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> S
             f"state backend must be a backend name or a StateStore, got {name_or_store!r}; "
             f"valid names: {', '.join(sorted(_backends()[0]))}"
         )
-    name = name_or_store.strip().lower()
     backends, broken = _backends()
     valid = ", ".join(sorted(backends))
-    if name in broken:
+    name = _find(broken, name_or_store)
+    if name is not None:
         raise ValueError(
             f"state backend {name_or_store!r} is registered in entry-point group "
             f"{ENTRY_POINT_GROUP!r} but failed to load ({broken[name]}); valid names: {valid}"
         )
+    name = _find(backends, name_or_store)
+    if name is None:
+        raise ValueError(f"unknown state backend {name_or_store!r}; valid names: {valid}")
     try:
-        cls = backends[name]
-    except KeyError:
-        raise ValueError(f"unknown state backend {name_or_store!r}; valid names: {valid}") from None
-    try:
-        store = cls(factory)
-    except Exception as exc:  # noqa: BLE001 - a plugin's failure is reported, not propagated raw
+        store = backends[name](factory)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a plugin's failure (even SystemExit) is reported, not propagated raw
         raise ValueError(
             f"state backend {name!r} could not be created ({type(exc).__name__}: {exc}); valid names: {valid}"
         ) from exc
@@ -136,15 +157,15 @@ def store_from_config(
         if not raw:
             continue
         if var == DEPRECATED_ENV_STATE_BACKEND:
-            _logger.warning(
-                "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw
-            )
+            _log_safely(logging.WARNING, "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw)
         try:
             store = get_store(raw, factory)
-        except Exception as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
-            _logger.error("statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
+            _log_safely(logging.ERROR, "statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
             break
-        _logger.debug("statebackends: backend %r chosen by %s", store.name or raw, var)
+        _log_safely(logging.DEBUG, "statebackends: backend %r chosen by %s", getattr(store, "name", "") or raw, var)
         return store
     return get_store(default, factory)
 

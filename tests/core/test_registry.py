@@ -240,3 +240,108 @@ def test_a_store_built_by_a_plugin_factory_is_checked_and_used(plugin_path: Path
         "madebyfactory = sb_thirdparty_factory:make",
     )
     assert get_store("madebyfactory", dict).name == "threadlocal"
+
+
+def test_a_plugin_registered_with_upper_case_letters_resolves_whatever_the_case(
+    plugin_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_dist(
+        plugin_path, "sb_thirdparty_acme", "sb_thirdparty_acme",
+        """
+        from statebackends.contextvar import ContextVarStore
+
+        class AcmeStore(ContextVarStore):
+            name = "AcmeStore"
+        """,
+        "AcmeStore = sb_thirdparty_acme:AcmeStore",
+    )
+    assert "AcmeStore" in statebackends.available()  # listed under its registered spelling
+    for spelling in ("AcmeStore", "acmestore", " ACMESTORE "):
+        assert type(get_store(spelling, dict)).__name__ == "AcmeStore"
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        store = store_from_config(None, dict, environ={ENV_STATE_BACKEND: "AcmeStore"})
+    assert type(store).__name__ == "AcmeStore"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_plugin_whose_name_differs_from_a_builtin_only_by_case_cannot_shadow_it(
+    plugin_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_dist(plugin_path, "sb_thirdparty_shadow", "sb_thirdparty_shadow",
+                "from statebackends.threadlocal import ThreadLocalStore as Store\n",
+                "ContextVar = sb_thirdparty_shadow:Store")
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        assert get_store("CONTEXTVAR", dict).name == "contextvar"
+        assert "ContextVar" not in statebackends.available()
+    assert any("'ContextVar' ignored" in r.getMessage() for r in caplog.records)
+
+
+BASE_EXCEPTION_PLUGINS = {
+    "exitatimport": ("import sys\nsys.exit(3)\nStore = None\n", "SystemExit"),
+    "exitinctor": (
+        "from statebackends.contextvar import ContextVarStore\n"
+        "class Store(ContextVarStore):\n"
+        "    def __init__(self, factory):\n"
+        "        raise SystemExit('license server said no')\n",
+        "license server said no",
+    ),
+    "customatimport": ("class Fatal(BaseException):\n    pass\nraise Fatal('plugin self-destructed')\n",
+                       "plugin self-destructed"),
+    "custominctor": (
+        "from statebackends.contextvar import ContextVarStore\n"
+        "class Fatal(BaseException):\n    pass\n"
+        "class Store(ContextVarStore):\n"
+        "    def __init__(self, factory):\n"
+        "        raise Fatal('no can do')\n",
+        "no can do",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BASE_EXCEPTION_PLUGINS))
+def test_a_plugin_raising_a_base_exception_never_stops_the_host(
+    plugin_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, cause = BASE_EXCEPTION_PLUGINS[name]
+    module = f"sb_thirdparty_{name}"
+    (plugin_path / f"{module}.py").write_text(source)
+    info = plugin_path / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[statebackends]\n{name} = {module}:Store\n")
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        store = store_from_config(None, dict, environ={ENV_STATE_BACKEND: name})
+    assert store.name == "contextvar"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and name in errors[0] and cause in errors[0], errors
+    with pytest.raises(ValueError, match=cause):
+        get_store(name, dict)
+    assert set(BUILTINS) <= set(statebackends.available())
+
+
+def test_a_plugin_interrupted_by_the_user_is_not_swallowed(plugin_path: Path) -> None:
+    _write_dist(plugin_path, "sb_thirdparty_interrupt", "sb_thirdparty_interrupt",
+                """
+                from statebackends.contextvar import ContextVarStore
+
+                class Store(ContextVarStore):
+                    def __init__(self, factory):
+                        raise KeyboardInterrupt
+                """,
+                "interrupted = sb_thirdparty_interrupt:Store")
+    with pytest.raises(KeyboardInterrupt):
+        store_from_config(None, dict, environ={ENV_STATE_BACKEND: "interrupted"})
+
+
+def test_a_raising_log_handler_never_breaks_configuration_from_the_environment(plugin_path: Path) -> None:
+    class Boom(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise RuntimeError("handler failed")
+
+    logger, handler = logging.getLogger("statebackends"), Boom()
+    logger.addHandler(handler)
+    try:
+        assert store_from_config(None, dict, environ={ENV_STATE_BACKEND: "bogus"}).name == "contextvar"
+        assert store_from_config(None, dict, environ={DEPRECATED_ENV_STATE_BACKEND: "instance"}).name == "instance"
+    finally:
+        logger.removeHandler(handler)
