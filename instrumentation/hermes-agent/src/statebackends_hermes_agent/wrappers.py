@@ -62,7 +62,7 @@ class HermesWrappers(HermesTelemetry):
     def _invoke_agent(
         self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict, parent: Optional[Context]
     ) -> Any:
-        task_id = _arg(args, kwargs, 3, "task_id")
+        task_id = args[3] if len(args) > 3 else kwargs.get("task_id")
         invocation = self.start_invocation(
             instance,
             task_id,
@@ -96,7 +96,7 @@ class HermesWrappers(HermesTelemetry):
             raise
         finally:
             _tool_owner.reset(token)
-            self.end_tool_round(instance, _arg(args, kwargs, 2, "effective_task_id"), error)
+            self.end_tool_round(instance, args[2] if len(args) > 2 else kwargs.get("effective_task_id"), error)
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -138,12 +138,13 @@ class HermesWrappers(HermesTelemetry):
 
     def handle_function_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``run_agent.handle_function_call``: one ``execute_tool`` span."""
+        n = len(args)  # handle_function_call(function_name, function_args, task_id=None, tool_call_id=None, ...)
         call = self.start_tool(
             _tool_owner.get(),
-            str(_arg(args, kwargs, 0, "function_name")),
-            _arg(args, kwargs, 1, "function_args"),
-            task_id=_arg(args, kwargs, 2, "task_id"),
-            tool_call_id=_arg(args, kwargs, 3, "tool_call_id") or _tool_call_id.get(),
+            str(args[0] if n else kwargs.get("function_name")),
+            args[1] if n > 1 else kwargs.get("function_args"),
+            task_id=args[2] if n > 2 else kwargs.get("task_id"),
+            tool_call_id=(args[3] if n > 3 else kwargs.get("tool_call_id")) or _tool_call_id.get(),
         )
         try:
             result = wrapped(*args, **kwargs)
