@@ -102,6 +102,16 @@ def _live(instrument: Any) -> bool:
     return getattr(instrument, "_real_instrument", instrument) is not None
 
 
+def _remember(cache: dict, key: tuple, value: Any) -> None:
+    """``cache[key] = value``, the cache emptied first when full; an unhashable key is not remembered."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    try:
+        cache[key] = value
+    except TypeError:
+        pass
+
+
 def _error_labels(labels: dict[str, Any], response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
     """Metric attributes of one finished operation: its start ``labels`` plus response model and error type."""
     if response_model is None and error_type is None:
@@ -573,7 +583,10 @@ class HermesTelemetry:
             scope = store.begin(agent, invocation_id=invocation.task_id)
             state = scope.state
             key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
-            identity = self._agent_identities.get(key)
+            try:
+                identity = self._agent_identities.get(key)
+            except TypeError:  # an unhashable label: built each time, not cached
+                identity = None
             if identity is None:
                 identity = self._agent_identity(key)
             attributes, invocation._labels = identity
@@ -614,9 +627,7 @@ class HermesTelemetry:
             attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
         identity = (attributes, labels)
         cache = self._agent_identities
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[key] = identity
+        _remember(cache, key, identity)
         return identity
 
     def _parent_of_agent(self, agent: Any) -> Optional[Context]:
@@ -692,7 +703,10 @@ class HermesTelemetry:
                     self._start_step(state)
             model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
             key = (getattr(agent, "provider", None), getattr(agent, "base_url", None), model or getattr(agent, "model", None))
-            identity = self._chat_identities.get(key)
+            try:
+                identity = self._chat_identities.get(key)
+            except TypeError:  # an unhashable label: built each time, not cached
+                identity = None
             if identity is None:
                 identity = self._chat_identity(key)
             name, attributes, labels = identity
@@ -734,9 +748,7 @@ class HermesTelemetry:
             attributes[genai.HERMES_PROVIDER] = str(provider)
         identity = (f"chat {model}", attributes, labels)
         cache = self._chat_identities
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[key] = identity
+        _remember(cache, key, identity)
         return identity
 
     def _record_duration(
