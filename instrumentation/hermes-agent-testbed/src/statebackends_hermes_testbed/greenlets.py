@@ -1,6 +1,6 @@
 """The ``greenlets`` matrix cell, run in a SUBPROCESS under ``gevent.monkey.patch_all()``; prints one JSON verdict.
 
-    python -m statebackends_hermes_testbed.greenlets --backend invocation_id [--callers 8]
+    python -m statebackends_hermes_testbed.greenlets --backend invocation_id [--callers 8] [--agent real|stub]
 
 Monkey patching must come before anything imports ``threading`` or ``ssl``, so this module
 patches first, and the matrix runs it in a fresh interpreter (:func:`run_in_subprocess`).
