@@ -11,7 +11,14 @@ not. For pytest, subclass :class:`BackendContract`::
     class TestMyStore(BackendContract):
         store_class = MyStore
 
-which collects one test per rule and one per declared model. This module
+which collects one test per rule and one per declared model. Every check
+looks for exactly the invocation's own state while it is open, and None
+(never an ended invocation's, never another one's) after it ended, with
+other invocations open meanwhile (on other owners, in other threads, some
+sharing its id). Whatever the backend raises (any ``BaseException``) or a
+hang is reported as a :class:`Failure`; hostile code runs only in daemon
+threads, never joined once hung, so a hung backend cannot keep the process
+alive. This module
 imports neither pytest nor anything beyond the standard library and
 opentelemetry-api; ``GREENLETS`` is observed in a subprocess that
 monkey-patches with gevent first (when gevent is importable).
@@ -27,12 +34,13 @@ import importlib
 import importlib.util
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator
 
 from ._store import Concurrency, Scope, StateStore
@@ -86,8 +94,21 @@ def _describe(seen: Any, own: Any, ended: Any = ()) -> str:
     return "another invocation's state"
 
 
+class _Raised(Exception):
+    """What the backend raised in a kit thread (any ``BaseException``), carried to the caller to be reported."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
 def _in_thread(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a fresh thread (a fresh context, no running event loop); re-raise what it raised."""
+    """Run ``fn`` in a fresh daemon thread (a fresh context, no running event loop).
+
+    What it raised (any ``BaseException``) comes back wrapped in :class:`_Raised`;
+    a hang raises ``TimeoutError`` and the thread is abandoned, never joined
+    again (it is a daemon: the interpreter can still exit).
+    """
     box: dict[str, Any] = {}
     timeout = 6 * TIMEOUT
 
@@ -103,7 +124,7 @@ def _in_thread(fn: Callable[[], Any]) -> Any:
     if t.is_alive():
         raise TimeoutError(f"did not finish within {timeout:.0f}s (hung)")
     if "error" in box:
-        raise box["error"]
+        raise _Raised(box["error"])
     return box.get("result")
 
 
@@ -127,10 +148,92 @@ def _threads(n: int, body: Callable[[int], Any]) -> tuple[list[Any], list[BaseEx
     return results, errors
 
 
+class _Worker:
+    """A pool thread of one daemon thread: calls run there with nothing copied, one after the other.
+
+    A call that hangs raises ``TimeoutError`` in the caller; the worker is
+    abandoned, never joined (unlike a ``ThreadPoolExecutor``'s, whose workers
+    are joined at exit), so a hung backend cannot keep the process alive.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="statebackends-testing-hop", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, box, done = job
+            try:
+                box["result"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._jobs.put((fn, args, box, done))
+        if not done.wait(TIMEOUT):
+            raise TimeoutError(f"a call in another thread did not finish within {TIMEOUT:g}s (hung)")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
 def _raw_hop(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call ``fn`` in a pool thread with nothing copied (``executor.submit``)."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result(TIMEOUT)
+    """Call ``fn`` in a fresh pool thread with nothing copied (as ``executor.submit`` does)."""
+    worker = _Worker()
+    try:
+        return worker.call(fn, *args)
+    finally:
+        worker.close()
+
+
+@contextmanager
+def _bystander(store: StateStore[Any], invocation_id: Any = None) -> Iterator[Any]:
+    """An invocation on another owner, open in another thread meanwhile: its state is never anyone else's answer.
+
+    Yields its state; it has ended when the block is left.
+    """
+    owner, box = _Owner(), {}  # type: ignore[var-annotated]
+    opened, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def run() -> None:
+        try:
+            scope = store.begin(owner, invocation_id)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+            opened.set()
+            return
+        box["state"] = scope.state
+        opened.set()
+        release.wait(6 * TIMEOUT)
+        try:
+            store.end(scope)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        finally:
+            ended.set()
+
+    threading.Thread(target=run, name="statebackends-testing-bystander", daemon=True).start()
+    if not opened.wait(TIMEOUT):
+        raise TimeoutError("an invocation begun in another thread did not begin (hung)")
+    if "error" in box:
+        raise box["error"]
+    try:
+        yield box["state"]
+    finally:
+        release.set()
+        if not ended.wait(TIMEOUT):
+            raise TimeoutError("an invocation ended in another thread did not end (hung)")
+        if "error" in box:
+            raise box["error"]
 
 
 def _count(results: list[Any], what: str, index: int, messages: dict[str, str]) -> list[str]:
@@ -153,10 +256,13 @@ def _rule_begin_current_end(make: Make) -> list[str]:
     p.expect(store.current(owner, scope.invocation_id) is scope.state, "current(owner, id) in the invocation is not its state")
     p.expect(store.current(owner) is scope.state, "current(owner) in the invocation is not its state")
     p.expect(store.live() in (1, None), f"live() is {store.live()!r} with one invocation open")
-    store.end(scope)
-    p.expect(scope.ended, "the scope is not marked ended after end()")
-    p.expect(store.current(owner) is None, "current(owner) after end() is not None")
-    p.expect(store.current(owner, scope.invocation_id) is None, "current(owner, id) after end() is not None")
+    with _bystander(store) as other:
+        store.end(scope)
+        p.expect(scope.ended, "the scope is not marked ended after end()")
+        seen = store.current(owner)
+        p.expect(seen is None, f"current(owner) after end() is {_describe(seen, None, [scope.state])}, not None")
+        seen = store.current(owner, scope.invocation_id)
+        p.expect(seen is None, f"current(owner, id) after end() is {_describe(seen, None, [scope.state])}, not None")
     p.expect(store.live() in (0, None), f"live() is {store.live()!r} after end()")
     return p
 
@@ -190,8 +296,10 @@ def _rule_double_end(make: Make) -> list[str]:
     p, store, owner = _Problems(), make(), _Owner()
     scope = store.begin(owner)
     store.end(scope)
-    store.end(scope)  # raising here is reported by the runner
-    p.expect(store.current(owner) is None, "current() after a double end() is not None")
+    with _bystander(store):
+        store.end(scope)  # raising here is reported by the runner
+        seen = store.current(owner)
+    p.expect(seen is None, f"current() after a double end() is {_describe(seen, None, [scope.state])}, not None")
     p.expect(store.live() in (0, None), f"live() is {store.live()!r} after a double end() of one invocation")
     again = store.begin(owner)
     store.end(scope)
@@ -253,9 +361,8 @@ def _rule_live_returns_to_zero(make: Make) -> list[str]:
             with store.invocation(owner):
                 store.current(owner)
 
-    with ThreadPoolExecutor(8) as pool:
-        for f in [pool.submit(call) for _ in range(200)]:
-            f.result(TIMEOUT)
+    _, errors = _threads(8, lambda i: [call() for _ in range(25)])
+    p.extend(f"begin()/end() in threads raised {e!r}" for e in errors[:1])
 
     async def task() -> None:
         owner = _Owner()
@@ -272,48 +379,53 @@ def _rule_live_returns_to_zero(make: Make) -> list[str]:
 
 def _rule_no_ended_state_in_copied_context(make: Make) -> list[str]:
     p, store, owner = _Problems(), make(), _Owner()
-    scope = store.begin(owner)
-    sid, ended = scope.invocation_id, scope.state
-    ctx = contextvars.copy_context()
-    wrapped = store.propagate(lambda: (store.current(owner), store.current(owner, sid)))
-    store.end(scope)
+    sid = f"ended-{uuid.uuid4()}"
+    with _bystander(store, sid) as other:  # open on another owner with the same id throughout
+        scope = store.begin(owner, sid)
+        ended = scope.state
+        ctx = contextvars.copy_context()
+        wrapped = store.propagate(lambda: (store.current(owner), store.current(owner, sid)))
+        store.end(scope)
 
-    def looks(where: str, seen: tuple[Any, ...]) -> None:
-        p.expect(all(s is None for s in seen),
-                 f"{where} after the invocation ended, current() gives {_describe(seen[0], None, [ended])}"
-                 f" / with the id {_describe(seen[1], None, [ended])}, not None")
+        def looks(where: str, seen: tuple[Any, ...]) -> None:
+            p.expect(all(s is None for s in seen),
+                     f"{where} after the invocation ended, current() gives {_describe(seen[0], None, [ended])}"
+                     f" / with the id {_describe(seen[1], None, [ended])}, not None")
 
-    looks("a context copied during the invocation and run in a pool",
-          _raw_hop(ctx.run, lambda: (store.current(owner), store.current(owner, sid))))
-    looks("a function wrapped by propagate() during the invocation", _raw_hop(wrapped))
-    looks("a raw thread carrying the owner and id", _raw_hop(lambda: (store.current(owner), store.current(owner, sid))))
+        looks("a context copied during the invocation and run in a pool",
+              _raw_hop(ctx.run, lambda: (store.current(owner), store.current(owner, sid))))
+        looks("a function wrapped by propagate() during the invocation", _raw_hop(wrapped))
+        looks("a raw thread carrying the owner and id",
+              _raw_hop(lambda: (store.current(owner), store.current(owner, sid))))
 
-    async def main() -> tuple[Any, ...]:
-        s = store.begin(owner)
+        async def main() -> tuple[Any, ...]:
+            s = store.begin(owner, sid)
 
-        async def later() -> tuple[Any, ...]:
-            await asyncio.sleep(0)
-            return store.current(owner), store.current(owner, s.invocation_id)
+            async def later() -> tuple[Any, ...]:
+                await asyncio.sleep(0)
+                return store.current(owner), store.current(owner, sid)
 
-        task = asyncio.ensure_future(later())  # runs in a copy of this context
-        store.end(s)
-        seen = await task
-        return tuple(_describe(x, None, [s.state]) for x in seen)
+            task = asyncio.ensure_future(later())  # runs in a copy of this context
+            store.end(s)
+            seen = await asyncio.wait_for(task, TIMEOUT)
+            return tuple(_describe(x, None, [s.state]) for x in seen)
 
-    seen = asyncio.run(main())
-    p.expect(seen == ("None", "None"), f"an asyncio task created during the invocation and running after it ended "
-             f"gets {seen[0]} / with the id {seen[1]}, not None")
+        seen = asyncio.run(main())
+        p.expect(seen == ("None", "None"), f"an asyncio task created during the invocation and running after it "
+                 f"ended gets {seen[0]} / with the id {seen[1]}, not None")
 
-    outer = store.begin(owner)
-    inner = store.begin(owner)
-    ctx = contextvars.copy_context()
-    store.end(inner)
-    seen_inner = _raw_hop(ctx.run, store.current, owner)
-    p.expect(seen_inner is not inner.state,
-             "a context copied in a nested invocation gets the nested state after it ended (the outer one is open)")
-    store.end(outer)
-    seen_outer = _raw_hop(ctx.run, store.current, owner)
-    p.expect(seen_outer is None, f"that copied context gives {_describe(seen_outer, None, [inner.state, outer.state])} after both ended")
+        outer = store.begin(owner)
+        inner = store.begin(owner)
+        ctx = contextvars.copy_context()
+        store.end(inner)
+        seen_inner = _raw_hop(ctx.run, store.current, owner)
+        p.expect(seen_inner is outer.state or seen_inner is None,
+                 f"a context copied in a nested invocation gets {_describe(seen_inner, outer.state, [inner.state])} "
+                 "after the nested one ended (the outer one is open)")
+        store.end(outer)
+        seen_outer = _raw_hop(ctx.run, store.current, owner)
+        p.expect(seen_outer is None,
+                 f"that copied context gives {_describe(seen_outer, None, [inner.state, outer.state])} after both ended")
     return p
 
 
@@ -326,32 +438,44 @@ def _rule_ends_in_any_order(make: Make) -> list[str]:
 
     p, store, owner = _Problems(), make(), _Owner()
     before = _context_snapshot()
-    for order in itertools.permutations(range(3)):
-        scopes = [store.begin(owner) for _ in range(3)]
-        open_ = [0, 1, 2]
-        for i in order:
-            store.end(scopes[i])
-            open_.remove(i)
-            want = scopes[open_[-1]].state if open_ else None
-            seen = store.current(owner)
-            if seen is not want:
-                p.append(f"ending in order {order}: after ending #{i} current() is "
-                         f"{_describe(seen, want, [s.state for s in scopes])}, not the innermost open invocation's"
-                         + ("" if open_ else " (None)"))
+    with _bystander(store) as other:  # open on another owner throughout: never anyone's answer here
+        base = store.live()
+        for order in itertools.permutations(range(3)):
+            scopes = [store.begin(owner) for _ in range(3)]
+            states = [s.state for s in scopes]
+            open_ = [0, 1, 2]
+            for i in order:
+                store.end(scopes[i])
+                open_.remove(i)
+                want = states[open_[-1]] if open_ else None
+                seen = store.current(owner)
+                if seen is not want:
+                    p.append(f"ending in order {order}: after ending #{i} current() is "
+                             f"{_describe(seen, want, [x for k, x in enumerate(states) if k not in open_])}, "
+                             "not the innermost open invocation's" + ("" if open_ else " (None)"))
+                    break
+                for j in range(3):
+                    got = store.current(owner, scopes[j].invocation_id)
+                    fine = (states[j], want) if j in open_ else (None, want)
+                    if not any(got is x for x in fine):
+                        p.append(f"ending in order {order}: after ending #{i}, current(owner, id of "
+                                 f"{'open' if j in open_ else 'ended'} #{j}) gives "
+                                 f"{_describe(got, states[j] if j in open_ else None, [x for k, x in enumerate(states) if k not in open_])}")
+                        break
+                if p:
+                    break
+            live = store.live()
+            p.expect(live is None or live == base, f"live() is {live!r} after ending in order {order} "
+                     f"(one invocation open elsewhere: {base!r})")
+            refs = [weakref.ref(s) for s in scopes]
+            del scopes, states
+            gc.collect()
+            kept = sum(1 for r in refs if r() is not None)
+            p.expect(not kept, f"after ending in order {order}, {kept} ended scope(s) are still kept alive "
+                     f"(by {sorted({type(x).__name__ for r in refs if r() is not None for x in gc.get_referrers(r())})})")
+            if p:
                 break
-            for j in open_:
-                got = store.current(owner, scopes[j].invocation_id)
-                if scopes[j].invocation_id is not None and got is scopes[i].state:
-                    p.append(f"ending in order {order}: current(owner, id of #{j}) gives ended #{i}'s state")
-        p.expect(store.live() in (0, None), f"live() is {store.live()!r} after ending in order {order}")
-        refs = [weakref.ref(s) for s in scopes]
-        del scopes
-        gc.collect()
-        kept = sum(1 for r in refs if r() is not None)
-        p.expect(not kept, f"after ending in order {order}, {kept} ended scope(s) are still kept alive "
-                 f"(by {sorted({type(x).__name__ for r in refs if r() is not None for x in gc.get_referrers(r())})})")
-        if p:
-            break
+    p.expect(store.live() in (0, None), f"live() is {store.live()!r} after every invocation ended")
     after, missing = _context_snapshot(), object()
     changed = [getattr(k, "name", repr(k)) for k in set(before) | set(after)
                if before.get(k, missing) is not after.get(k, missing)]
@@ -370,10 +494,12 @@ def _rule_shared_id_same_context(make: Make) -> list[str]:
     store.end(second)
     seen = store.current(owner, sid)
     p.expect(seen is first.state, f"after it ended, the same id gives {_describe(seen, first.state, [second.state])}, not the outer state")
-    store.end(first)
-    p.expect(store.current(owner, sid) is None, "after both ended the id still gives a state")
-    with store.invocation(owner, sid) as again:
-        p.expect(store.current(owner, sid) is again, "the id reused by a later invocation does not give its state")
+    with _bystander(store, sid):  # the same id, open on another owner in another thread
+        store.end(first)
+        seen = store.current(owner, sid)
+        p.expect(seen is None, f"after both ended the id gives {_describe(seen, None, [first.state, second.state])}")
+        with store.invocation(owner, sid) as again:
+            p.expect(store.current(owner, sid) is again, "the id reused by a later invocation does not give its state")
     p.expect(store.live() in (0, None), f"live() is {store.live()!r} after all ends")
     return p
 
@@ -399,23 +525,41 @@ RULES: dict[str, Callable[[Make], list[str]]] = {
 def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> list[str]:
     store, owner = make(), _Owner()
     barrier = threading.Barrier(n, timeout=TIMEOUT)
+    done = [threading.Event() for _ in range(n)]
 
-    def call(i: int) -> tuple[str, str, str]:
+    def call(i: int) -> tuple[str, str, str, str]:
+        try:
+            return look(i)
+        except BaseException:
+            barrier.abort()  # the others fail fast instead of waiting for this one
+            for event in done:
+                event.set()
+            raise
+
+    def look(i: int) -> tuple[str, str, str, str]:
         scope = store.begin(owner, shared_id)
         barrier.wait()
         with_id = store.current(owner, scope.invocation_id)
         without = store.current(owner)
         barrier.wait()
+        if i and not done[i - 1].wait(TIMEOUT):  # one end at a time: the later threads are still open
+            raise TimeoutError("the previous thread did not end (hung)")
         store.end(scope)
+        # its own thread, after its end, the others open: never another's state (by the id too, unless shared)
+        own = store.current(owner) if shared_id else store.current(owner) or store.current(owner, scope.invocation_id)
+        done[i].set()
         barrier.wait()
         after = store.current(owner, scope.invocation_id)
-        return _describe(with_id, scope.state), _describe(without, scope.state), _describe(after, None)
+        return (_describe(with_id, scope.state), _describe(without, scope.state),
+                _describe(own, None, [scope.state]), _describe(after, None))
 
     results, errors = _threads(n, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
     out += _count(results, "threads got, with current(owner, id),", 0, {"None": "nothing", "another invocation's state": "another's state"})
     out += _count(results, "threads got, with current(owner),", 1, {"None": "nothing", "another invocation's state": "another's state"})
-    out += _count(results, "threads got, after all ended,", 2, {"another invocation's state": "a state"})
+    out += _count(results, "threads got, right after their own end (others open),", 2,
+                  {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"})
+    out += _count(results, "threads got, after all ended,", 3, {"another invocation's state": "a state"})
     if store.current(owner) is not None:
         out.append("a state is left behind after every thread ended")
     if store.live() not in (0, None):
@@ -424,29 +568,47 @@ def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> li
 
 
 def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
-    store, owner = make(), _Owner()
+    """Tasks on one owner (the first two sharing an id), each with late work: a task created during it, run after it ended."""
+    store, owner, sid = make(), _Owner(), f"shared-{uuid.uuid4()}"
 
-    async def call(gate: asyncio.Event, started: list[int]) -> tuple[str, str, str]:
-        scope = store.begin(owner)
+    async def call(i: int, gate: asyncio.Event, started: list[int], done: list[asyncio.Event]) -> tuple[str, ...]:
+        scope = store.begin(owner, sid if i < 2 else None)
         started.append(1)
         if len(started) == n:
             gate.set()
         await asyncio.wait_for(gate.wait(), TIMEOUT)
+        ended = asyncio.Event()
+
+        async def late_work() -> tuple[Any, Any]:
+            await ended.wait()
+            return store.current(owner), store.current(owner, scope.invocation_id)
+
+        late = asyncio.ensure_future(late_work())  # created during the invocation: a copy of its context
         without = store.current(owner)
         await asyncio.sleep(0)
         with_id = store.current(owner, scope.invocation_id)
+        if i:
+            await asyncio.wait_for(done[i - 1].wait(), TIMEOUT)  # one end at a time: the later tasks are open
         store.end(scope)
         after = store.current(owner)
-        return _describe(without, scope.state), _describe(with_id, scope.state), _describe(after, None)
+        ended.set()
+        late_seen = await asyncio.wait_for(late, TIMEOUT)  # runs while the later tasks are still open
+        done[i].set()
+        return (_describe(without, scope.state), _describe(with_id, scope.state), _describe(after, None),
+                _describe(late_seen[0], None, [scope.state]), _describe(late_seen[1], None, [scope.state]))
 
-    async def main() -> list[tuple[str, str, str]]:
-        gate, started = asyncio.Event(), []  # type: ignore[var-annotated]
-        return list(await asyncio.gather(*(call(gate, started) for _ in range(n))))
+    async def main() -> list[tuple[str, ...]]:
+        gate, started, done = asyncio.Event(), [], [asyncio.Event() for _ in range(n)]  # type: ignore[var-annotated]
+        return list(await asyncio.gather(*(call(i, gate, started, done) for i in range(n))))
 
     results = asyncio.run(main())
+    late = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
     out = _count(results, "tasks got, with current(owner),", 0, {"None": "nothing", "another invocation's state": "another's state"})
     out += _count(results, "tasks got, with current(owner, id),", 1, {"None": "nothing", "another invocation's state": "another's state"})
     out += _count(results, "tasks got, right after their own end,", 2, {"another invocation's state": "a state"})
+    out += _count(results, "tasks created during an invocation and run after it ended (others open) got", 3, late)
+    out += _count(results, "tasks created during an invocation and run after it ended (others open) got, "
+                  "with the id,", 4, late)
     if store.live() not in (0, None):
         out.append(f"live() is {store.live()!r} after every task ended")
     return out
@@ -454,41 +616,60 @@ def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
 
 def _observe_copied_context(make: Make) -> list[str]:
     p, store, owner, other = _Problems(), make(), _Owner(), _Owner()
-    with store.invocation(owner) as state:
-        ctx = contextvars.copy_context()
+    with _bystander(store):
+        with store.invocation(owner) as state:
+            ctx = contextvars.copy_context()
 
-        def job() -> tuple[Any, Any, Any]:
-            seen = store.current(owner)
-            with store.invocation(other) as nested:
-                inside = store.current(other) is nested
-            return seen, inside, store.current(owner)
+            def job() -> tuple[Any, Any, Any]:
+                seen = store.current(owner)
+                with store.invocation(other) as nested:
+                    inside = store.current(other) is nested
+                return seen, inside, store.current(owner)
 
-        seen, inside, back = _raw_hop(ctx.run, job)
+            seen, inside, back = _raw_hop(ctx.run, job)
+        left = store.current(owner)
     p.expect(seen is state, f"a pool job run through a context copy gets {_describe(seen, state)}")
     p.expect(inside, "an invocation nested in that job does not see its own state")
     p.expect(back is state, f"after the nested invocation the job gets {_describe(back, state)}")
-    p.expect(store.current(owner) is None, "a state is left behind after the invocation ended")
+    p.expect(left is None, f"after the invocation ended, current() gives {_describe(left, None, [state])}")
     return p
 
 
 def _observe_raw_thread(make: Make) -> list[str]:
     store = make()
     barrier = threading.Barrier(2, timeout=TIMEOUT)
+    done = threading.Event()
 
-    def call(i: int) -> tuple[str, str]:
+    def call(i: int) -> tuple[str, str, str]:
+        try:
+            return look(i)
+        except BaseException:
+            barrier.abort()  # the other fails fast instead of waiting for this one
+            done.set()
+            raise
+
+    def look(i: int) -> tuple[str, str, str]:
         owner = _Owner()
         scope = store.begin(owner)
         barrier.wait()
         seen = _raw_hop(store.current, owner, scope.invocation_id)
         barrier.wait()
+        if i and not done.wait(TIMEOUT):  # the first ends and looks while the second is still open
+            raise TimeoutError("the other thread did not end (hung)")
         store.end(scope)
         after = _raw_hop(store.current, owner, scope.invocation_id)
-        return _describe(seen, scope.state), _describe(after, None, [scope.state])
+        after_owner = _raw_hop(store.current, owner)
+        done.set()
+        return (_describe(seen, scope.state), _describe(after, None, [scope.state]),
+                _describe(after_owner, None, [scope.state]))
 
-    results, errors = _threads(2, call)
+    with _bystander(store):  # a third invocation open on another owner throughout
+        results, errors = _threads(2, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
+    after = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
     out += _count(results, "raw hops (owner and id carried) got", 0, {"None": "nothing", "another invocation's state": "another's state"})
-    out += _count(results, "raw hops after the end got", 1, {"an ended invocation's state": "the ended state"})
+    out += _count(results, "raw hops (owner and id carried) after the end got", 1, after)
+    out += _count(results, "raw hops (owner carried) after the end got", 2, after)
     return out
 
 
@@ -509,11 +690,16 @@ def _observe_propagate(make: Make) -> list[str]:
     p.expect(back is scope.state, f"after the subagent ended the hop gets {_describe(back, scope.state)}")
     seen = _raw_hop(store.propagate(lambda: store.current(parent)))
     p.expect(seen is scope.state, f"a propagated call gets {_describe(seen, scope.state)} on the parent owner")
-    store.end(scope)
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(store.propagate(lambda: None)).result(TIMEOUT)
-        left = pool.submit(store.current, parent, scope.invocation_id).result(TIMEOUT)
-    p.expect(left is None, "the pool thread keeps a state after the propagated call and the invocation ended")
+    with _bystander(store):
+        store.end(scope)
+        worker = _Worker()
+        try:
+            worker.call(store.propagate(lambda: None))
+            left = worker.call(store.current, parent, scope.invocation_id)
+        finally:
+            worker.close()
+    p.expect(left is None, f"the pool thread gets {_describe(left, None, [scope.state])} after the propagated call "
+             "and the invocation ended")
     return p
 
 
@@ -528,8 +714,10 @@ def _observe_nested(make: Make) -> list[str]:
     p.expect(seen is outer.state, f"after the nested end the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
     seen = store.current(owner, outer.invocation_id)
     p.expect(seen is outer.state, f"with its id, the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
-    store.end(outer)
-    p.expect(store.current(owner) is None, "a state is left behind after both ended")
+    with _bystander(store):
+        store.end(outer)
+        left = store.current(owner)
+    p.expect(left is None, f"after both ended current() gives {_describe(left, None, [inner.state, outer.state])}")
     return p
 
 
@@ -672,10 +860,13 @@ def _backend_name(store_class: type) -> str:
 
 
 def _run(body: Callable[[], list[str]]) -> list[str]:
+    """The body's problems; what the backend raised (any ``BaseException``) or a hang is one problem, reported."""
     try:
         return list(_in_thread(body))
-    except Exception as exc:  # noqa: BLE001 - a backend raising is an observation
-        return [f"raised {type(exc).__name__}: {exc}"]
+    except _Raised as raised:  # raised in the kit's thread: the backend's doing, reported whatever it is
+        return [f"raised {type(raised.exc).__name__}: {raised.exc}"]
+    except TimeoutError as exc:
+        return [f"raised TimeoutError: {exc}"]
 
 
 def observe(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import subprocess
 import sys
@@ -143,6 +144,53 @@ class RaisesInEnd(ContextVarStore):
         raise RuntimeError("end went wrong")
 
 
+class LeakyStore(ContextVarStore):
+    """Claims the raw hop, and there falls back to its owner's open invocation, else to ANY open invocation."""
+
+    name = "leaky"
+    isolates = (ContextVarStore.isolates - {Concurrency.ASYNC_TASKS}) | {Concurrency.RAW_THREAD}
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(factory)
+        self._open: list[Scope] = []
+
+    def _enter(self, scope: Scope) -> Any:
+        token = super()._enter(scope)
+        with self._lock:
+            self._open.append(scope)
+        return token
+
+    def _exit(self, scope: Scope) -> None:
+        with self._lock:
+            if scope in self._open:
+                self._open.remove(scope)
+        super()._exit(scope)
+
+    def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+        here = super().current(owner, invocation_id)
+        if here is not None:
+            return here
+        with self._lock:
+            mine = [s for s in self._open if s.owner is owner and not s.ended]
+            others = [s for s in self._open if not s.ended]
+        return (mine or others or [Scope(None, None, None)])[-1].state  # someone else's state
+
+
+class IdLookupIgnoringEndedTurns(InvocationIdStore):
+    """The id look-up before the fix: any single open invocation with the id, whoever's work asks."""
+
+    name = "id_lookup_ignoring_ended_turns"
+
+    def _look_up(self, scope: Scope, owner: Any, invocation_id: Any) -> Any:
+        from statebackends._store import open_chain
+
+        for ambient in open_chain(scope):
+            if invocation_id is None or ambient.invocation_id == invocation_id:
+                return ambient.state
+        candidates = [s for s in self._by_id.get(invocation_id, ()) if not s.ended] if invocation_id else []
+        return candidates[0].state if len(candidates) == 1 else None
+
+
 class ContextVarClaimingGreenlets(ContextVarStore):
     name = "contextvar_claiming_greenlets"
     isolates = ContextVarStore.isolates | {Concurrency.GREENLETS}
@@ -180,6 +228,80 @@ def test_a_backend_raising_in_end_fails_with_the_exception() -> None:
     checks = _by_check(check_backend(RaisesInEnd))
     assert "begin_current_end" in checks and "double_end" in checks and "never_raise" in checks
     assert all("end went wrong" in m for m in checks["begin_current_end"])
+
+
+def test_a_backend_handing_another_invocations_state_to_a_raw_hop_fails() -> None:
+    checks = _by_check(check_backend(LeakyStore))
+    assert "raw_thread" in checks and "another's state" in checks["raw_thread"][0], checks
+    for rule in ("ends_in_any_order", "no_ended_state_in_copied_context", "begin_current_end"):
+        assert rule in checks and any("another invocation's state" in m for m in checks[rule]), (rule, checks)
+    assert any("asyncio task" in m for m in checks["no_ended_state_in_copied_context"])
+
+
+def test_an_id_lookup_handing_late_work_the_next_turns_state_fails() -> None:
+    checks = _by_check(check_backend(IdLookupIgnoringEndedTurns))
+    assert "asyncio_tasks" in checks and "run after it ended" in checks["asyncio_tasks"][0], checks
+    assert "shared_id_same_context" in checks and "no_ended_state_in_copied_context" in checks
+    assert "another invocation's state" in checks["shared_id_same_context"][0]
+
+
+class _Fatal(BaseException):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("exc", [asyncio.CancelledError, SystemExit, _Fatal, GeneratorExit],
+                         ids=lambda e: e.__name__)
+def test_a_backend_raising_a_base_exception_is_reported_not_raised(exc: type[BaseException]) -> None:
+    class Raises(ContextVarStore):
+        name = "raises_base"
+
+        def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+            raise exc("from the backend")
+
+    failures = check_backend(Raises)
+    checks = _by_check(failures)
+    assert set(RULES) <= set(checks), checks
+    assert any(f"raised {exc.__name__}" in m for m in checks["begin_current_end"]), checks
+    assert not observe(Raises, Concurrency.THREADS).isolated
+
+
+def test_a_hung_backend_is_reported_and_the_process_still_exits(tmp_path: Path) -> None:
+    (tmp_path / "hung_backend.py").write_text(textwrap.dedent(
+        """
+        import threading
+        import statebackends.testing as kit
+        from statebackends import Concurrency
+        from statebackends.contextvar import ContextVarStore
+
+        kit.TIMEOUT = 0.5
+        forever = threading.Event()
+
+        class HangsInOtherThreads(ContextVarStore):
+            name = "hangs_in_other_threads"
+
+            def __init__(self, factory):
+                super().__init__(factory)
+                self.began_in = set()
+
+            def _enter(self, scope):
+                self.began_in.add(threading.get_ident())
+                return super()._enter(scope)
+
+            def current(self, owner=None, invocation_id=None):
+                if threading.get_ident() not in self.began_in:
+                    forever.wait()  # a look-up that never returns in a pool thread
+                return super().current(owner, invocation_id)
+
+        print(kit.observe(HangsInOtherThreads, Concurrency.RAW_THREAD).detail, flush=True)
+        print(kit.check_rule(HangsInOtherThreads, "never_raise")[0].observed, flush=True)
+        """
+    ))
+    run = subprocess.run([sys.executable, str(tmp_path / "hung_backend.py")], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)  # before the fix: reported "hung", then never exited
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("hung" in line for line in lines), run.stdout
 
 
 def test_a_backend_claiming_greenlets_it_does_not_isolate_fails() -> None:
