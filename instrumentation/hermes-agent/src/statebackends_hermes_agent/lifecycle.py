@@ -166,10 +166,6 @@ def _end_span(span: Optional[Span], what: str) -> None:
         _logger.exception("hermes-agent instrumentation: could not end the %s span", what)
 
 
-def _call_through(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
 # -- invoke_agent ---------------------------------------------------------------------------------------------
 
 
@@ -467,43 +463,15 @@ class ToolCall:
 
 
 class PendingSubagent:
-    """A child agent built by ``delegate_task`` and not yet run: the parent span context and the store's launcher."""
+    """A child agent built by ``delegate_task`` and not yet run: the span context its invocation will hang under."""
 
-    __slots__ = ("launcher", "parent")
+    __slots__ = ("parent",)
 
-    def __init__(self, launcher: Optional[Callable[..., Any]], parent: Optional[Context]) -> None:
-        self.launcher = launcher
+    def __init__(self, parent: Optional[Context]) -> None:
         self.parent = parent
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` through the store's launcher; a launcher that fails around ``fn`` never changes its outcome."""
-        launcher = self.launcher
-        if launcher is None:
-            return fn(*args)
-        outcome: list[Any] = []  # [result] once fn returned, [None, exc] once it raised
-
-        def body(*inner: Any) -> Any:
-            try:
-                result = fn(*inner)
-            except BaseException as exc:
-                outcome[:] = [None, exc]
-                raise
-            outcome[:] = [result]
-            return result
-
-        try:
-            return launcher(body, *args)
-        except BaseException as exc:
-            if len(outcome) == 2:  # the agent's own exception
-                if exc is outcome[1]:
-                    raise
-                raise outcome[1]  # noqa: B904 - the agent's exception, not the launcher's
-            if len(outcome) == 1:  # the launcher failed after the agent returned: keep the result
-                _logger.exception("hermes-agent instrumentation: the subagent launcher failed after the call")
-                return outcome[0]
-            if not isinstance(exc, Exception):
-                raise
-            _logger.exception("hermes-agent instrumentation: the subagent launcher failed; running it directly")
+        """``fn(*args)`` as Hermes runs it, in the child's own thread and context (nothing is switched around it)."""
         return fn(*args)
 
 
@@ -856,16 +824,18 @@ class HermesTelemetry:
     def prepare_subagent(self, child: Any) -> None:
         """Remember, for ``child`` built in its parent's ``delegate_task``, where its invocation will hang; never raises.
 
-        The look-up is made now, while the parent is open, exactly as the child would make it
-        (through ``store.propagate``, with the child as owner), so the backend decides whether
-        the parent is found; only the parent's ``delegate_task`` span context is kept, so the
-        child hangs under it even when it runs after the parent's invocation ended.
+        The look-up is made now, in the parent's tool thread while the parent is open, through
+        the store with the child as owner, so the backend decides whether the parent is found
+        (``instance`` cannot: the state lives on the parent object). Only the parent's
+        ``delegate_task`` span context is kept, so the child hangs under it even when it runs
+        after the parent's invocation ended; the child itself runs untouched in the context
+        Hermes gives it (running it in a copy of the build-time context would hide the
+        context variables its worker sets, such as Hermes's session working directory).
         """
         try:
-            launcher = self.store.propagate(_call_through)
-            parent = launcher(self._subagent_parent, child)
+            parent = self._subagent_parent(child)
             with self._pending_lock:
-                self._pending[child] = PendingSubagent(launcher, parent)
+                self._pending[child] = PendingSubagent(parent)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: subagent will start a trace of its own")
 
