@@ -584,6 +584,7 @@ def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
             return store.current(owner), store.current(owner, scope.invocation_id)
 
         late = asyncio.ensure_future(late_work())  # created during the invocation: a copy of its context
+        await asyncio.sleep(0)  # it starts (and waits for the end)
         without = store.current(owner)
         await asyncio.sleep(0)
         with_id = store.current(owner, scope.invocation_id)

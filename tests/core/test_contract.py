@@ -249,7 +249,6 @@ class _Fatal(BaseException):
     pass
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("exc", [asyncio.CancelledError, SystemExit, _Fatal, GeneratorExit],
                          ids=lambda e: e.__name__)
 def test_a_backend_raising_a_base_exception_is_reported_not_raised(exc: type[BaseException]) -> None:
