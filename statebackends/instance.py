@@ -20,9 +20,10 @@ def _slots_of(owner: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - no instance __dict__ (slots, built-ins)
         slots = None
     if type(slots) is not dict:  # a class (mappingproxy), a slotted or built-in object
+        kind = "a class" if isinstance(owner, type) else f"a {type(owner).__qualname__} object"
         raise TypeError(
             f"the instance backend keeps the state in the owner's own instance __dict__, which this owner "
-            f"(a {type(owner).__qualname__}) does not have; use an instance of a class without __slots__ "
+            f"({kind}) does not have; use an instance of a class without __slots__ "
             f"(not a class, a built-in or a slotted object), or another backend"
         )
     return slots
@@ -44,10 +45,11 @@ class InstanceStore(StateStore[S]):
     without ``__slots__``, modules, ``unittest.mock`` objects). The slot is
     read and written in that ``__dict__`` directly, never through the owner's
     ``__getattr__``/``__setattr__`` (so no owner code runs under the store's
-    lock, and a class's slot never shows through its instances); a value there
-    that is not a :class:`Scope` counts as no invocation. ``begin`` on any
-    other owner (a class, a built-in such as ``object()``, a slotted object)
-    raises ``TypeError`` before anything changes; ``current`` on one is None.
+    lock, and a class's slot never shows through its instances); a foreign
+    value there (not a :class:`Scope`) never makes ``begin`` or ``current``
+    loop or raise: it counts as no invocation. ``begin`` on any other owner
+    (a class, a built-in such as ``object()``, a slotted object) raises
+    ``TypeError`` before anything changes; ``current`` on one is None.
     """
 
     name = "instance"
@@ -83,13 +85,11 @@ class InstanceStore(StateStore[S]):
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
         try:
             scope = owner.__dict__.get(self.attribute, NO_SCOPE)
-        except Exception:  # noqa: BLE001 - no __dict__: no invocation
+            if not scope.ended:
+                return scope.state
+        except Exception:  # noqa: BLE001 - no __dict__, or not a Scope there: no invocation
             return None
-        if type(scope) is not Scope:
-            return None
-        if not scope.ended:
-            return scope.state
-        return first_open(scope).state
+        return first_open(scope).state if type(scope) is Scope else None
 
     def propagate(self, fn: F) -> F:
         # The state lives on the owner: any thread holding the owner sees it.
