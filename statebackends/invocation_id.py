@@ -226,8 +226,8 @@ class InvocationIdStore(StateStore[S]):
         if warn:
             _log_safely(
                 logging.WARNING,
-                "%s: several open invocations share the id %r on one owner and the look-up came without "
-                "their context (a raw thread hop): returning None rather than another invocation's state; "
+                "%s: several open invocations (of the owner given, if any) share the id %r and the look-up "
+                "came without their context (a raw thread hop): returning None rather than another invocation's state; "
                 "further cases are counted in %s.ambiguous, not logged",
                 self.name, invocation_id, type(self).__name__,
             )

@@ -315,8 +315,10 @@ def _rule_end_from_another_thread(make: Make) -> list[str]:
     _, errors = _threads(1, lambda i: store.end(scope))
     p.expect(not errors, f"end() in another thread raised {errors[0]!r}" if errors else "")
     p.expect(store.live() in (0, None), f"live() is {store.live()!r} after the end() in another thread")
-    p.expect(store.current(owner) is not scope.state, "the thread of begin() still gets the ended state")
-    p.expect(store.current(owner, scope.invocation_id) is not scope.state, "current(owner, id) still gives the ended state")
+    with _bystander(store):
+        seen = store.current(owner), store.current(owner, scope.invocation_id)
+    p.expect(seen == (None, None), f"after the end() in another thread, the thread of begin() gets "
+             f"{_describe(seen[0], None, [scope.state])} / with the id {_describe(seen[1], None, [scope.state])}, not None")
     with store.invocation(owner) as state:
         p.expect(store.current(owner) is state, "a later invocation in the thread of begin() does not see its state")
     p.expect(store.current(owner) is None, "current() after the later invocation is not None")

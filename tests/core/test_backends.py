@@ -707,11 +707,14 @@ def test_instance_with_a_mock_owner_begins_and_ends() -> None:
 def test_instance_treats_a_value_that_is_not_a_scope_as_no_invocation() -> None:
     store = get_store("instance", dict)
     owner = Owner()
-    owner.__dict__[store.attribute] = "junk"  # type: ignore[attr-defined]
-    assert store.current(owner) is None
-    with store.invocation(owner) as state:
-        assert store.current(owner) is state
-    assert store.current(owner) is None
+    from unittest import mock
+
+    for junk in ("junk", mock.MagicMock()):  # a mock's .ended is truthy, its .previous another mock
+        owner.__dict__[store.attribute] = junk  # type: ignore[attr-defined]
+        assert _in_daemon(lambda: store.current(owner)) is None
+        with store.invocation(owner) as state:
+            assert store.current(owner) is state
+        assert store.current(owner) is None and store.attribute not in owner.__dict__  # type: ignore[attr-defined]
 
 
 class Slotted:
