@@ -79,6 +79,21 @@ _OP_INVOKE_AGENT = GenAI.GenAiOperationNameValues.INVOKE_AGENT.value
 _OP_CHAT = GenAI.GenAiOperationNameValues.CHAT.value
 _OP_EXECUTE_TOOL = GenAI.GenAiOperationNameValues.EXECUTE_TOOL.value
 AGENT_NAME = "hermes"
+# Looked up once: the hot path reads module globals, not attributes of the semconv module.
+_INPUT_TOKENS = GenAI.GEN_AI_USAGE_INPUT_TOKENS
+_OUTPUT_TOKENS = GenAI.GEN_AI_USAGE_OUTPUT_TOKENS
+_RESPONSE_ID = GenAI.GEN_AI_RESPONSE_ID
+_RESPONSE_MODEL = GenAI.GEN_AI_RESPONSE_MODEL
+_FINISH_REASONS = GenAI.GEN_AI_RESPONSE_FINISH_REASONS
+_OPERATION_NAME = GenAI.GEN_AI_OPERATION_NAME
+_TOOL_NAME = GenAI.GEN_AI_TOOL_NAME
+_TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
+_TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
+_INTERNAL = SpanKind.INTERNAL
+_CLIENT = SpanKind.CLIENT
+_set_span_in_context = trace.set_span_in_context
+_attach = otel_context.attach
+_detach = otel_context.detach
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
 _CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
 
@@ -222,16 +237,13 @@ class AgentInvocation:
                         _logger.exception("hermes-agent instrumentation: could not mark the react step failed")
                 telemetry._end_step(state, "error" if error is not None or failed else None, error)
             if span is not None:
-                attributes: dict[str, Any] = {
-                    GenAI.GEN_AI_USAGE_INPUT_TOKENS: state.input_tokens,
-                    GenAI.GEN_AI_USAGE_OUTPUT_TOKENS: state.output_tokens,
-                }
+                attributes: dict[str, Any] = {_INPUT_TOKENS: state.input_tokens, _OUTPUT_TOKENS: state.output_tokens}
                 if state.response_id:
-                    attributes[GenAI.GEN_AI_RESPONSE_ID] = state.response_id
+                    attributes[_RESPONSE_ID] = state.response_id
                 if state.response_model:
-                    attributes[GenAI.GEN_AI_RESPONSE_MODEL] = state.response_model
+                    attributes[_RESPONSE_MODEL] = state.response_model
                 if state.finish_reasons:
-                    attributes[GenAI.GEN_AI_RESPONSE_FINISH_REASONS] = list(state.finish_reasons)
+                    attributes[_FINISH_REASONS] = list(state.finish_reasons)
                 if telemetry._span_content and error is None and not failed and isinstance(result, dict):
                     # A failed run's final_response is Hermes's error text: never an assistant message.
                     final = result.get("final_response")
@@ -251,22 +263,30 @@ class AgentInvocation:
                     _record_error(span, error)
                 elif failed:
                     _mark_failed(span, result)
-            if self._labels is not None:
+            duration = telemetry._duration
+            if self._labels is not None and getattr(duration, "_real_instrument", duration) is not None:  # _live
                 error_type = type(error).__qualname__ if error is not None else ("agent_run_failed" if failed else None)
                 telemetry._record_duration(self._labels, self._started, state.response_model, error_type)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete invoke_agent")
         finally:
             try:
-                _end_span(span, "invoke_agent")
+                if span is not None:
+                    try:
+                        span.end()
+                    except Exception:  # noqa: BLE001
+                        _logger.exception("hermes-agent instrumentation: could not end the invoke_agent span")
             finally:
                 try:
                     if self._token is not None:
-                        otel_context.detach(self._token)
+                        _detach(self._token)
                 except Exception:  # noqa: BLE001
                     _logger.exception("hermes-agent instrumentation: could not detach the invoke_agent context")
                 finally:
-                    telemetry._end_scope(scope)
+                    try:
+                        telemetry.store.end(scope)
+                    except Exception:  # noqa: BLE001
+                        _logger.exception("hermes-agent instrumentation: store.end failed")
 
 
 # -- chat ------------------------------------------------------------------------------------------------------
@@ -333,10 +353,10 @@ class ChatCall:
             return
         self._done = True
         state = self._state
+        span = self.span
         try:
             if state is not None:
                 state.llm_depth -= 1
-            span = self.span
             if span is None:
                 return
             try:
@@ -344,40 +364,43 @@ class ChatCall:
                 input_tokens, output_tokens, reasons, wants_tools = read_response(response)
                 response_id = getattr(response, "id", None)
                 response_model = getattr(response, "model", None)
-                response_model = str(response_model) if response_model else None
-                attributes: dict[str, Any] = {
-                    GenAI.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
-                    GenAI.GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
-                }
+                attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
                 if response_id:
-                    attributes[GenAI.GEN_AI_RESPONSE_ID] = str(response_id)
+                    response_id = attributes[_RESPONSE_ID] = str(response_id)
                 if response_model:
-                    attributes[GenAI.GEN_AI_RESPONSE_MODEL] = response_model
+                    response_model = attributes[_RESPONSE_MODEL] = str(response_model)
+                else:
+                    response_model = None
                 if reasons:
-                    attributes[GenAI.GEN_AI_RESPONSE_FINISH_REASONS] = list(reasons)
+                    attributes[_FINISH_REASONS] = list(reasons)
                 if state is not None:
                     state.input_tokens += input_tokens
                     state.output_tokens += output_tokens
                     if response_id:
-                        state.response_id = str(response_id)
+                        state.response_id = response_id
                     if response_model:
                         state.response_model = response_model
-                    state.finish_reasons = reasons or state.finish_reasons
+                    if reasons:
+                        state.finish_reasons = reasons
                     if not wants_tools:  # a final answer closes the round
                         telemetry._end_step(state, reasons[0] if reasons else "stop")
                 outputs = None
-                if telemetry._span_content or telemetry._event_content:
+                if telemetry.capture_content:  # on spans or in events
                     outputs = genai.output_messages(response)
                     if telemetry._span_content:
                         attributes[_OUTPUT_MESSAGES] = genai.to_json(outputs)
                 span.set_attributes(attributes)
                 labels = self._labels
-                if labels is not None and _live(telemetry._duration):
+                duration = telemetry._duration
+                if labels is not None and getattr(duration, "_real_instrument", duration) is not None:  # _live
                     telemetry._record_chat(labels, self._started, response_model, input_tokens, output_tokens)
                 if outputs is not None and telemetry._event_content:
                     telemetry._emit_details(span, labels, attributes, self._inputs, outputs)
             finally:
-                _end_span(span, "chat")
+                try:
+                    span.end()
+                except Exception:  # noqa: BLE001
+                    _logger.exception("hermes-agent instrumentation: could not end the chat span")
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the chat span")
 
@@ -451,10 +474,14 @@ class ToolCall:
             _logger.exception("hermes-agent instrumentation: could not complete the execute_tool span")
         finally:
             try:
-                _end_span(span, "execute_tool")
+                if span is not None:
+                    try:
+                        span.end()
+                    except Exception:  # noqa: BLE001
+                        _logger.exception("hermes-agent instrumentation: could not end the execute_tool span")
             finally:
                 try:
-                    otel_context.detach(self._token)
+                    _detach(self._token)
                 except Exception:  # noqa: BLE001
                     _logger.exception("hermes-agent instrumentation: could not detach the execute_tool context")
 
@@ -508,6 +535,8 @@ class HermesTelemetry:
         self.capture_content = self._span_content or self._event_content
         """Whether any message content is recorded (the wrappers pass the user message only then)."""
         self._pending: "weakref.WeakKeyDictionary[Any, PendingSubagent]" = weakref.WeakKeyDictionary()
+        # Its plain dict of entries (never replaced): empty means no record, checked without the Python __len__.
+        self._pending_data: dict = getattr(self._pending, "data", self._pending)
         self._pending_lock = threading.Lock()
         # (provider label, base URL, model) -> (chat span name, chat span attributes, metric attributes)
         self._chat_identities: dict[tuple, tuple[str, dict[str, Any], dict[str, Any]]] = {}
@@ -561,12 +590,12 @@ class HermesTelemetry:
             if self._span_content and user_message is not None:
                 attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message)])}
             invocation._started = time.monotonic()
-            span = self.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, attributes=attributes)
+            span = self.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=_INTERNAL, attributes=attributes)
             state.agent_span = span
-            current = trace.set_span_in_context(span)
+            current = _set_span_in_context(span)
             # With no explicit parent both contexts are the current one plus the span: build it once.
-            state.agent_ctx = current if parent is None else trace.set_span_in_context(span, parent)
-            invocation._token = otel_context.attach(current)
+            state.agent_ctx = current if parent is None else _set_span_in_context(span, parent)
+            invocation._token = _attach(current)
         except BaseException as exc:
             # Undo whatever was made: the call runs uninstrumented, nothing is left open.
             if span is not None:
@@ -622,11 +651,10 @@ class HermesTelemetry:
 
     def _start_step(self, state: InvocationState) -> None:
         state.round += 1
-        span = self.tracer.start_span(
-            STEP_SPAN_NAME, context=state.agent_ctx, kind=SpanKind.INTERNAL, attributes={REACT_ROUND: state.round}
-        )
+        agent_ctx = state.agent_ctx
+        span = self.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: state.round})
         state.step_span = span
-        state.step_ctx = trace.set_span_in_context(span, state.agent_ctx)
+        state.step_ctx = _set_span_in_context(span, agent_ctx)
 
     def _end_step(self, state: InvocationState, finish_reason: Optional[str], error: Optional[BaseException] = None) -> None:
         """End the open react step, if any; never raises."""
@@ -641,7 +669,10 @@ class HermesTelemetry:
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the react step")
         finally:
-            _end_span(span, "react step")
+            try:
+                span.end()
+            except Exception:  # noqa: BLE001
+                _logger.exception("hermes-agent instrumentation: could not end the react step span")
 
     def end_tool_round(self, owner: Any, task_id: Any = None, error: Optional[BaseException] = None) -> None:
         """Close the ReAct step of ``owner``'s invocation (found by ``task_id``) once its tools ran or failed; never raises."""
@@ -685,10 +716,7 @@ class HermesTelemetry:
                 if self._span_content:
                     attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
             span = self.tracer.start_span(
-                name,
-                context=state.step_ctx if state is not None else None,
-                kind=SpanKind.CLIENT,
-                attributes=attributes,
+                name, context=state.step_ctx if state is not None else None, kind=_CLIENT, attributes=attributes
             )
         except BaseException as exc:
             if not isinstance(exc, Exception):
@@ -697,7 +725,7 @@ class HermesTelemetry:
             return ChatCall(self, None, None, 0.0, None, done=True)
         if state is not None:
             state.llm_depth += 1
-        return ChatCall(self, state, span, time.monotonic(), labels, inputs=inputs if self._event_content else None)
+        return ChatCall(self, state, span, time.monotonic(), labels, False, inputs if self._event_content else None)
 
     def _chat_identity(self, key: tuple) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """The chat span name, span start attributes and metric attributes of one (provider, base URL, model)."""
@@ -796,20 +824,16 @@ class HermesTelemetry:
             parent = None
             if state is not None:
                 parent = state.step_ctx or state.agent_ctx
-            attributes: dict[str, Any] = {
-                GenAI.GEN_AI_OPERATION_NAME: _OP_EXECUTE_TOOL,
-                GenAI.GEN_AI_TOOL_NAME: name,
-                GenAI.GEN_AI_TOOL_TYPE: "function",
-            }
+            attributes: dict[str, Any] = {_OPERATION_NAME: _OP_EXECUTE_TOOL, _TOOL_NAME: name, _TOOL_TYPE: "function"}
             if tool_call_id:
-                attributes[GenAI.GEN_AI_TOOL_CALL_ID] = str(tool_call_id)
+                attributes[_TOOL_CALL_ID] = str(tool_call_id)
             if self._span_content and arguments is not None:
                 attributes[_TOOL_ARGUMENTS] = arguments if isinstance(arguments, str) else genai.to_json(arguments)
-            span = self.tracer.start_span(f"execute_tool {name}", context=parent, kind=SpanKind.INTERNAL, attributes=attributes)
-            span_ctx = trace.set_span_in_context(span)
+            span = self.tracer.start_span(f"execute_tool {name}", context=parent, kind=_INTERNAL, attributes=attributes)
+            span_ctx = _set_span_in_context(span)
             if state is not None and name == "delegate_task":
                 state.delegate_parent = span_ctx
-            token = otel_context.attach(span_ctx)
+            token = _attach(span_ctx)
         except BaseException as exc:
             if span is not None:
                 _end_span(span, "execute_tool")
@@ -847,7 +871,7 @@ class HermesTelemetry:
 
     def take_subagent(self, agent: Any) -> Optional[PendingSubagent]:
         """The pending record :meth:`prepare_subagent` made for ``agent`` (removed), or None; never raises."""
-        if not self._pending:  # only subagents are registered: most calls skip the lock
+        if not self._pending_data:  # only subagents are registered: most calls skip the lock
             return None
         try:
             with self._pending_lock:

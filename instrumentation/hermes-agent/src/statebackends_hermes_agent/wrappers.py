@@ -54,7 +54,7 @@ class HermesWrappers(HermesTelemetry):
 
     def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
-        pending = self.take_subagent(instance)
+        pending = self.take_subagent(instance) if self._pending_data else None  # most calls: no subagent record
         if pending is not None:  # a subagent: hang under its parent's delegate_task span
             return pending.run(self._invoke_agent, wrapped, instance, args, kwargs, pending.parent)
         return self._invoke_agent(wrapped, instance, args, kwargs, None)
@@ -78,9 +78,9 @@ class HermesWrappers(HermesTelemetry):
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            invocation.fail(exc)
+            invocation._close(None, exc)  # fail(exc)
             raise
-        invocation.stop(result)
+        invocation._close(result, None)  # stop(result)
         return result
 
     # -- react step ------------------------------------------------------------------------
@@ -149,9 +149,9 @@ class HermesWrappers(HermesTelemetry):
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            call.fail(exc)
+            call._close(None, exc)  # fail(exc)
             raise
-        call.stop(result)
+        call._close(result, None)  # stop(result)
         return result
 
     def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
