@@ -361,7 +361,21 @@ class ChatCall:
                 return
             try:
                 telemetry = self._telemetry
-                input_tokens, output_tokens, reasons, wants_tools = read_response(response)
+                # read_response(response), its one-choice path inlined (what Hermes asks for)
+                choices = getattr(response, "choices", None)
+                if choices and len(choices) == 1:
+                    usage = getattr(response, "usage", None)
+                    if usage is not None:
+                        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+                        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+                    else:
+                        input_tokens = output_tokens = 0
+                    choice = choices[0]
+                    reason = getattr(choice, "finish_reason", None)
+                    wants_tools = bool(getattr(getattr(choice, "message", None), "tool_calls", None))
+                    reasons: tuple[str, ...] = (str(reason),) if reason else ()
+                else:
+                    input_tokens, output_tokens, reasons, wants_tools = read_response(response)
                 response_id = getattr(response, "id", None)
                 response_model = getattr(response, "model", None)
                 attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
