@@ -236,6 +236,31 @@ def test_our_instrumentor_judged_as_foreign_gives_ok_and_na() -> None:
     assert (stub["applicable"], stub["ok"], stub["verdict"]) == (False, False, None)
 
 
+LOONGSUITE_SPEC = "opentelemetry.instrumentation.hermes_agent:HermesAgentInstrumentor"
+
+
+def _loongsuite_installed() -> bool:
+    from statebackends_hermes_testbed.modes import loongsuite_available
+
+    return loongsuite_available()
+
+
+@pytest.mark.skipif(not _loongsuite_installed(), reason="loongsuite 0.9.0 is in the compare set only (CI runs it there)")
+def test_loongsuite_column_as_measured_in_docs() -> None:
+    """loongsuite 0.9.0 judged from its spans: right on overlapping calls, its subagents start traces of their own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", "--instrumentor", LOONGSUITE_SPEC,
+         "--scenario", "threads", "--scenario", "delegate", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {c["scenario"]: c for c in json.loads(proc.stdout)["cells"]}
+    assert cells["threads"]["ok"] is True, cells["threads"]["verdict"]
+    delegate = cells["delegate"]
+    assert delegate["ok"] is False and delegate["verdict"]["orphans"] > 0, delegate["verdict"]
+
+
 def test_foreign_cell_never_counts_as_unexpected() -> None:
     from statebackends_hermes_testbed.matrix import UNEXPECTED, Cell
     from statebackends_hermes_testbed.traces import Verdict
