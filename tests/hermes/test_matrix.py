@@ -103,18 +103,19 @@ def test_new_rows_are_in_the_matrix_with_their_expectations() -> None:
     assert not expected_ok(BY_ID["raw_thread"], "otel_context")
 
 
-def test_matrix_cli_prints_valid_json() -> None:
+def run_matrix_cli(*args: str, timeout: float = 300) -> dict[str, Any]:
+    """``python -m statebackends_hermes_testbed.matrix ARGS --json`` in a subprocess: its exit code must be 0; its JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", "--scenario", "sequential", "--backend", "contextvar", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", *args, "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_matrix_cli_prints_valid_json() -> None:
+    data = run_matrix_cli("--scenario", "sequential", "--backend", "contextvar")
     assert data["total"] == 1 and data["as_expected"] == 1
     (cell,) = data["cells"]
     assert (cell["backend"], cell["scenario"], cell["expected"], cell["ok"]) == ("contextvar", "sequential", True, True)
@@ -215,18 +216,7 @@ def test_instrumentor_option_refuses_backends(capsys: pytest.CaptureFixture[str]
 def test_our_instrumentor_judged_as_foreign_gives_ok_and_na() -> None:
     """Our own class through ``--instrumentor``: a real-agent scenario is ok, a stub scenario is n/a, exit code 0."""
     spec = "statebackends_hermes_agent:HermesAgentInstrumentor"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", "--instrumentor", spec,
-         "--scenario", "sequential", "--scenario", "async_tasks", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout)
+    data = run_matrix_cli("--instrumentor", spec, "--scenario", "sequential", "--scenario", "async_tasks")
     assert data["instrumentor"] == spec and data["not_applicable"] == 1
     cells = {c["scenario"]: c for c in data["cells"]}
     assert {c["backend"] for c in cells.values()} == {spec}
@@ -248,14 +238,8 @@ def _loongsuite_installed() -> bool:
 @pytest.mark.skipif(not _loongsuite_installed(), reason="loongsuite 0.9.0 is in the compare set only (CI runs it there)")
 def test_loongsuite_column_as_measured_in_docs() -> None:
     """loongsuite 0.9.0 judged from its spans: right on overlapping calls, its subagents start traces of their own."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "statebackends_hermes_testbed.matrix", "--instrumentor", LOONGSUITE_SPEC,
-         "--scenario", "threads", "--scenario", "delegate", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cells = {c["scenario"]: c for c in json.loads(proc.stdout)["cells"]}
+    data = run_matrix_cli("--instrumentor", LOONGSUITE_SPEC, "--scenario", "threads", "--scenario", "delegate", timeout=600)
+    cells = {c["scenario"]: c for c in data["cells"]}
     assert cells["threads"]["ok"] is True, cells["threads"]["verdict"]
     delegate = cells["delegate"]
     assert delegate["ok"] is False and delegate["verdict"]["orphans"] > 0, delegate["verdict"]
