@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from opentelemetry import context as otel_context
@@ -295,54 +296,48 @@ def test_shared_id_in_overlapping_tasks_each_sees_its_own_state_and_nothing_surv
     assert raw_hop(store.current, owner, "session-1") is None
 
 
-def test_shared_id_raw_hop_with_two_owners_picks_by_owner() -> None:
-    store = InvocationIdStore(dict)
-    a, b = Owner(), Owner()
-    opened, done = threading.Barrier(3, timeout=10), threading.Event()
-    states: dict[str, Any] = {}
+@contextlib.contextmanager
+def open_turns(store: StateStore[Any], owners: list[Any], invocation_id: str) -> Iterator[list[Any]]:
+    """One thread per owner holds an invocation with ``invocation_id`` open for the block; yields their states."""
+    opened, done = threading.Barrier(len(owners) + 1, timeout=10), threading.Event()
+    states: list[Any] = [None] * len(owners)
 
-    def turn(owner: Owner, key: str) -> None:
-        with store.invocation(owner, "session-1") as state:
-            states[key] = state
+    def turn(i: int) -> None:
+        with store.invocation(owners[i], invocation_id) as state:
+            states[i] = state
             opened.wait()
             done.wait(10)
 
-    threads = [threading.Thread(target=turn, args=(a, "a")), threading.Thread(target=turn, args=(b, "b"))]
+    threads = [threading.Thread(target=turn, args=(i,)) for i in range(len(owners))]
     [t.start() for t in threads]
     opened.wait()
     try:
-        assert raw_hop(store.current, a, "session-1") is states["a"]
-        assert raw_hop(store.current, b, "session-1") is states["b"]
-        assert store.ambiguous == 0
+        yield states
     finally:
         done.set()
         [t.join(10) for t in threads]
+
+
+def test_shared_id_raw_hop_with_two_owners_picks_by_owner() -> None:
+    store = InvocationIdStore(dict)
+    a, b = Owner(), Owner()
+    with open_turns(store, [a, b], "session-1") as (state_a, state_b):
+        assert raw_hop(store.current, a, "session-1") is state_a
+        assert raw_hop(store.current, b, "session-1") is state_b
+        assert store.ambiguous == 0
     assert store.live() == 0
 
 
 def test_shared_id_raw_hop_on_one_owner_is_none_counted_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
     store = InvocationIdStore(dict)
     owner = Owner()
-    opened, done = threading.Barrier(3, timeout=10), threading.Event()
-
-    def turn() -> None:
-        with store.invocation(owner, "session-1"):
-            opened.wait()
-            done.wait(10)
-
-    threads = [threading.Thread(target=turn) for _ in range(2)]
-    [t.start() for t in threads]
-    opened.wait()
-    try:
+    with open_turns(store, [owner, owner], "session-1"):
         with caplog.at_level(logging.DEBUG, logger="statebackends"):
             seen = [raw_hop(store.current, owner, "session-1") for _ in range(5)]
         assert seen == [None] * 5, "never another invocation's state"
         assert store.ambiguous == 5
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "session-1" in warnings[0].getMessage()
-    finally:
-        done.set()
-        [t.join(10) for t in threads]
     assert store.live() == 0
 
 
@@ -648,22 +643,9 @@ def test_invocation_id_begin_whose_eviction_warning_raises_is_complete(raising_h
     store.end(a)
     assert store.live() == 0 and store.current(owner) is None and not store._open and store._by_id == {}
     shared = InvocationIdStore(dict)
-    opened, done = threading.Barrier(3, timeout=10), threading.Event()
-
-    def turn() -> None:
-        with shared.invocation(owner, "shared"):
-            opened.wait()
-            done.wait(10)
-
-    threads = [threading.Thread(target=turn) for _ in range(2)]
-    [t.start() for t in threads]
-    opened.wait()
-    try:
+    with open_turns(shared, [owner, owner], "shared"):
         assert raw_hop(shared.current, owner, "shared") is None  # ambiguous: warned through the raising handler
         assert shared.ambiguous == 1
-    finally:
-        done.set()
-        [t.join(10) for t in threads]
     assert shared.live() == 0
 
 
