@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, TypeVar
 
+from . import _store
 from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open, unwind_var
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,6 +23,8 @@ ENV_MAX_ENTRIES = "STATEBACKENDS_INVOCATION_ID_MAX_ENTRIES"
 DEFAULT_MAX_ENTRIES = 10_000
 EVICTION_WARNING_INTERVAL = 60.0
 """Seconds between two eviction warnings of one store (the first eviction always warns)."""
+_NO_CLOCK = float("inf")
+"""The start time recorded while ``max_age`` is None (no clock read per begin): never too old."""
 
 
 def _max_entries_from_env() -> int:
@@ -120,11 +123,62 @@ class InvocationIdStore(StateStore[S]):
         self._prefix = f"inv-{os.getpid():x}-{next(_ids):x}-"
         self._counter = itertools.count(1)
 
-    def _enter(self, scope: Scope[S]) -> Any:
+    def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S]:
+        """As :meth:`StateStore.begin`, with the index update and the ``live`` count under one lock."""
+        scope: Scope[S] = Scope(self.factory(), owner, invocation_id)
+        if invocation_id is None:
+            scope.invocation_id = invocation_id = f"{self._prefix}{next(self._counter)}"
+        else:
+            hash(invocation_id)  # an unhashable id fails here, before anything is changed
+        ambient = self._ambient
+        previous = ambient.get()
+        while previous.ended:
+            previous = previous.previous
+        scope.previous = previous
+        max_age = self.max_age
+        started = _NO_CLOCK if max_age is None else time.monotonic()
+        report = None
+        with self._lock:
+            same_id = self._by_id.get(invocation_id)
+            if same_id is None:
+                self._by_id[invocation_id] = {scope: None}
+            else:
+                same_id[scope] = None
+            opened = self._open
+            opened[scope] = started
+            if (max_age is not None or len(opened) > self.max_entries) and self._evict(started):
+                report = self._eviction_report(time.monotonic())
+            self._live += 1
+        scope.token = ambient.set(scope)
+        if report is not None:
+            self._warn_evicted(report)
+        return scope
+
+    def end(self, scope: Scope[S]) -> None:
+        """As :meth:`StateStore.end`, with the ended mark, the ``live`` count and the index under one lock."""
+        with self._lock:
+            again = scope.ended
+            scope.ended = True
+            if not again:
+                if scope._epoch == _store._fork_epoch:  # begun before a fork: not counted in this process
+                    self._live -= 1
+                if self._open.pop(scope, None) is not None:
+                    self._unindex(scope)
+        if again:
+            _log_safely(logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
+                        self.name, scope.invocation_id)
+            return
+        try:
+            unwind_var(self._ambient, scope, self.name)
+        except Exception:  # noqa: BLE001 - the contract is "never raises"
+            _log_safely(logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
+                        exc_info=True)
+
+    def _enter(self, scope: Scope[S]) -> Any:  # not used by begin() above; kept for the StateStore contract
         if scope.invocation_id is None:
             scope.invocation_id = f"{self._prefix}{next(self._counter)}"
         key = scope.invocation_id
-        hash(key)  # an unhashable id fails here, before anything is changed
+        hash(key)
         scope.previous = first_open(self._ambient.get())
         now = time.monotonic()
         with self._lock:
@@ -132,15 +186,19 @@ class InvocationIdStore(StateStore[S]):
             self._open[scope] = now
             report = self._eviction_report(now) if self._evict(now) else None
         token = self._ambient.set(scope)
-        if report is not None:  # logged once all is done: a raising handler cannot leave begin() half-done
-            _log_safely(
-                logging.WARNING,
-                "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
-                "bound max_entries=%d, max_age=%s, set by %s); they keep their state in their own context, but "
-                "id look-ups from other threads lose them",
-                self.name, report[0], report[1], self.max_entries, self.max_age, ENV_MAX_ENTRIES,
-            )
+        if report is not None:
+            self._warn_evicted(report)
         return token
+
+    def _warn_evicted(self, report: tuple[int, int]) -> None:
+        """Logged once all is done: a raising handler cannot leave begin() half-done."""
+        _log_safely(
+            logging.WARNING,
+            "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
+            "bound max_entries=%d, max_age=%s, set by %s); they keep their state in their own context, but "
+            "id look-ups from other threads lose them",
+            self.name, report[0], report[1], self.max_entries, self.max_age, ENV_MAX_ENTRIES,
+        )
 
     def _evict(self, now: float) -> int:
         """Drop the oldest open invocations beyond the bounds (the lock is held)."""
@@ -169,9 +227,11 @@ class InvocationIdStore(StateStore[S]):
         key = scope.invocation_id
         same_id = self._by_id.get(key)
         if same_id is not None:
-            same_id.pop(scope, None)
-            if not same_id:
-                del self._by_id[key]
+            if len(same_id) == 1:
+                if scope in same_id:
+                    del self._by_id[key]
+            else:
+                same_id.pop(scope, None)
 
     def _eviction_report(self, now: float) -> tuple[int, int] | None:
         """(evicted since the last warning, evicted in all) if a warning is due (the lock is held)."""
