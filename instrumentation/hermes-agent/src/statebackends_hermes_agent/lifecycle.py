@@ -258,11 +258,16 @@ class AgentInvocation:
                         EVICTED_EVENT,
                         {"statebackends.state.backend": telemetry.store.name or type(telemetry.store).__name__},
                     )
-                span.set_attributes(attributes)
                 if error is not None:
-                    _record_error(span, error)
+                    attributes[ERROR_TYPE] = type(error).__qualname__
                 elif failed:
-                    _mark_failed(span, result)
+                    attributes[ERROR_TYPE] = "agent_run_failed"
+                span.set_attributes(attributes)  # one call: the error type rides along with the rest
+                if error is not None:
+                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                    span.record_exception(error)
+                elif failed:
+                    span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
             duration = telemetry._duration
             if self._labels is not None and getattr(duration, "_real_instrument", duration) is not None:  # _live
                 error_type = type(error).__qualname__ if error is not None else ("agent_run_failed" if failed else None)
@@ -477,13 +482,16 @@ class ToolCall:
                 _record_error(span, error)  # type: ignore[arg-type]
             else:
                 failure = _tool_error_type(result)
+                attributes: Optional[dict[str, Any]] = None
                 if failure is not None:
                     span.set_status(Status(StatusCode.ERROR, failure[1]))  # type: ignore[union-attr]
-                    span.set_attribute(ERROR_TYPE, failure[0])  # type: ignore[union-attr]
+                    attributes = {ERROR_TYPE: failure[0]}
                 if self._telemetry._span_content and result is not None:
-                    span.set_attribute(  # type: ignore[union-attr]
-                        _TOOL_RESULT, result if isinstance(result, str) else genai.to_json(result)
-                    )
+                    if attributes is None:
+                        attributes = {}
+                    attributes[_TOOL_RESULT] = result if isinstance(result, str) else genai.to_json(result)
+                if attributes is not None:  # one call for the error type and the result
+                    span.set_attributes(attributes)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the execute_tool span")
         finally:
@@ -676,10 +684,15 @@ class HermesTelemetry:
         if span is None:
             return
         try:
-            if finish_reason:
-                span.set_attribute(REACT_FINISH_REASON, finish_reason)
             if error is not None:
-                _record_error(span, error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                if finish_reason:  # one call for both attributes
+                    span.set_attributes({REACT_FINISH_REASON: finish_reason, ERROR_TYPE: type(error).__qualname__})
+                else:
+                    span.set_attribute(ERROR_TYPE, type(error).__qualname__)
+                span.record_exception(error)
+            elif finish_reason:
+                span.set_attribute(REACT_FINISH_REASON, finish_reason)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the react step")
         finally:
