@@ -141,6 +141,11 @@ def unwind_var(var: contextvars.ContextVar[Scope[Any]], scope: Scope[Any], name:
                     name, scope.invocation_id)
         return
     scope.token = UNWOUND
+    unwind_uncovered(var)
+
+
+def unwind_uncovered(var: contextvars.ContextVar[Scope[Any]]) -> None:
+    """Reset ``var`` past the ended scopes it holds, with their own tokens, as far as this context can."""
     uncovered = var.get()
     while uncovered.ended and uncovered.token is not UNWOUND and isinstance(uncovered.token, contextvars.Token):
         try:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable, TypeVar
 
 from . import _store
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open, unwind_var
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open, unwind_uncovered, unwind_var, UNWOUND
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
@@ -163,13 +163,31 @@ class InvocationIdStore(StateStore[S]):
                 if scope._epoch == _store._fork_epoch:  # begun before a fork: not counted in this process
                     self._live -= 1
                 if self._open.pop(scope, None) is not None:
-                    self._unindex(scope)
+                    key = scope.invocation_id  # _unindex, inlined
+                    same_id = self._by_id.get(key)
+                    if same_id is not None:
+                        if len(same_id) == 1:
+                            if scope in same_id:
+                                del self._by_id[key]
+                        else:
+                            same_id.pop(scope, None)
         if again:
             _log_safely(logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
                         self.name, scope.invocation_id)
             return
         try:
-            unwind_var(self._ambient, scope, self.name)
+            ambient = self._ambient
+            if ambient.get() is scope:  # unwind_var's common case, inlined: the innermost scope ends in its context
+                try:
+                    ambient.reset(scope.token)
+                except (ValueError, RuntimeError):  # a copy of its context: unwind_var logs it
+                    pass
+                else:
+                    scope.token = UNWOUND
+                    if ambient.get().ended:
+                        unwind_uncovered(ambient)
+                    return
+            unwind_var(ambient, scope, self.name)
         except Exception:  # noqa: BLE001 - the contract is "never raises"
             _log_safely(logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
                         exc_info=True)
