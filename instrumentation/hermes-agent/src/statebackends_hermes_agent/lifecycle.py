@@ -692,7 +692,7 @@ class HermesTelemetry:
                     span.set_attribute(ERROR_TYPE, type(error).__qualname__)
                 span.record_exception(error)
             elif finish_reason:
-                span.set_attribute(REACT_FINISH_REASON, finish_reason)
+                span.set_attributes({REACT_FINISH_REASON: finish_reason})  # what the SDK's set_attribute calls
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the react step")
         finally:
