@@ -44,6 +44,17 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
     return args[index] if len(args) > index else default
 
 
+
+def _call(operation: Any, wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Run the wrapped Hermes method; ``stop`` ``operation`` with its result or ``fail`` it with its exception, which passes unchanged."""
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        operation.fail(exc)
+        raise
+    operation.stop(result)
+    return result
+
 class HermesWrappers(HermesTelemetry):
     """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
 
@@ -75,13 +86,7 @@ class HermesWrappers(HermesTelemetry):
                 args = args[:3] + (invocation.task_id,) + args[4:]
             else:
                 kwargs = {**kwargs, "task_id": invocation.task_id}
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            invocation._close(None, exc)  # fail(exc)
-            raise
-        invocation._close(result, None)  # stop(result)
-        return result
+        return _call(invocation, wrapped, args, kwargs)
 
     # -- react step ------------------------------------------------------------------------
 
@@ -103,26 +108,14 @@ class HermesWrappers(HermesTelemetry):
     def api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_api_call``: one ``chat`` span."""
         call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
-        try:
-            response = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            call.fail(exc)
-            raise
-        call.stop(response)
-        return response
+        return _call(call, wrapped, args, kwargs)
 
     def streaming_api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
-        try:
-            response = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            call.fail(exc)
-            raise
-        call.stop(response)
-        return response
+        return _call(call, wrapped, args, kwargs)
 
     # -- execute_tool --------------------------------------------------------------------------
 
@@ -146,26 +139,14 @@ class HermesWrappers(HermesTelemetry):
             task_id=args[2] if n > 2 else kwargs.get("task_id"),
             tool_call_id=(args[3] if n > 3 else kwargs.get("tool_call_id")) or _tool_call_id.get(),
         )
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            call._close(None, exc)  # fail(exc)
-            raise
-        call._close(result, None)  # stop(result)
-        return result
+        return _call(call, wrapped, args, kwargs)
 
     def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
         call = self.start_tool(
             instance, "delegate_task", _arg(args, kwargs, 0, "function_args"), tool_call_id=_tool_call_id.get()
         )
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            call.fail(exc)
-            raise
-        call.stop(result)
-        return result
+        return _call(call, wrapped, args, kwargs)
 
     # -- subagents -------------------------------------------------------------------------------
 
