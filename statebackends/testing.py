@@ -548,7 +548,9 @@ def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> li
             raise TimeoutError("the previous thread did not end (hung)")
         store.end(scope)
         # its own thread, after its end, the others open: never another's state (by the id too, unless shared)
-        own = store.current(owner) if shared_id else store.current(owner) or store.current(owner, scope.invocation_id)
+        own = store.current(owner)
+        if own is None and not shared_id:  # `is None`, not falsiness: the states of a dict factory are all {}
+            own = store.current(owner, scope.invocation_id)
         done[i].set()
         barrier.wait()
         after = store.current(owner, scope.invocation_id)

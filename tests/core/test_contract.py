@@ -388,3 +388,35 @@ def test_the_kit_imports_without_pytest() -> None:
     code = "import sys; sys.modules['pytest'] = None; import statebackends.testing as t; print(t.BackendContract.__name__)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "BackendContract", run.stderr
+
+
+class FallsBackToAnyOpen(ThreadLocalStore):
+    """Asked without an id where its own thread has nothing, hands out any open invocation's state.
+
+    Its states come from ``dict``, so they are all ``{}``: falsy, yet another invocation's.
+    """
+
+    name = "falls_back_to_any_open"
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(factory)
+        self._all: list[Scope] = []
+        self._ids = iter(range(1 << 30))
+
+    def begin(self, owner: Any, invocation_id: Any = None) -> Scope:
+        scope = super().begin(owner, invocation_id if invocation_id is not None else f"gen-{next(self._ids)}")
+        self._all.append(scope)
+        return scope
+
+    def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+        here = super().current(owner, invocation_id)
+        if here is None and invocation_id is None:
+            others = [s for s in list(self._all) if not s.ended]
+            return others[0].state if others else None
+        return here
+
+
+def test_another_threads_falsy_state_is_still_another_threads_state() -> None:
+    """The threads observation compares with ``is None``: a leak of an empty ``{}`` state is caught too."""
+    observation = observe(FallsBackToAnyOpen, Concurrency.THREADS, dict)
+    assert not observation.isolated and "another" in observation.detail, observation
