@@ -181,6 +181,16 @@ def _end_span(span: Optional[Span], what: str) -> None:
         _logger.exception("hermes-agent instrumentation: could not end the %s span", what)
 
 
+def _detach_token(token: Any, what: str) -> None:
+    """Detach the context a span attached; never raises (None: nothing was attached)."""
+    if token is None:
+        return
+    try:
+        _detach(token)
+    except Exception:  # noqa: BLE001
+        _logger.exception("hermes-agent instrumentation: could not detach the %s context", what)
+
+
 # -- invoke_agent ---------------------------------------------------------------------------------------------
 
 
@@ -268,30 +278,19 @@ class AgentInvocation:
                     span.record_exception(error)
                 elif failed:
                     span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
-            duration = telemetry._duration
-            if self._labels is not None and getattr(duration, "_real_instrument", duration) is not None:  # _live
+            if self._labels is not None and _live(telemetry._duration):
                 error_type = type(error).__qualname__ if error is not None else ("agent_run_failed" if failed else None)
                 telemetry._record_duration(self._labels, self._started, state.response_model, error_type)
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete invoke_agent")
-        finally:
+        finally:  # each step even if the one before raised a BaseException
             try:
-                if span is not None:
-                    try:
-                        span.end()
-                    except Exception:  # noqa: BLE001
-                        _logger.exception("hermes-agent instrumentation: could not end the invoke_agent span")
+                _end_span(span, "invoke_agent")
             finally:
                 try:
-                    if self._token is not None:
-                        _detach(self._token)
-                except Exception:  # noqa: BLE001
-                    _logger.exception("hermes-agent instrumentation: could not detach the invoke_agent context")
+                    _detach_token(self._token, "invoke_agent")
                 finally:
-                    try:
-                        telemetry.store.end(scope)
-                    except Exception:  # noqa: BLE001
-                        _logger.exception("hermes-agent instrumentation: store.end failed")
+                    telemetry._end_scope(scope)
 
 
 # -- chat ------------------------------------------------------------------------------------------------------
@@ -366,21 +365,7 @@ class ChatCall:
                 return
             try:
                 telemetry = self._telemetry
-                # read_response(response), its one-choice path inlined (what Hermes asks for)
-                choices = getattr(response, "choices", None)
-                if choices and len(choices) == 1:
-                    usage = getattr(response, "usage", None)
-                    if usage is not None:
-                        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-                        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-                    else:
-                        input_tokens = output_tokens = 0
-                    choice = choices[0]
-                    reason = getattr(choice, "finish_reason", None)
-                    wants_tools = bool(getattr(getattr(choice, "message", None), "tool_calls", None))
-                    reasons: tuple[str, ...] = (str(reason),) if reason else ()
-                else:
-                    input_tokens, output_tokens, reasons, wants_tools = read_response(response)
+                input_tokens, output_tokens, reasons, wants_tools = read_response(response)
                 response_id = getattr(response, "id", None)
                 response_model = getattr(response, "model", None)
                 attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
@@ -410,16 +395,12 @@ class ChatCall:
                         attributes[_OUTPUT_MESSAGES] = genai.to_json(outputs)
                 span.set_attributes(attributes)
                 labels = self._labels
-                duration = telemetry._duration
-                if labels is not None and getattr(duration, "_real_instrument", duration) is not None:  # _live
+                if labels is not None and _live(telemetry._duration):
                     telemetry._record_chat(labels, self._started, response_model, input_tokens, output_tokens)
                 if outputs is not None and telemetry._event_content:
                     telemetry._emit_details(span, labels, attributes, self._inputs, outputs)
             finally:
-                try:
-                    span.end()
-                except Exception:  # noqa: BLE001
-                    _logger.exception("hermes-agent instrumentation: could not end the chat span")
+                _end_span(span, "chat")
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the chat span")
 
@@ -496,16 +477,9 @@ class ToolCall:
             _logger.exception("hermes-agent instrumentation: could not complete the execute_tool span")
         finally:
             try:
-                if span is not None:
-                    try:
-                        span.end()
-                    except Exception:  # noqa: BLE001
-                        _logger.exception("hermes-agent instrumentation: could not end the execute_tool span")
+                _end_span(span, "execute_tool")
             finally:
-                try:
-                    _detach(self._token)
-                except Exception:  # noqa: BLE001
-                    _logger.exception("hermes-agent instrumentation: could not detach the execute_tool context")
+                _detach_token(self._token, "execute_tool")
 
 
 # -- subagents ---------------------------------------------------------------------------------------------------
@@ -696,10 +670,7 @@ class HermesTelemetry:
         except Exception:  # noqa: BLE001
             _logger.exception("hermes-agent instrumentation: could not complete the react step")
         finally:
-            try:
-                span.end()
-            except Exception:  # noqa: BLE001
-                _logger.exception("hermes-agent instrumentation: could not end the react step span")
+            _end_span(span, "react step")
 
     def end_tool_round(self, owner: Any, task_id: Any = None, error: Optional[BaseException] = None) -> None:
         """Close the ReAct step of ``owner``'s invocation (found by ``task_id``) once its tools ran or failed; never raises."""
