@@ -99,9 +99,10 @@ def test_ends_in_any_order_restore_nothing_that_ended(name: str) -> None:
         assert not any(isinstance(v, Scope) for v in vars(owner).values())
 
     errors: list[BaseException] = []
-    t = threading.Thread(target=lambda: _record(errors, body))  # a fresh context
+    t = threading.Thread(target=lambda: _record(errors, body), daemon=True)  # a fresh context
     t.start()
     t.join(10)
+    assert not t.is_alive(), "hung"
     assert not errors, errors
 
 
@@ -470,22 +471,23 @@ def test_fork_while_threads_hold_the_locks_never_hangs_the_child() -> None:
         for n in range(100):
             pid = os.fork()
             if pid == 0:  # the child: one thread, the parent's locks possibly held by threads that are gone
-                code = 3
+                code = 3  # what an exception in the child exits with
                 try:
-                    code = 0
+                    checks = 0
                     for store in stores:
                         owner = Owner()
                         scope = store.begin(owner, "child")
                         if store.current(owner, "child") is not scope.state or store.current(owner) is not scope.state:
-                            code = 1
+                            checks = checks or 1
                         store.end(scope)
                     if stores[0].current(forker, "forking-thread") is not before_fork.state:
-                        code = 1
+                        checks = checks or 1
                     if stores[0].live() != 0 or stores[1].live() != 0:
-                        code = 2
+                        checks = checks or 2
                     stores[0].end(before_fork)  # harmless, not counted
                     if stores[0].live() != 0 or stores[0].current(forker, "forking-thread") is not None:
-                        code = 2
+                        checks = checks or 2
+                    code = checks
                 finally:
                     os._exit(code)
             deadline = time.monotonic() + 10
@@ -800,9 +802,10 @@ def test_otel_context_end_under_a_foreign_attach_releases_the_state_and_detaches
     with caplog.at_level(logging.DEBUG):
         errors: list[BaseException] = []
         before_vars = dict(contextvars.Context().items()).keys()
-        t = threading.Thread(target=lambda: _record(errors, body))
+        t = threading.Thread(target=lambda: _record(errors, body), daemon=True)
         t.start()
         t.join(10)
+        assert not t.is_alive(), "hung"
         assert not errors, errors
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no 'Failed to detach context'"
 
@@ -820,14 +823,15 @@ def test_fork_in_a_propagated_call_adopts_nothing(name: str) -> None:
     def job() -> int:
         pid = os.fork()
         if pid == 0:
-            code = 1
+            code = 1  # what an exception in the child exits with
             try:
                 s = store.begin(owner)
                 store.end(s)
-                code = 0 if store.live() == 0 else 2
+                checks = 0 if store.live() == 0 else 2
                 store.end(a)  # harmless, not counted
                 if store.live() != 0:
-                    code = 3
+                    checks = 3
+                code = checks
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
