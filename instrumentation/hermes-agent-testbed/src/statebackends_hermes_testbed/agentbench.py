@@ -90,6 +90,7 @@ class AgentBench:
         self._frozen = False
         self._plan: Optional[List[_SpanNode]] = None
         self._plan_spans = 0
+        self._floor_replay: Optional[tuple] = None  # (provider, replay) made by floor_call
         if warm:
             self.warm_up(None if warm is True else list(warm))
 
@@ -284,6 +285,7 @@ class AgentBench:
             parent = s.parent.span_id if s.parent is not None else None
             (nodes[parent].children if parent in nodes else roots).append(nodes[s.context.span_id])
         self._plan, self._plan_spans = roots, len(spans)
+        self._floor_replay = None
         return len(spans)
 
     @property
@@ -292,24 +294,39 @@ class AgentBench:
         return self._plan_spans
 
     def floor_call(self) -> None:
-        """Start and end, with the counting provider, the same span tree one instrumented call makes."""
+        """Start and end, with the counting provider, the same span tree one instrumented call makes.
+
+        Only the spans are in it: the tracer and the replay function are made once per provider
+        (getting a tracer costs about as much as one span, and no instrumentation gets one per call).
+        """
+        replay = self._floor_replay
+        if replay is None or replay[0] is not self.provider:
+            replay = self._floor_replay = (self.provider, self._make_floor_replay())
+        replay[1]()
+
+    def _make_floor_replay(self) -> Callable[[], None]:
         from opentelemetry import trace
 
         if self._plan is None:
             self.record_plan()
         tracer = self.provider.get_tracer("statebackends.agentbench.floor")
+        start_span = tracer.start_span
         set_in = trace.set_span_in_context
+        roots = list(self._plan or ())
 
         def replay(node: _SpanNode, ctx: Any) -> None:
-            span = tracer.start_span(node.name, context=ctx, kind=node.kind, attributes=node.attributes)
+            span = start_span(node.name, context=ctx, kind=node.kind, attributes=node.attributes)
             if node.children:
                 inner = set_in(span, ctx)
                 for child in node.children:
                     replay(child, inner)
             span.end()
 
-        for root in self._plan or ():
-            replay(root, None)
+        def call() -> None:
+            for root in roots:
+                replay(root, None)
+
+        return call
 
     def floor_block(self, calls: int) -> float:
         """Seconds per replayed call."""
