@@ -47,6 +47,25 @@ class InvocationState:
 
 def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
     """(input tokens, output tokens, finish reasons, whether it asks for tools) of a chat response, in one pass."""
+    try:  # the OpenAI SDK's ChatCompletion with one choice (what Hermes asks for): plain attribute reads
+        usage = response.usage
+        choices = response.choices
+        if usage is not None and len(choices) == 1:
+            choice = choices[0]
+            reason = choice.finish_reason
+            return (
+                int(usage.prompt_tokens or 0),
+                int(usage.completion_tokens or 0),
+                (str(reason),) if reason else (),
+                bool(choice.message.tool_calls),
+            )
+    except (AttributeError, TypeError, IndexError, ValueError):
+        pass
+    return _read_any_response(response)
+
+
+def _read_any_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
+    """:func:`read_response` for anything shaped loosely like a ChatCompletion (missing parts count as none)."""
     usage = getattr(response, "usage", None)
     if usage is not None:
         input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
@@ -56,11 +75,6 @@ def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
     choices = getattr(response, "choices", None)
     if not choices:
         return input_tokens, output_tokens, (), False
-    if len(choices) == 1:  # what Hermes asks for: no list to build
-        choice = choices[0]
-        reason = getattr(choice, "finish_reason", None)
-        wants_tools = bool(getattr(getattr(choice, "message", None), "tool_calls", None))
-        return input_tokens, output_tokens, (str(reason),) if reason else (), wants_tools
     reasons: list[str] = []
     wants_tools = False
     for choice in choices:
