@@ -41,6 +41,10 @@ SETTINGS: Dict[str, Any] = {
     "isolated_calls": (200, 200),
     "paired_repeats": (120, 500),
     "paired_calls": (2, 2),
+    # The fake LLM's wait per request in the full-call measurement (a sleep, the GIL released, like a network
+    # wait). Without it Hermes's log thread (~1.6 ms of CPU per call) never catches up and competes with the
+    # calling thread, which roughly doubles, noisily, whatever extra work the caller does.
+    "llm_delay_ms": (2, 2),
     "n_repeats": (2, 5),
     "ns": (tm.CONCURRENCY, tm.CONCURRENCY),
     "total_calls": (tm.TOTAL_CALLS, tm.TOTAL_CALLS),
@@ -144,7 +148,14 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
         out["isolated"] = rp.isolated_overhead(bench, repeats=pick["isolated_repeats"], calls=pick["isolated_calls"])
 
         log(f"paired overhead ({pick['paired_repeats']} repeats)")
-        paired = tm.paired_overhead(bench, repeats=pick["paired_repeats"], calls=pick["paired_calls"], progress=log)
+        directives = bench.directives
+        if pick["llm_delay_ms"]:
+            bench.directives = f"{directives}[delay_ms:{pick['llm_delay_ms']}]"
+        try:
+            out["paired_directives"] = bench.directives
+            paired = tm.paired_overhead(bench, repeats=pick["paired_repeats"], calls=pick["paired_calls"], progress=log)
+        finally:
+            bench.directives = directives
         out["paired"] = paired.as_dict()
 
         log("correctness under 16 overlapping calls")
@@ -232,8 +243,14 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     has_loong = LOONGSUITE in paired.per_call
     add("## Overhead of one full `run_conversation`")
     add("")
-    add(f"A real hermes-agent `AIAgent`, built once; the LLM faked in process (no HTTP); directive `{directives}`: "
-        "one LLM call asking for one tool, the tool, a final LLM call. An SDK `TracerProvider` whose only span processor "
+    delay = data["settings"].get("llm_delay_ms", 0)
+    waits = (f" The fake LLM waits {delay} ms per request (a sleep that releases the GIL, as a network wait does): "
+             "without it Hermes's log thread, about 1.6 ms of CPU per call, never catches up and competes with the "
+             "calling thread, which makes any extra work of the caller look about twice as expensive, and noisily."
+             if delay else "")
+    add(f"A real hermes-agent `AIAgent`, built once; the LLM faked in process (no HTTP); directive "
+        f"`{data.get('paired_directives', directives)}`: "
+        f"one LLM call asking for one tool, the tool, a final LLM call.{waits} An SDK `TracerProvider` whose only span processor "
         f"counts. {paired.repeats} repeats; in each, every mode in a rotating order is instrumented, called once untimed, "
         f"then timed over {paired.calls} calls; its overhead is its time minus the uninstrumented time of the same repeat "
         "(paired). Each figure is the 20%-trimmed mean of the paired differences (the middle 60%: one stall of the "

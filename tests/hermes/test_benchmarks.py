@@ -199,5 +199,9 @@ def test_report_end_to_end_on_tiny_settings(agent_bench: Any, tmp_path: Path) ->
                     "## Each instrumentation's wrappers alone", "## Correctness under load", "## Time per call against", "## Targets"):
         assert heading in text
     assert all(data["correctness"][b]["correct"] == 2 for b in ("contextvar", "invocation_id", "otel_context"))
+    # The full calls wait on the fake LLM (so Hermes's log thread keeps up); nothing else does.
+    delay = report.SETTINGS["llm_delay_ms"][0]
+    assert delay > 0 and data["paired_directives"] == f"{agent_bench.directives}[delay_ms:{delay}]"
+    assert f"waits {delay} ms per request" in text and "[delay_ms:" not in agent_bench.directives
     report.plot(data, tmp_path / "overhead.png", "now", "tiny")
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
