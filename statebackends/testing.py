@@ -948,7 +948,8 @@ class BackendContract:
 
     @classmethod
     def declared_models(cls) -> list[Concurrency]:
-        return _sorted_models(getattr(cls.store_class, "isolates", ()))
+        """The :class:`Concurrency` members in ``store_class.isolates`` (anything else there fails the declaration test)."""
+        return _sorted_models(m for m in getattr(cls.store_class, "isolates", ()) if isinstance(m, Concurrency))
 
     def pytest_generate_tests(self, metafunc: Any) -> None:
         cls = metafunc.cls
@@ -968,8 +969,22 @@ class BackendContract:
         failures = check_rule(self._store_class(), rule, type(self).factory, **type(self).store_kwargs)
         assert not failures, "\n".join(map(str, failures))
 
+    def test_declaration(self) -> None:
+        """``isolates`` is a (frozen)set of :class:`Concurrency` members: a string or a typo is named, with the valid values."""
+        declared = getattr(self._store_class(), "isolates", frozenset())
+        assert isinstance(declared, (set, frozenset)), (
+            f"{self._store_class().__name__}.isolates must be a frozenset of Concurrency members, got {declared!r}"
+        )
+        bad = [m for m in declared if not isinstance(m, Concurrency)]
+        assert not bad, (
+            f"{self._store_class().__name__}.isolates holds {bad!r}, which are not Concurrency members; "
+            f"valid: {', '.join(f'Concurrency.{m.name}' for m in Concurrency)}"
+        )
+
     def test_declared_isolation(self, model: Concurrency | None) -> None:
-        if model is None:
+        if model is None:  # nothing declared: then nothing may be declared in a form the kit cannot read either
+            declared = getattr(self._store_class(), "isolates", frozenset())
+            assert not declared, f"{self._store_class().__name__}.isolates is {declared!r}, not Concurrency members"
             return
         failures = check_model(self._store_class(), model, type(self).factory, **type(self).store_kwargs)
         assert not failures, "\n".join(map(str, failures))

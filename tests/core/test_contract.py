@@ -374,14 +374,48 @@ def test_backend_contract_collects_one_test_per_rule_and_declared_model_and_fail
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     out = run.stdout
     assert run.returncode == 1, out
-    assert f"{len(RULES) + 1} passed" in out and "1 failed" in out, out
+    assert f"{len(RULES) + 2} passed" in out and "1 failed" in out, out
     assert "TestClaims::test_declared_isolation[asyncio_tasks]" in out
     assert "claims breaks asyncio_tasks: claims to isolate asyncio_tasks" in out
     collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
                                 str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout
     ids = {line.split("::", 2)[-1] for line in collected.splitlines() if "::" in line}
     assert ids == {f"test_contract_rule[{r}]" for r in RULES} | {
-        "test_declared_isolation[threads]", "test_declared_isolation[asyncio_tasks]"}
+        "test_declaration", "test_declared_isolation[threads]", "test_declared_isolation[asyncio_tasks]"}
+
+
+def test_backend_contract_names_a_declaration_the_kit_cannot_read(tmp_path: Path) -> None:
+    """A string in ``isolates`` (or no set at all) fails with the bad value and the valid ones, not a collection error."""
+    (tmp_path / "test_typo.py").write_text(textwrap.dedent(
+        """
+        from statebackends import Concurrency
+        from statebackends.testing import BackendContract
+        from statebackends.threadlocal import ThreadLocalStore
+
+        class Typo(ThreadLocalStore):
+            name = "typo"
+            isolates = frozenset({Concurrency.THREADS, "asyncio"})
+
+        class NotASet(ThreadLocalStore):
+            name = "notaset"
+            isolates = "threads"
+
+        class TestTypo(BackendContract):
+            store_class = Typo
+
+        class TestNotASet(BackendContract):
+            store_class = NotASet
+        """
+    ))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = run.stdout
+    assert run.returncode == 1, out
+    assert "TestTypo::test_declaration" in out and "holds ['asyncio']" in out and "Concurrency.THREADS" in out, out
+    assert "TestNotASet::test_declaration" in out and "must be a frozenset" in out, out
+    assert "TestNotASet::test_declared_isolation[nothing_declared]" in out, out  # the kit read nothing from it
+    assert "3 failed" in out, out  # those three; Typo's THREADS claim is still observed, and holds
+    assert "TestTypo::test_declared_isolation[threads]" not in out, out
 
 
 def test_the_kit_imports_without_pytest() -> None:
