@@ -18,10 +18,13 @@ Observed and pinned (asserted, so a change in either shows up here):
   ``invoke_agent`` instead of its own; loongsuite first, its ``invoke_agent Hermes`` hangs under ours
   (and it opens no entry span, since a GenAI span is current) and its ``execute_tool`` under OUR
   ``execute_tool``. Our step, chat and tool spans never have one of theirs as parent.
-- KNOWN-BAD in between: OpenTelemetry's ``unwrap`` peels the OUTERMOST wrapper, whoever asks. Removing
-  the first-instrumented one first leaves ITS wrapper on the shared methods and removes the other's:
-  the instrumentor that says it is uninstrumented keeps making spans, the one that says it is
-  instrumented makes none. Once both are removed, everything is the original again.
+- In between (one removed, the other still on): OpenTelemetry's ``unwrap`` peels the OUTERMOST wrapper,
+  whoever asks; our ``_uninstrument`` takes out OUR wrapper wherever it sits. So removing ours always
+  leaves exactly loongsuite's tracing, and removing loongsuite's while it is the outer one leaves
+  exactly ours. KNOWN-BAD, loongsuite's doing: removing loongsuite's while ours is outside it peels
+  OURS (we say instrumented and make no span, it says uninstrumented and still traces). Our later
+  ``_uninstrument`` then finds its wrapper gone and removes the one that was under it, so once both
+  are removed everything is the original again, in every order.
 """
 
 from __future__ import annotations
@@ -217,9 +220,10 @@ def test_uninstrumenting_both_in_either_order_restores_the_originals(
     first.uninstrument()
     assert not first.is_instrumented_by_opentelemetry and second.is_instrumented_by_opentelemetry
     assert both.bench.call(hermes, "co-mid", DIRECTIVES)["final_response"] == "done co-mid"
-    # In between, the shared methods keep the INNER (first-instrumented) wrapper, whichever was removed:
-    # right when the outer one went first, KNOWN-BAD otherwise (the removed one still traces, the other not).
-    assert both.scopes() == {OURS if inner is both.ours else THEIRS}
+    # In between: ours removed -> only loongsuite traces (we take out our own wrapper wherever it sits);
+    # loongsuite removed while outer -> only ours; loongsuite removed while INNER -> its unwrap peels our
+    # outer wrapper: KNOWN-BAD, only loongsuite (the removed one) traces.
+    assert both.scopes() == {THEIRS if first is both.ours or inner is both.theirs else OURS}
     assert store.live() == 0
     second.uninstrument()
     assert not both.ours.is_instrumented_by_opentelemetry and not both.theirs.is_instrumented_by_opentelemetry

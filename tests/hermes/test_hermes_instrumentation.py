@@ -444,3 +444,82 @@ def test_opentelemetry_instrument_picks_it_up_with_the_backend_from_the_environm
     out = subprocess.run([str(command), sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "backend invocation_id" in out.stdout
+
+
+# -- beside another instrumentation's wrapt wrappers -----------------------------------------------------
+
+
+def _wrapper_chain(owner: Any, attribute: str, ours: Any, other: Any) -> list[str]:
+    """Whose wrappers are on ``owner.attribute`` ("ours", "other"), outermost first (read in the owner's own __dict__)."""
+    import wrapt
+
+    proxy = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)  # wrapt 2 / wrapt 1
+    chain, node = [], vars(owner)[attribute]
+    while isinstance(node, proxy):
+        wrapper = getattr(node, "_self_wrapper", None)
+        chain.append("other" if wrapper is other else "ours" if getattr(wrapper, "__self__", None) is ours else repr(wrapper))
+        node = node.__wrapped__
+    return chain
+
+
+@pytest.mark.parametrize("release", ["ours_first", "other_first"])
+@pytest.mark.parametrize("order", ["ours_first", "other_first"])
+def test_uninstrument_takes_out_only_our_wrapper_beside_another_instrumentation(
+    bench: HermesBench, order: str, release: str
+) -> None:
+    """Another instrumentation wraps the same methods with wrapt and removes them with OpenTelemetry's ``unwrap``
+    (which peels the OUTERMOST wrapper, whoever asks). Ours comes out wherever it sits; in every order both
+    removed leaves the original functions."""
+    import run_agent
+    from opentelemetry.instrumentation.utils import unwrap
+    from wrapt import wrap_function_wrapper
+
+    from statebackends_hermes_agent import HermesAgentInstrumentor
+
+    names = ["run_conversation", "_interruptible_api_call", "_execute_tool_calls"]
+    originals = {n: vars(run_agent.AIAgent)[n] for n in names}
+    seen: list[str] = []
+
+    def other(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        seen.append(wrapped.__name__)
+        return wrapped(*args, **kwargs)
+
+    def add_other() -> None:
+        for n in names:
+            wrap_function_wrapper("run_agent", f"AIAgent.{n}", other)
+
+    def remove_other() -> None:
+        for n in names:
+            unwrap(run_agent.AIAgent, n)
+
+    ours = HermesAgentInstrumentor()
+    steps = [lambda: bench.instrument("invocation_id"), add_other]
+    for step in steps if order == "ours_first" else steps[::-1]:
+        step()
+    both = ["other", "ours"] if order == "ours_first" else ["ours", "other"]
+    for n in names:
+        assert _wrapper_chain(run_agent.AIAgent, n, ours._wrappers, other) == both, n
+    try:
+        if release == "ours_first":
+            bench.uninstrument()
+            expected = ["other"]  # ours taken out from wherever it was
+        else:
+            remove_other()
+            # unwrap peels the outermost: right when the other was outside ours; when ours was outside, it
+            # peels OURS (the other's doing), leaving the other's wrapper.
+            expected = ["ours"] if order == "ours_first" else ["other"]
+        for n in names:
+            assert _wrapper_chain(run_agent.AIAgent, n, ours._wrappers, other) == expected, n
+        seen.clear()
+        bench.reset()
+        assert bench.call(bench.agent(), "uninst-mid", "[tools:1]")["final_response"] == "done uninst-mid"
+        assert (seen == ["run_conversation", "_interruptible_api_call", "_execute_tool_calls",
+                         "_interruptible_api_call"]) == (expected == ["other"]), seen
+        assert bool(spans_by_kind(bench)["invoke_agent"]) == (expected == ["ours"])
+    finally:
+        if release == "ours_first":
+            remove_other()
+        else:
+            bench.uninstrument()  # when the other peeled ours, ours finishes the other's removal
+    for n in names:
+        assert vars(run_agent.AIAgent)[n] is originals[n], f"{n} still wrapped after both were removed"

@@ -25,7 +25,7 @@ from typing import Any, Collection, Optional
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import unwrap
+import wrapt
 from wrapt import wrap_function_wrapper
 
 from statebackends import StateStore
@@ -41,6 +41,9 @@ from .wrappers import HermesWrappers
 __all__ = ["AgentInvocation", "ChatCall", "HermesAgentInstrumentor", "HermesTelemetry", "ToolCall"]
 
 _logger = logging.getLogger(__name__)
+
+# Every wrapt proxy: wrapt 2 splits BaseObjectProxy (which FunctionWrapper derives from) out of ObjectProxy.
+_Proxy: Any = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 
 # (module, attribute path, wrapper method name)
 _WRAPPED = (
@@ -95,10 +98,38 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     def _uninstrument(self, **kwargs: Any) -> None:
         import importlib
 
+        wrappers = self._wrappers
         for module, name, _ in _WRAPPED:
             owner: Any = importlib.import_module(module)
             *path, attribute = name.split(".")
             for part in path:
                 owner = getattr(owner, part)
-            unwrap(owner, attribute)
+            if not _take_out(owner, attribute, wrappers) and isinstance(vars(owner).get(attribute), _Proxy):
+                # Ours is gone but a wrapper is there: another instrumentation's unwrap peeled the outermost
+                # wrapper, ours, meaning its own, which is now on top. Finish what that unwrap meant to do.
+                _logger.info("hermes-agent instrumentation: %s.%s lost our wrapper to another instrumentation's "
+                             "unwrap; removing the wrapper that was under it", module, name)
+                setattr(owner, attribute, vars(owner)[attribute].__wrapped__)
         self.store = self.state_backend = None
+
+
+def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
+    """Remove our ``wrapt`` wrapper from ``owner.attribute``, wherever it sits in a chain of wrappers; True if found.
+
+    ``opentelemetry.instrumentation.utils.unwrap`` peels the OUTERMOST wrapper, whoever asks: with another
+    instrumentation's wrapper on top of ours it would remove theirs and leave ours. Here the chain is walked
+    in the owner's own ``__dict__`` (no descriptor binding) and only the wrapper whose callable belongs to
+    ``wrappers`` is cut out; the others keep wrapping what ours wrapped.
+    """
+    outer: Any = None
+    node = vars(owner).get(attribute)
+    while isinstance(node, _Proxy):
+        inner = node.__wrapped__
+        if getattr(getattr(node, "_self_wrapper", None), "__self__", None) is wrappers:
+            if outer is None:
+                setattr(owner, attribute, inner)
+            else:
+                outer.__wrapped__ = inner
+            return True
+        outer, node = node, inner
+    return False
