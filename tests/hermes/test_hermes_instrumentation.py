@@ -523,3 +523,38 @@ def test_uninstrument_takes_out_only_our_wrapper_beside_another_instrumentation(
             bench.uninstrument()  # when the other peeled ours, ours finishes the other's removal
     for n in names:
         assert vars(run_agent.AIAgent)[n] is originals[n], f"{n} still wrapped after both were removed"
+
+
+def test_uninstrument_leaves_alone_a_wrapper_it_cannot_account_for(bench: HermesBench) -> None:
+    """When another's unwrap peeled ours and a third wrapper went on top since, ours removes nothing (only the
+    exact wrapper that was under ours, found on top, is taken to be what that unwrap meant to remove)."""
+    import run_agent
+    from opentelemetry.instrumentation.utils import unwrap
+    from wrapt import wrap_function_wrapper
+
+    from statebackends_hermes_agent import HermesAgentInstrumentor
+
+    name = "_interruptible_api_call"
+    original = vars(run_agent.AIAgent)[name]
+
+    def other(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return wrapped(*args, **kwargs)
+
+    def third(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return wrapped(*args, **kwargs)
+
+    ours = HermesAgentInstrumentor()
+    wrap_function_wrapper("run_agent", f"AIAgent.{name}", other)
+    try:
+        bench.instrument("invocation_id")
+        assert _wrapper_chain(run_agent.AIAgent, name, ours._wrappers, other) == ["ours", "other"]
+        unwrap(run_agent.AIAgent, name)  # the other's removal, peeling ours
+        wrap_function_wrapper("run_agent", f"AIAgent.{name}", third)
+        bench.uninstrument()
+        chain = _wrapper_chain(run_agent.AIAgent, name, ours._wrappers, other)
+        assert len(chain) == 2 and chain[1] == "other" and "third" in chain[0], chain  # both left as they were
+    finally:
+        bench.uninstrument()
+        unwrap(run_agent.AIAgent, name)
+        unwrap(run_agent.AIAgent, name)
+    assert vars(run_agent.AIAgent)[name] is original

@@ -70,6 +70,7 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     state_backend: Optional[str] = None
     store: Optional[StateStore[InvocationState]] = None
     _wrappers: Optional[HermesWrappers] = None
+    _under: dict[tuple[str, str], Any] = {}
 
     @property
     def telemetry(self) -> Optional[HermesTelemetry]:
@@ -91,26 +92,37 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         import run_agent  # noqa: F401 - the instrumented module
         import tools.delegate_tool  # noqa: F401
 
+        under: dict[tuple[str, str], Any] = {}
         for module, name, method in _WRAPPED:
-            wrap_function_wrapper(module, name, getattr(wrappers, method))
+            under[(module, name)] = wrap_function_wrapper(module, name, getattr(wrappers, method)).__wrapped__
+        self._under = under  # what each of our wrappers wrapped: another instrumentation's wrapper, or the original
         _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         import importlib
 
-        wrappers = self._wrappers
+        wrappers, under = self._wrappers, self._under
         for module, name, _ in _WRAPPED:
             owner: Any = importlib.import_module(module)
             *path, attribute = name.split(".")
             for part in path:
                 owner = getattr(owner, part)
-            if not _take_out(owner, attribute, wrappers) and isinstance(vars(owner).get(attribute), _Proxy):
-                # Ours is gone but a wrapper is there: another instrumentation's unwrap peeled the outermost
-                # wrapper, ours, meaning its own, which is now on top. Finish what that unwrap meant to do.
+            if _take_out(owner, attribute, wrappers):
+                continue
+            top = vars(owner).get(attribute)
+            below = under.get((module, name))
+            if isinstance(below, _Proxy) and (top is below or getattr(top, "_self_parent", None) is below):
+                # Ours is gone and what it wrapped, another instrumentation's wrapper, is on top (itself, or
+                # bound by OpenTelemetry's unwrap reading it through the class): that instrumentation's
+                # unwrap peeled ours meaning its own. Finish what it meant to do.
                 _logger.info("hermes-agent instrumentation: %s.%s lost our wrapper to another instrumentation's "
-                             "unwrap; removing the wrapper that was under it", module, name)
-                setattr(owner, attribute, vars(owner)[attribute].__wrapped__)
+                             "unwrap; removing the wrapper that was under ours", module, name)
+                setattr(owner, attribute, top.__wrapped__)
+            else:
+                _logger.debug("hermes-agent instrumentation: %s.%s does not hold our wrapper; left as it is",
+                              module, name)
         self.store = self.state_backend = None
+        self._under = {}
 
 
 def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
