@@ -8,8 +8,8 @@ Both instrumentors are instrumented on one SDK TracerProvider (in-memory exporte
    ``invoke_agent hermes`` > 2 ``react step`` > ``chat``, the tool under the first step, one trace per
    call, the right response and tool call ids, and our store holds nothing after the call;
 3. the same for 4 overlapping calls on one shared agent: each trace holds only its own call's spans;
-4. uninstrumenting both, in either order, leaves every method either wraps as the original object
-   and a call makes no span.
+4. uninstrumenting both leaves every method either wraps as the original object and a call makes no
+   span, in every order but one (below), where loongsuite's unwrap leaves its own wrappers tracing.
 
 Observed and pinned (asserted, so a change in either shows up here):
 - Each uses the ambient context, so the outer one's spans become parents of the inner one's
@@ -19,12 +19,12 @@ Observed and pinned (asserted, so a change in either shows up here):
   (and it opens no entry span, since a GenAI span is current) and its ``execute_tool`` under OUR
   ``execute_tool``. Our step, chat and tool spans never have one of theirs as parent.
 - In between (one removed, the other still on): OpenTelemetry's ``unwrap`` peels the OUTERMOST wrapper,
-  whoever asks; our ``_uninstrument`` takes out OUR wrapper wherever it sits. So removing ours always
-  leaves exactly loongsuite's tracing, and removing loongsuite's while it is the outer one leaves
-  exactly ours. KNOWN-BAD, loongsuite's doing: removing loongsuite's while ours is outside it peels
-  OURS (we say instrumented and make no span, it says uninstrumented and still traces). Our later
-  ``_uninstrument`` then finds its wrapper gone and removes the one that was under it, so once both
-  are removed everything is the original again, in every order.
+  whoever asks; our ``_uninstrument`` takes out OUR wrapper wherever it sits, never another's, and a
+  wrapper of ours it cannot reach only passes calls through. So removing ours always leaves exactly
+  loongsuite's tracing, and removing loongsuite's while it is the outer one leaves exactly ours.
+  KNOWN-BAD, loongsuite's doing: removing loongsuite's while ours is outside it peels OURS (we say
+  instrumented and make no span, it says uninstrumented and still traces), and its wrappers then stay
+  on the methods we both wrap, tracing, after both are removed.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_overlapping_calls_on_one_shared_agent_do_not_cross_talk(both: Both, her
 
 
 @pytest.mark.parametrize("release", ["last_instrumented_first", "first_instrumented_first"])
-def test_uninstrumenting_both_in_either_order_restores_the_originals(
+def test_uninstrumenting_both_in_either_order(
     both: Both, hermes: Any, originals: dict, release: str
 ) -> None:
     both.instrument()
@@ -228,7 +228,16 @@ def test_uninstrumenting_both_in_either_order_restores_the_originals(
     second.uninstrument()
     assert not both.ours.is_instrumented_by_opentelemetry and not both.theirs.is_instrumented_by_opentelemetry
     left = [t for t in TARGETS if _static(t) is not originals[t]]
-    assert left == [], f"still wrapped after uninstrumenting both: {left}"
-    both.exporter.clear()
-    assert both.bench.call(hermes, "co-after", DIRECTIVES)["final_response"] == "done co-after"
-    assert both.exporter.get_finished_spans() == (), "no span from either once both are uninstrumented"
+    # KNOWN-BAD, loongsuite's doing: removed first while inner, its unwrap took OUR outer wrapper for its own,
+    # so its wrappers stay on the methods we both wrap (ours never removes a wrapper that is not its own).
+    peeled = first is both.theirs and inner is both.theirs
+    shared = sorted({(m, n) for m, n, _ in statebackends_hermes_agent._WRAPPED} & set(THEIR_TARGETS))
+    try:
+        assert left == (shared if peeled else []), f"still wrapped after uninstrumenting both: {left}"
+        both.exporter.clear()
+        assert both.bench.call(hermes, "co-after", DIRECTIVES)["final_response"] == "done co-after"
+        assert both.scopes() == ({THEIRS} if peeled else set()), "ours traces nothing once uninstrumented"
+    finally:
+        for target in left:  # put back what the module-scoped fixture captured, for the next tests
+            owner, attribute = _owner(target)
+            setattr(owner, attribute, originals[target])

@@ -520,14 +520,30 @@ def test_uninstrument_takes_out_only_our_wrapper_beside_another_instrumentation(
         if release == "ours_first":
             remove_other()
         else:
-            bench.uninstrument()  # when the other peeled ours, ours finishes the other's removal
+            bench.uninstrument()  # ours never removes a wrapper that is not ours
+    peeled_ours = order == "other_first" and release == "other_first"
+    try:
+        for n in names:
+            if peeled_ours:
+                # KNOWN-BAD, the other's doing: its unwrap took ours, so its own wrapper stays, and traces on
+                assert _wrapper_chain(run_agent.AIAgent, n, ours._wrappers, other) == ["other"], n
+            else:
+                assert vars(run_agent.AIAgent)[n] is originals[n], f"{n} still wrapped after both were removed"
+        seen.clear()
+        bench.reset()
+        assert bench.call(bench.agent(), "uninst-after", "[tools:1]")["final_response"] == "done uninst-after"
+        assert spans_by_kind(bench)["invoke_agent"] == []  # ours: nothing after uninstrument, in every order
+        assert bool(seen) == peeled_ours
+    finally:
+        if peeled_ours:
+            remove_other()
     for n in names:
-        assert vars(run_agent.AIAgent)[n] is originals[n], f"{n} still wrapped after both were removed"
+        assert vars(run_agent.AIAgent)[n] is originals[n]
 
 
 def test_uninstrument_leaves_alone_a_wrapper_it_cannot_account_for(bench: HermesBench) -> None:
-    """When another's unwrap peeled ours and a third wrapper went on top since, ours removes nothing (only the
-    exact wrapper that was under ours, found on top, is taken to be what that unwrap meant to remove)."""
+    """When another's unwrap peeled ours and a third wrapper went on top since, ours removes nothing: it never
+    removes a wrapper that is not its own."""
     import run_agent
     from opentelemetry.instrumentation.utils import unwrap
     from wrapt import wrap_function_wrapper
@@ -556,5 +572,80 @@ def test_uninstrument_leaves_alone_a_wrapper_it_cannot_account_for(bench: Hermes
     finally:
         bench.uninstrument()
         unwrap(run_agent.AIAgent, name)
+        unwrap(run_agent.AIAgent, name)
+    assert vars(run_agent.AIAgent)[name] is original
+
+
+def test_a_wrapper_of_ours_out_of_reach_is_inert_and_re_instrumenting_does_not_double(bench: HermesBench) -> None:
+    """Another instrumentation patches over ours with a plain function (save the attribute, restore it later):
+    our uninstrument cannot reach our wrapper under it, so that wrapper only passes calls through from then on;
+    instrumenting again traces each call once."""
+    import functools
+
+    import run_agent
+
+    name = "run_conversation"
+    original = vars(run_agent.AIAgent)[name]
+    bench.instrument("invocation_id")
+    saved = vars(run_agent.AIAgent)[name]  # our wrapper, as the other instrumentation saves it
+    calls: list[str] = []
+
+    @functools.wraps(original)
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append("other")
+        return saved.__get__(self, run_agent.AIAgent)(*args, **kwargs)
+
+    run_agent.AIAgent.run_conversation = patched
+    try:
+        bench.uninstrument()
+        assert vars(run_agent.AIAgent)[name] is patched  # ours is under a plain function: out of reach
+        bench.reset()
+        assert bench.call(bench.agent(), "inert-1", "[tools:1]")["final_response"] == "done inert-1"
+        assert calls == ["other"] and spans_by_kind(bench)["invoke_agent"] == [], "our leftover wrapper traced"
+        bench.instrument("invocation_id")
+        bench.reset()
+        assert bench.call(bench.agent(), "inert-2", "[tools:1]")["final_response"] == "done inert-2"
+        assert len(spans_by_kind(bench)["invoke_agent"]) == 1, "a stale wrapper of ours traced beside the new one"
+        bench.uninstrument()
+    finally:
+        run_agent.AIAgent.run_conversation = saved  # the other instrumentation restores what it saved: ours, inert
+    bench.reset()
+    assert bench.call(bench.agent(), "inert-3", "[tools:1]")["final_response"] == "done inert-3"
+    assert spans_by_kind(bench)["invoke_agent"] == []
+    run_agent.AIAgent.run_conversation = original  # leave the class as the other tests expect it
+
+
+def test_uninstrument_reaches_ours_under_a_wrapper_that_unwrap_left_bound_to_the_class(bench: HermesBench) -> None:
+    """Ours, then two other instrumentations; the outermost removes itself with ``unwrap``, which stores the
+    middle one's wrapper bound to the class. Ours still comes out (a bound wrapper calls through its parent's
+    chain, so the parent is what gets relinked), and the middle one keeps working."""
+    import run_agent
+    from opentelemetry.instrumentation.utils import unwrap
+    from wrapt import wrap_function_wrapper
+
+    name = "_interruptible_api_call"
+    original = vars(run_agent.AIAgent)[name]
+    seen: list[str] = []
+
+    def middle(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        seen.append("middle")
+        return wrapped(*args, **kwargs)
+
+    def outer(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return wrapped(*args, **kwargs)
+
+    bench.instrument("invocation_id")
+    wrap_function_wrapper("run_agent", f"AIAgent.{name}", middle)
+    wrap_function_wrapper("run_agent", f"AIAgent.{name}", outer)
+    try:
+        unwrap(run_agent.AIAgent, name)  # the outer one leaves: the middle one's wrapper, bound, is stored
+        assert getattr(vars(run_agent.AIAgent)[name], "_self_parent", None) is not None
+        bench.uninstrument()
+        bench.reset()
+        assert bench.call(bench.agent(), "bound-1", "[tools:1]")["final_response"] == "done bound-1"
+        assert spans_by_kind(bench)["chat"] == [], "our chat wrapper still traced after uninstrument"
+        assert seen == ["middle", "middle"]
+        assert vars(run_agent.AIAgent)[name].__wrapped__ is original  # ours cut out: middle wraps the original
+    finally:
         unwrap(run_agent.AIAgent, name)
     assert vars(run_agent.AIAgent)[name] is original

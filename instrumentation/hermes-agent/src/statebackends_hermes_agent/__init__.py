@@ -70,7 +70,6 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     state_backend: Optional[str] = None
     store: Optional[StateStore[InvocationState]] = None
     _wrappers: Optional[HermesWrappers] = None
-    _under: dict[tuple[str, str], Any] = {}
 
     @property
     def telemetry(self) -> Optional[HermesTelemetry]:
@@ -92,37 +91,25 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         import run_agent  # noqa: F401 - the instrumented module
         import tools.delegate_tool  # noqa: F401
 
-        under: dict[tuple[str, str], Any] = {}
         for module, name, method in _WRAPPED:
-            under[(module, name)] = wrap_function_wrapper(module, name, getattr(wrappers, method)).__wrapped__
-        self._under = under  # what each of our wrappers wrapped: another instrumentation's wrapper, or the original
+            wrap_function_wrapper(module, name, getattr(wrappers, method))
         _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         import importlib
 
-        wrappers, under = self._wrappers, self._under
+        wrappers = self._wrappers
+        if wrappers is not None:
+            wrappers.active = False  # whatever cannot be taken out below only passes calls through from now on
         for module, name, _ in _WRAPPED:
             owner: Any = importlib.import_module(module)
             *path, attribute = name.split(".")
             for part in path:
                 owner = getattr(owner, part)
-            if _take_out(owner, attribute, wrappers):
-                continue
-            top = vars(owner).get(attribute)
-            below = under.get((module, name))
-            if isinstance(below, _Proxy) and (top is below or getattr(top, "_self_parent", None) is below):
-                # Ours is gone and what it wrapped, another instrumentation's wrapper, is on top (itself, or
-                # bound by OpenTelemetry's unwrap reading it through the class): that instrumentation's
-                # unwrap peeled ours meaning its own. Finish what it meant to do.
-                _logger.info("hermes-agent instrumentation: %s.%s lost our wrapper to another instrumentation's "
-                             "unwrap; removing the wrapper that was under ours", module, name)
-                setattr(owner, attribute, top.__wrapped__)
-            else:
-                _logger.debug("hermes-agent instrumentation: %s.%s does not hold our wrapper; left as it is",
-                              module, name)
+            if not _take_out(owner, attribute, wrappers):
+                _logger.debug("hermes-agent instrumentation: our wrapper on %s.%s is out of reach (another "
+                              "instrumentation's patch on top, or its unwrap took ours); it stays, inert", module, name)
         self.store = self.state_backend = None
-        self._under = {}
 
 
 def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
@@ -131,17 +118,28 @@ def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
     ``opentelemetry.instrumentation.utils.unwrap`` peels the OUTERMOST wrapper, whoever asks: with another
     instrumentation's wrapper on top of ours it would remove theirs and leave ours. Here the chain is walked
     in the owner's own ``__dict__`` (no descriptor binding) and only the wrapper whose callable belongs to
-    ``wrappers`` is cut out; the others keep wrapping what ours wrapped.
+    ``wrappers`` is cut out; the others keep wrapping what ours wrapped. No other wrapper is ever removed.
+    A wrapper that ``unwrap`` left bound to the class (it reads the attribute through the class) is put
+    back as the wrapper it was bound from, since a bound wrapper calls through its parent's chain.
     """
     outer: Any = None
     node = vars(owner).get(attribute)
     while isinstance(node, _Proxy):
+        parent = getattr(node, "_self_parent", None)
+        if parent is not None and getattr(node, "_self_instance", None) is None:
+            _link(owner, attribute, outer, parent)  # the same wrapper, unbound
+            node = parent
         inner = node.__wrapped__
         if getattr(getattr(node, "_self_wrapper", None), "__self__", None) is wrappers:
-            if outer is None:
-                setattr(owner, attribute, inner)
-            else:
-                outer.__wrapped__ = inner
+            _link(owner, attribute, outer, inner)
             return True
         outer, node = node, inner
     return False
+
+
+def _link(owner: Any, attribute: str, outer: Any, node: Any) -> None:
+    """Make ``node`` what ``outer`` wraps (``owner.attribute`` itself when ``outer`` is None)."""
+    if outer is None:
+        setattr(owner, attribute, node)
+    else:
+        outer.__wrapped__ = node

@@ -58,13 +58,19 @@ def _call(operation: Any, wrapped: Callable[..., Any], args: tuple, kwargs: dict
 class HermesWrappers(HermesTelemetry):
     """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
 
-    Each wrapper returns what the wrapped Hermes method returns and raises what it raises.
+    Each wrapper returns what the wrapped Hermes method returns and raises what it raises. Once
+    ``active`` is False (``uninstrument()``), each only calls the wrapped method: a wrapper that could
+    not be taken out (another instrumentation's patch on top of it) traces nothing.
     """
+
+    active = True
 
     # -- invoke_agent -------------------------------------------------------------------
 
     def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         pending = self.take_subagent(instance) if self._pending_data else None  # most calls: no subagent record
         if pending is not None:  # a subagent: hang under its parent's delegate_task span
             return pending.run(self._invoke_agent, wrapped, instance, args, kwargs, pending.parent)
@@ -92,6 +98,8 @@ class HermesWrappers(HermesTelemetry):
 
     def execute_tool_calls(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._execute_tool_calls``: names the agent for the tools it runs, then ends the react step."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         token = _tool_owner.set(instance)
         error: Optional[BaseException] = None
         try:
@@ -107,11 +115,15 @@ class HermesWrappers(HermesTelemetry):
 
     def api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_api_call``: one ``chat`` span."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
         return _call(call, wrapped, args, kwargs)
 
     def streaming_api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
@@ -121,6 +133,8 @@ class HermesWrappers(HermesTelemetry):
 
     def invoke_tool(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._invoke_tool``: names the agent and the tool call id for ``handle_function_call``."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         owner = _tool_owner.set(instance)
         call_id = _tool_call_id.set(_arg(args, kwargs, 3, "tool_call_id"))
         try:
@@ -131,6 +145,8 @@ class HermesWrappers(HermesTelemetry):
 
     def handle_function_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``run_agent.handle_function_call``: one ``execute_tool`` span."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         n = len(args)  # handle_function_call(function_name, function_args, task_id=None, tool_call_id=None, ...)
         call = self.start_tool(
             _tool_owner.get(),
@@ -143,6 +159,8 @@ class HermesWrappers(HermesTelemetry):
 
     def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         call = self.start_tool(
             instance, "delegate_task", _arg(args, kwargs, 0, "function_args"), tool_call_id=_tool_call_id.get()
         )
@@ -152,6 +170,8 @@ class HermesWrappers(HermesTelemetry):
 
     def build_child_agent(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``tools.delegate_tool._build_child_agent``: remembers where the child's invocation will hang."""
+        if not self.active:
+            return wrapped(*args, **kwargs)
         child = wrapped(*args, **kwargs)
         # Built in the parent's tool thread; run later in a worker that copies no context.
         self.prepare_subagent(child)
