@@ -914,14 +914,30 @@ def _sorted_models(models: Any) -> list[Concurrency]:
     return sorted(models, key=order.index)
 
 
+def _declaration(store_class: type[StateStore[Any]]) -> tuple[list[Concurrency], str | None]:
+    """(the ``Concurrency`` members ``store_class.isolates`` declares, in order; what is wrong with it, or None)."""
+    declared = getattr(store_class, "isolates", frozenset())
+    if not isinstance(declared, (set, frozenset)):
+        return [], f"isolates must be a frozenset of Concurrency members, got {declared!r}"
+    bad = [m for m in declared if not isinstance(m, Concurrency)]
+    models = _sorted_models(m for m in declared if isinstance(m, Concurrency))
+    if bad:
+        valid = ", ".join(f"Concurrency.{m.name}" for m in Concurrency)
+        return models, f"isolates holds {bad!r}, which are not Concurrency members; valid: {valid}"
+    return models, None
+
+
 def check_backend(
     store_class: type[StateStore[Any]], factory: Callable[[], Any] = dict, **store_kwargs: Any
 ) -> list[Failure]:
     """Every failure of ``store_class``: the contract rules, then each declared model observed; empty when it conforms."""
     failures: list[Failure] = []
+    models, wrong = _declaration(store_class)
+    if wrong is not None:
+        failures.append(Failure(_backend_name(store_class), "declaration", wrong))
     for rule in RULES:
         failures += check_rule(store_class, rule, factory, **store_kwargs)
-    for model in _sorted_models(getattr(store_class, "isolates", ())):
+    for model in models:
         failures += check_model(store_class, model, factory, **store_kwargs)
     return failures
 
@@ -949,7 +965,7 @@ class BackendContract:
     @classmethod
     def declared_models(cls) -> list[Concurrency]:
         """The :class:`Concurrency` members in ``store_class.isolates`` (anything else there fails the declaration test)."""
-        return _sorted_models(m for m in getattr(cls.store_class, "isolates", ()) if isinstance(m, Concurrency))
+        return _declaration(cls.store_class)[0]  # type: ignore[arg-type]
 
     def pytest_generate_tests(self, metafunc: Any) -> None:
         cls = metafunc.cls
@@ -970,21 +986,14 @@ class BackendContract:
         assert not failures, "\n".join(map(str, failures))
 
     def test_declaration(self) -> None:
-        """``isolates`` is a (frozen)set of :class:`Concurrency` members: a string or a typo is named, with the valid values."""
-        declared = getattr(self._store_class(), "isolates", frozenset())
-        assert isinstance(declared, (set, frozenset)), (
-            f"{self._store_class().__name__}.isolates must be a frozenset of Concurrency members, got {declared!r}"
-        )
-        bad = [m for m in declared if not isinstance(m, Concurrency)]
-        assert not bad, (
-            f"{self._store_class().__name__}.isolates holds {bad!r}, which are not Concurrency members; "
-            f"valid: {', '.join(f'Concurrency.{m.name}' for m in Concurrency)}"
-        )
+        """``isolates`` is a (frozen)set of :class:`Concurrency` members: anything else is named, with the valid values."""
+        wrong = _declaration(self._store_class())[1]
+        assert wrong is None, f"{self._store_class().__name__}.{wrong}"
 
     def test_declared_isolation(self, model: Concurrency | None) -> None:
         if model is None:  # nothing declared: then nothing may be declared in a form the kit cannot read either
-            declared = getattr(self._store_class(), "isolates", frozenset())
-            assert not declared, f"{self._store_class().__name__}.isolates is {declared!r}, not Concurrency members"
+            wrong = _declaration(self._store_class())[1]
+            assert wrong is None, f"{self._store_class().__name__}.{wrong}"
             return
         failures = check_model(self._store_class(), model, type(self).factory, **type(self).store_kwargs)
         assert not failures, "\n".join(map(str, failures))

@@ -400,11 +400,18 @@ def test_backend_contract_names_a_declaration_the_kit_cannot_read(tmp_path: Path
             name = "notaset"
             isolates = "threads"
 
+        class IsNone(ThreadLocalStore):
+            name = "isnone"
+            isolates = None
+
         class TestTypo(BackendContract):
             store_class = Typo
 
         class TestNotASet(BackendContract):
             store_class = NotASet
+
+        class TestIsNone(BackendContract):
+            store_class = IsNone
         """
     ))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(tmp_path)],
@@ -414,8 +421,25 @@ def test_backend_contract_names_a_declaration_the_kit_cannot_read(tmp_path: Path
     assert "TestTypo::test_declaration" in out and "holds ['asyncio']" in out and "Concurrency.THREADS" in out, out
     assert "TestNotASet::test_declaration" in out and "must be a frozenset" in out, out
     assert "TestNotASet::test_declared_isolation[nothing_declared]" in out, out  # the kit read nothing from it
-    assert "3 failed" in out, out  # those three; Typo's THREADS claim is still observed, and holds
+    assert "TestIsNone::test_declaration" in out and "got None" in out, out  # collected, not a collection error
+    assert "5 failed" in out, out  # those five; Typo's THREADS claim is still observed, and holds
     assert "TestTypo::test_declared_isolation[threads]" not in out, out
+
+
+def test_check_backend_reports_a_declaration_it_cannot_read_as_a_failure() -> None:
+    class Typo(ThreadLocalStore):
+        name = "typo"
+        isolates = frozenset({Concurrency.THREADS, "asyncio"})  # type: ignore[arg-type]
+
+    class OneMember(ThreadLocalStore):
+        name = "onemember"
+        isolates = Concurrency.THREADS  # type: ignore[assignment]
+
+    for store_class, said in ((Typo, "holds ['asyncio']"), (OneMember, "must be a frozenset")):
+        failures = check_backend(store_class)
+        assert [f.check for f in failures] == ["declaration"], failures
+        assert said in failures[0].observed, failures
+    assert "valid: Concurrency.THREADS" in check_backend(Typo)[0].observed
 
 
 def test_the_kit_imports_without_pytest() -> None:
