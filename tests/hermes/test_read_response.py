@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletion
@@ -40,6 +41,15 @@ CASES = {
         (0, 0, ("length",), False),
     ),
     "not a response": (object(), (0, 0, (), False)),
+    "choices in a dict": (
+        SimpleNamespace(usage=SimpleNamespace(prompt_tokens=1, completion_tokens=2),
+                        choices={"a": SimpleNamespace(finish_reason="stop")}),
+        (1, 2, (), False),  # iterating a dict gives its keys: no choice object, nothing read
+    ),
+    "counts that are not numbers": (
+        SimpleNamespace(usage=SimpleNamespace(prompt_tokens="abc", completion_tokens=float("inf")), choices=[]),
+        (0, 0, (), False),
+    ),
     "None": (None, (0, 0, (), False)),
 }
 
@@ -49,3 +59,13 @@ def test_read_response(case: str) -> None:
     response, expected = CASES[case]
     assert read_response(response) == expected
     assert _read_any_response(response) == expected  # the fast path answers exactly what the general one does
+
+
+class _Raising:
+    @property
+    def usage(self) -> Any:
+        raise RuntimeError("a property that raises")
+
+
+def test_read_response_never_raises() -> None:
+    assert read_response(_Raising()) == (0, 0, (), False)

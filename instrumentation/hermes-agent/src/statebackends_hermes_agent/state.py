@@ -46,11 +46,14 @@ class InvocationState:
 
 
 def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
-    """(input tokens, output tokens, finish reasons, whether it asks for tools) of a chat response, in one pass."""
+    """(input tokens, output tokens, finish reasons, whether it asks for tools) of a chat response, in one pass.
+
+    Never raises: what cannot be read counts as none (no tokens, no reasons, no tool request).
+    """
     try:  # the OpenAI SDK's ChatCompletion with one choice (what Hermes asks for): plain attribute reads
         usage = response.usage
         choices = response.choices
-        if usage is not None and len(choices) == 1:
+        if usage is not None and type(choices) is list and len(choices) == 1:
             choice = choices[0]
             reason = choice.finish_reason
             return (
@@ -59,17 +62,28 @@ def read_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
                 (str(reason),) if reason else (),
                 bool(choice.message.tool_calls),
             )
-    except (AttributeError, TypeError, IndexError, ValueError):
+    except Exception:  # noqa: BLE001 - anything odd is read the general way
         pass
-    return _read_any_response(response)
+    try:
+        return _read_any_response(response)
+    except Exception:  # noqa: BLE001 - a property that raises, a count that is not a number
+        return 0, 0, (), False
+
+
+def _count(value: Any) -> int:
+    """A token count as an int (0 when missing or not a number)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _read_any_response(response: Any) -> tuple[int, int, tuple[str, ...], bool]:
     """:func:`read_response` for anything shaped loosely like a ChatCompletion (missing parts count as none)."""
     usage = getattr(response, "usage", None)
     if usage is not None:
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        input_tokens = _count(getattr(usage, "prompt_tokens", 0))
+        output_tokens = _count(getattr(usage, "completion_tokens", 0))
     else:
         input_tokens = output_tokens = 0
     choices = getattr(response, "choices", None)
