@@ -51,8 +51,9 @@ class WrapperReplay:
     order of one ``[tools:1]`` conversation (LLM asks for a tool, the tool, final LLM
     answer) with the real ``ChatCompletion`` objects of the in-process fake LLM. Every
     other attribute the wrappers read on the instance (model, provider, session id,
-    platform...) is the real agent's: its instance attributes are copied into the stub's
-    ``__dict__`` (read at the real agent's cost), anything else is forwarded. ``call()`` is the instrumented stub,
+    platform, the ``base_url`` property...) is the real agent's, read at the real
+    agent's cost: the stub is an instance of a subclass of the agent's class holding a
+    copy of its instance attributes. ``call()`` is the instrumented stub,
     ``bare_call()`` the same stub unwrapped; ``spans_per_call`` is checked against the
     real call's count by the callers.
     """
@@ -68,6 +69,12 @@ class WrapperReplay:
             self.store = bench.store
         finally:
             bench.set_mode(previous)
+        for wrapper in installed.values():
+            # Our wrappers pass calls through once their instrumentor is uninstrumented (set_mode above did):
+            # these ones, taken out of the classes, run here as they ran while installed.
+            owner = getattr(wrapper, "__self__", None)
+            if getattr(owner, "active", None) is False:
+                owner.active = True
         missing = [name for _, _, name in _STUB_TARGETS if name not in installed]
         if missing:
             raise RuntimeError(f"{mode}: no wrapper installed on {missing}")
@@ -82,10 +89,7 @@ class WrapperReplay:
             hfc = wrapt.FunctionWrapper(handle_function_call, installed["handle_function_call"]) if wrapped \
                 else handle_function_call
 
-            class StubAgent:
-                def __getattr__(self, name: str) -> Any:  # what the instance dict lacks (class attributes): the real agent's
-                    return getattr(real, name)
-
+            class StubAgent(type(real)):  # type: ignore[misc]  # the real class's properties and class attributes
                 def run_conversation(self, user_message: str, system_message: Any = None,
                                      conversation_history: Any = None, task_id: Any = None,
                                      **kwargs: Any) -> Dict[str, Any]:
@@ -112,10 +116,11 @@ class WrapperReplay:
             if wrapped:
                 for _, _, name in _STUB_TARGETS[:3]:
                     setattr(StubAgent, name, wrapt.FunctionWrapper(StubAgent.__dict__[name], installed[name]))
-            stub = StubAgent()
-            # The real agent's instance attributes, read as cheaply as on the real agent (a plain instance
-            # attribute, not a failed look-up falling back to __getattr__, which costs ~0.3 us a read).
-            stub.__dict__.update({k: v for k, v in vars(real).items() if k not in StubAgent.__dict__})
+            # Not constructed (AIAgent.__init__ builds clients and probes): a subclass instance holding the real
+            # agent's instance attributes, so every read a wrapper makes (an instance attribute, a property
+            # such as base_url, a missing attribute with a default) costs what it costs on the real agent.
+            stub = object.__new__(StubAgent)
+            stub.__dict__.update(vars(real))
             return stub
 
         self._instrumented = make(True)
