@@ -58,17 +58,26 @@ class WrapperReplay:
     real call's count by the callers.
     """
 
-    def __init__(self, bench: AgentBench, mode: str, responses: Optional[Sequence[Any]] = None) -> None:
+    def __init__(
+        self,
+        bench: AgentBench,
+        mode: str,
+        responses: Optional[Sequence[Any]] = None,
+        wrappers: Optional[Dict[str, Any]] = None,
+    ) -> None:
         import wrapt
 
         first, final = responses if responses is not None else replay_responses(bench)
-        previous = bench.mode
-        bench.set_mode(mode)
-        try:
-            installed = _installed_wrappers()
-            self.store = bench.store
-        finally:
-            bench.set_mode(previous)
+        if wrappers is not None:  # given wrapper callables by target name; ``mode`` only labels them
+            installed, self.store = dict(wrappers), None
+        else:
+            previous = bench.mode
+            bench.set_mode(mode)
+            try:
+                installed = _installed_wrappers()
+                self.store = bench.store
+            finally:
+                bench.set_mode(previous)
         for wrapper in installed.values():
             # Our wrappers pass calls through once their instrumentor is uninstrumented (set_mode above did):
             # these ones, taken out of the classes, run here as they ran while installed.

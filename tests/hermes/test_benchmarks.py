@@ -205,3 +205,41 @@ def test_report_end_to_end_on_tiny_settings(agent_bench: Any, tmp_path: Path) ->
     assert f"waits {delay} ms per request" in text and "[delay_ms:" not in agent_bench.directives
     report.plot(data, tmp_path / "overhead.png", "now", "tiny")
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
+
+
+def _tree(spans: Any) -> list[tuple]:
+    """(name, kind, attribute keys, parent's name) of each span, sorted: the shape a span tree records."""
+    by_id = {s.context.span_id: s for s in spans}
+    return sorted((s.name, s.kind.name, tuple(sorted(s.attributes or {})),
+                   by_id[s.parent.span_id].name if s.parent is not None and s.parent.span_id in by_id else None)
+                  for s in spans)
+
+
+def test_lower_bound_wrappers_make_our_span_tree(agent_bench: Any) -> None:
+    """The minimal wrappers of ``benchmarks.lower_bound`` make the same tree as ours (names, kinds, attribute keys,
+    parents), so the lower bound is measured like for like."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from benchmarks import lower_bound
+    from statebackends_hermes_testbed.driver import Recorder
+
+    def spans_of(wrappers: Any, exporter: Any) -> list[tuple]:
+        replay = rp.WrapperReplay(agent_bench, "x", wrappers=wrappers)
+        exporter.clear()
+        assert replay.call()["final_response"] == "done stub"
+        return _tree(exporter.get_finished_spans())
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    minimal = spans_of(lower_bound.minimal_wrappers(agent_bench, provider), exporter)
+    recorder = Recorder("test.lower_bound")
+    agent_bench.set_mode("invocation_id", recorder.provider)
+    try:
+        installed = rp._installed_wrappers()
+    finally:
+        agent_bench.set_mode(NONE)
+    ours = spans_of(installed, recorder.exporter)
+    assert len(ours) == SPANS_PER_CALL and minimal == ours

@@ -1,0 +1,175 @@
+"""How low the wrappers-alone figure can go: the same spans through minimal hand-written wrappers.
+
+``python -m benchmarks.lower_bound [repeats]`` replays, side by side in one process
+(:class:`~benchmarks.replay.WrapperReplay`, blocks interleaved, order rotated), our
+instrumentation's wrappers, loongsuite's when installed, the floor (6 bare SDK spans), and
+*minimal* ``wrapt`` wrappers that make exactly our 6 spans (names, kinds, the attributes
+recorded from a real call, set at start or at end as ours are), attach the same two
+contexts and keep the per-call state in the same ``invocation_id`` store, with nothing
+else: no guard around any OpenTelemetry or store call, no lifecycle objects, no metrics or
+content switches, no subagent or Hermes-failure handling. Not an instrumentation anyone
+should run: a lower bound for any that keeps our span tree and our store.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextvars import ContextVar
+from typing import Any, Dict, List, Optional
+
+from statebackends_hermes_testbed.agentbench import AgentBench, timed_block
+from statebackends_hermes_testbed.modes import LOONGSUITE
+
+from .replay import WrapperReplay, replay_responses
+from .stats import trimmed_mean
+from .timing import FLOOR
+
+MINIMAL = "minimal"
+END_KEYS = ("gen_ai.usage.", "gen_ai.response.")  # what ours sets when the call ends, not at span start
+
+
+def minimal_wrappers(bench: AgentBench, provider: Any = None) -> Dict[str, Any]:
+    """The four minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc)."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    from statebackends_hermes_agent.config import resolve_store
+    from statebackends_hermes_agent.state import InvocationState
+
+    if bench.plan_spans == 0:
+        bench.record_plan()
+    agent_plan = bench._plan[0]  # noqa: SLF001 - the recorded span tree of one real call
+    step_plan = agent_plan.children[0]
+    chat_plan, tool_plan = step_plan.children[0], step_plan.children[1]
+    agent_attributes = {k: v for k, v in agent_plan.attributes.items() if not k.startswith(END_KEYS)}
+    chat_attributes = {k: v for k, v in chat_plan.attributes.items() if not k.startswith(END_KEYS)}
+    tool_keys = tuple(tool_plan.attributes)
+    tracer = trace.get_tracer(MINIMAL, "0", provider if provider is not None else bench.provider)
+    start_span, set_in = tracer.start_span, trace.set_span_in_context
+    attach, detach = otel_context.attach, otel_context.detach
+    store = resolve_store("invocation_id", InvocationState)
+    owner: ContextVar[Any] = ContextVar("minimal_tool_owner", default=None)
+
+    def run_conversation(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        scope = store.begin(instance, invocation_id="minimal")
+        state = scope.state
+        span = start_span(agent_plan.name, kind=agent_plan.kind, attributes=agent_attributes)
+        state.agent_span, state.agent_ctx = span, set_in(span)
+        token = attach(state.agent_ctx)
+        try:
+            return wrapped(*args, **{**kwargs, "task_id": "minimal"})
+        finally:
+            span.set_attributes({
+                "gen_ai.usage.input_tokens": state.input_tokens, "gen_ai.usage.output_tokens": state.output_tokens,
+                "gen_ai.response.id": state.response_id, "gen_ai.response.model": state.response_model,
+                "gen_ai.response.finish_reasons": list(state.finish_reasons),
+            })
+            span.end()
+            detach(token)
+            store.end(scope)
+
+    def api_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        state = store.current(instance)
+        if state.step_span is None:
+            state.round += 1
+            step = start_span(step_plan.name, context=state.agent_ctx, kind=step_plan.kind,
+                              attributes={"gen_ai.react.round": state.round})
+            state.step_span, state.step_ctx = step, set_in(step, state.agent_ctx)
+        span = start_span(chat_plan.name, context=state.step_ctx, kind=chat_plan.kind, attributes=chat_attributes)
+        response = wrapped(*args, **kwargs)
+        usage, choice = response.usage, response.choices[0]
+        state.input_tokens += usage.prompt_tokens
+        state.output_tokens += usage.completion_tokens
+        state.response_id, state.response_model = response.id, response.model
+        state.finish_reasons = (choice.finish_reason,)
+        span.set_attributes({
+            "gen_ai.usage.input_tokens": usage.prompt_tokens, "gen_ai.usage.output_tokens": usage.completion_tokens,
+            "gen_ai.response.id": response.id, "gen_ai.response.model": response.model,
+            "gen_ai.response.finish_reasons": [choice.finish_reason],
+        })
+        span.end()
+        if not choice.message.tool_calls:
+            step, state.step_span = state.step_span, None
+            step.set_attributes({"gen_ai.react.finish_reason": choice.finish_reason})
+            step.end()
+        return response
+
+    def execute_tool_calls(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        token = owner.set(instance)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            owner.reset(token)
+            state = store.current(instance, args[2])
+            step, state.step_span = state.step_span, None
+            step.set_attributes({"gen_ai.react.finish_reason": "tool_calls"})
+            step.end()
+
+    def handle_function_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        state = store.current(owner.get(), args[2])
+        values = ("execute_tool", args[0], "function", kwargs["tool_call_id"])
+        span = start_span(f"execute_tool {args[0]}", context=state.step_ctx, kind=tool_plan.kind,
+                          attributes=dict(zip(tool_keys, values)))
+        token = attach(set_in(span))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            span.end()
+            detach(token)
+
+    return {"run_conversation": run_conversation, "_interruptible_api_call": api_call,
+            "_execute_tool_calls": execute_tool_calls, "handle_function_call": handle_function_call}
+
+
+def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str = "invocation_id") -> Dict[str, List[float]]:
+    """Seconds per call, one per repeat, of ``mode``'s wrappers, the minimal ones, loongsuite's (when installed) and the floor."""
+    responses = replay_responses(bench)
+    bench.record_plan()
+    replays = {mode: WrapperReplay(bench, mode, responses),
+               MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal_wrappers(bench))}
+    if LOONGSUITE in bench.modes():
+        replays[LOONGSUITE] = WrapperReplay(bench, LOONGSUITE, responses)
+    for name, replay in replays.items():  # warm-up; the minimal wrappers must make our span count
+        for _ in range(20):
+            replay.call()
+            replay.bare_call()
+        ended = bench.spans_ended()
+        replay.call()
+        if name != LOONGSUITE and bench.spans_ended() - ended != bench.plan_spans:
+            raise RuntimeError(f"{name}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    out: Dict[str, List[float]] = {name: [] for name in [*replays, FLOOR]}
+    items = list(out)
+    for r in range(repeats):
+        shift = r % len(items)
+        for item in items[shift:] + items[:shift]:
+            if item == FLOOR:
+                out[FLOOR].append(timed_block(bench.floor_call, calls))
+            else:
+                replay = replays[item]
+                bare = timed_block(replay.bare_call, calls)
+                out[item].append(timed_block(replay.call, calls) - bare)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    repeats = int(argv[0]) if argv else 20
+    bench = AgentBench()
+    try:
+        out = measure(bench, repeats=repeats)
+    finally:
+        bench.close()
+    us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
+    loong = us.get(LOONGSUITE)
+    print(f"wrappers alone, {repeats} interleaved blocks of 200 calls, 20%-trimmed mean")
+    print("| wrappers | us per call | / floor | / loongsuite 0.9.0 |")
+    print("|---|---:|---:|---:|")
+    for name, value in us.items():
+        vs_loong = f"{value / loong:.3f}x" if loong else "n/a"
+        print(f"| {name} | {value:.1f} | {value / us[FLOOR]:.3f}x | {vs_loong} |")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
