@@ -17,10 +17,10 @@ import sys
 from contextvars import ContextVar
 from typing import Any, Dict, List, Optional
 
-from statebackends_hermes_testbed.agentbench import AgentBench, timed_block
+from statebackends_hermes_testbed.agentbench import AgentBench
 from statebackends_hermes_testbed.modes import LOONGSUITE
 
-from .replay import WrapperReplay, replay_responses
+from .replay import WrapperReplay, interleaved, replay_responses
 from .stats import trimmed_mean
 from .timing import FLOOR
 
@@ -138,18 +138,7 @@ def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str
         replay.call()
         if name != LOONGSUITE and bench.spans_ended() - ended != bench.plan_spans:
             raise RuntimeError(f"{name}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
-    out: Dict[str, List[float]] = {name: [] for name in [*replays, FLOOR]}
-    items = list(out)
-    for r in range(repeats):
-        shift = r % len(items)
-        for item in items[shift:] + items[:shift]:
-            if item == FLOOR:
-                out[FLOOR].append(timed_block(bench.floor_call, calls))
-            else:
-                replay = replays[item]
-                bare = timed_block(replay.bare_call, calls)
-                out[item].append(timed_block(replay.call, calls) - bare)
-    return out
+    return interleaved(bench, replays, repeats=repeats, calls=calls)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -172,15 +172,12 @@ def isolated_overhead(
     ``{mode: [seconds per call, one per repeat], "floor": [...], "spans": {mode: spans per stub call}}``;
     spans go to the same counting provider as the full calls.
     """
-    from statebackends_hermes_testbed.agentbench import timed_block
-
     modes = list(modes if modes is not None else [m for m in bench.modes() if m != NONE])
     responses = replay_responses(bench)
     replays = {m: WrapperReplay(bench, m, responses) for m in modes}
     if bench.plan_spans == 0:
         bench.record_plan()
-    out: Dict[str, Any] = {m: [] for m in modes}
-    out[FLOOR] = []
+    out: Dict[str, Any] = {}
     spans: Dict[str, float] = {}
     for mode, replay in replays.items():  # warm-up, and the spans one stub call makes
         for _ in range(20):
@@ -189,7 +186,20 @@ def isolated_overhead(
         ended = bench.spans_ended()
         replay.call()
         spans[mode] = bench.spans_ended() - ended
-    items = modes + [FLOOR]
+    out.update(interleaved(bench, replays, repeats=repeats, calls=calls))
+    out["spans"] = spans
+    return out
+
+
+def interleaved(bench: AgentBench, replays: Dict[str, WrapperReplay], *, repeats: int, calls: int) -> Dict[str, List[float]]:
+    """Seconds per call, one per repeat, of each replay (instrumented stub minus bare stub) and of the floor.
+
+    Blocks of ``calls`` calls, every replay and the floor in each repeat, the order rotated by one each repeat.
+    """
+    from statebackends_hermes_testbed.agentbench import timed_block
+
+    out: Dict[str, List[float]] = {name: [] for name in [*replays, FLOOR]}
+    items = list(out)
     for r in range(repeats):
         shift = r % len(items)
         for item in items[shift:] + items[:shift]:
@@ -199,6 +209,5 @@ def isolated_overhead(
                 replay = replays[item]
                 bare = timed_block(replay.bare_call, calls)
                 out[item].append(timed_block(replay.call, calls) - bare)
-    out["spans"] = spans
     return out
 
