@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit
@@ -449,3 +450,58 @@ def test_streamed_chats_capture_valid_messages(tel: Telemetry, monkeypatch: pyte
     for event in events:
         valid_inputs(event.attributes[INPUT])
         valid_outputs(event.attributes[OUTPUT])
+
+
+def test_an_interrupted_stream_ends_every_span_and_records_no_late_chunk(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real agent, streaming, interrupted while the fake LLM still holds the first chunk back: Hermes abandons
+    the stream's worker thread. The chat fails with ``InterruptedError``, everything ends, nothing is left."""
+    import threading
+
+    _with_mode(tel, monkeypatch, None)
+    agent = tel.bench.agent(streaming=True, fresh=True)
+
+    def interrupt_once_asked() -> None:  # once the request is at the fake LLM, which holds the answer 1.5 s
+        deadline = time.monotonic() + 20
+        while not tel.bench.server.log("cv-interrupt") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        agent.interrupt()
+
+    threading.Thread(target=interrupt_once_asked, daemon=True).start()
+    with caplog.at_level(logging.WARNING):
+        result = tel.run(agent, "cv-interrupt", "[delay_ms:1500]")
+        time.sleep(1.2)  # past the held-back chunk: whatever the abandoned worker reads comes now
+    assert result["interrupted"] is True
+    assert tel.bench.server.log("cv-interrupt"), "the request reached the fake LLM before the interrupt"
+    (chat,) = tel.of("chat ")
+    assert chat.status.status_code is StatusCode.ERROR and chat.attributes["error.type"] == "InterruptedError"
+    assert "gen_ai.response.time_to_first_chunk" not in chat.attributes
+    assert len(tel.of("react step")) == 1 and len(tel.of("invoke_agent")) == 1
+    assert tel.bench.instrumentor.store.live() == 0
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    assert tel.points(TTFC) == []
+    (failed,) = [p for p in tel.points(DURATION) if p.attributes["gen_ai.operation.name"] == "chat"]
+    assert failed.attributes["error.type"] == "InterruptedError"
+
+
+def test_a_first_chunk_after_the_chat_ended_is_not_recorded(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The late callback of an abandoned stream, driven through the public lifecycle: no attribute on the ended
+    span (the SDK would log a warning), no time-to-first-chunk point."""
+    _with_mode(tel, monkeypatch, None)
+    telemetry = tel.bench.instrumentor.telemetry
+    agent = tel.bench.agent(streaming=True)
+    invocation = telemetry.start_invocation(agent)
+    call = telemetry.start_chat(agent, {"model": "m", "messages": []}, streaming=True)
+    on_first_delta = call.wrap_first_delta(None)
+    call.fail(InterruptedError("interrupted"))
+    with caplog.at_level(logging.WARNING):
+        on_first_delta()
+    invocation.stop({"final_response": None, "interrupted": True})
+    (chat,) = tel.of("chat ")
+    assert "gen_ai.response.time_to_first_chunk" not in chat.attributes
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    assert tel.points(TTFC) == []

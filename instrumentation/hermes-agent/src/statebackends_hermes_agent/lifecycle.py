@@ -325,9 +325,13 @@ class ChatCall:
         self._first_chunk = False
 
     def first_chunk(self) -> None:
-        """Record the time to the first streamed chunk (span attribute and metric), once; never raises."""
+        """Record the time to the first streamed chunk (span attribute and metric), once, if the chat is still open; never raises.
+
+        A chunk that arrives after ``stop``/``fail`` (Hermes abandons the stream's worker thread when the
+        agent is interrupted, and that thread may still read a chunk) is not recorded: the chat is over.
+        """
         span = self.span
-        if span is None or self._first_chunk:
+        if span is None or self._first_chunk or self._done:
             return
         self._first_chunk = True
         try:
