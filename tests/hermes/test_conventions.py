@@ -452,11 +452,13 @@ def test_streamed_chats_capture_valid_messages(tel: Telemetry, monkeypatch: pyte
         valid_outputs(event.attributes[OUTPUT])
 
 
-def test_an_interrupted_stream_ends_every_span_and_records_no_late_chunk(
+def test_an_interrupted_stream_ends_every_span_and_leaves_no_state(
     tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The real agent, streaming, interrupted while the fake LLM still holds the first chunk back: Hermes abandons
-    the stream's worker thread. The chat fails with ``InterruptedError``, everything ends, nothing is left."""
+    the stream's worker thread (still alive when this test ends). The chat fails with ``InterruptedError``,
+    everything ends, nothing is left, nothing is recorded late. Hermes 0.19 closes the abandoned stream, so its
+    worker never calls ``on_first_delta`` here; a late callback is driven through the lifecycle in the next tests."""
     import threading
 
     _with_mode(tel, monkeypatch, None)
@@ -472,7 +474,7 @@ def test_an_interrupted_stream_ends_every_span_and_records_no_late_chunk(
     threading.Thread(target=interrupt_once_asked, daemon=True).start()
     with caplog.at_level(logging.WARNING):
         result = tel.run(agent, "cv-interrupt", "[delay_ms:1500]")
-        time.sleep(1.2)  # past the held-back chunk: whatever the abandoned worker reads comes now
+        time.sleep(1.2)  # past the moment the fake LLM would have sent its first chunk
     assert result["interrupted"] is True
     assert tel.bench.server.log("cv-interrupt"), "the request reached the fake LLM before the interrupt"
     (chat,) = tel.of("chat ")
@@ -505,3 +507,46 @@ def test_a_first_chunk_after_the_chat_ended_is_not_recorded(
     assert "gen_ai.response.time_to_first_chunk" not in chat.attributes
     assert not [r for r in caplog.records if "ended span" in r.getMessage()]
     assert tel.points(TTFC) == []
+
+
+def test_a_first_chunk_racing_the_end_of_its_chat_is_recorded_before_the_end_or_not_at_all(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream's reader thread records the first chunk while the caller's thread fails the chat: the failure
+    waits for the recording (held here half-way), so no attribute lands on an ended span."""
+    import threading
+
+    from statebackends_hermes_agent.lifecycle import ChatCall
+
+    _with_mode(tel, monkeypatch, None)
+    telemetry = tel.bench.instrumentor.telemetry
+    agent = tel.bench.agent(streaming=True)
+    invocation = telemetry.start_invocation(agent)
+    call = telemetry.start_chat(agent, {"model": "m", "messages": []}, streaming=True)
+    on_first_delta = call.wrap_first_delta(None)
+    entered, release = threading.Event(), threading.Event()
+    record = ChatCall._record_first_chunk
+
+    def held(self: ChatCall, span: Any) -> None:
+        entered.set()
+        release.wait(10)
+        record(self, span)
+
+    monkeypatch.setattr(ChatCall, "_record_first_chunk", held)
+    reader = threading.Thread(target=on_first_delta)
+    ender = threading.Thread(target=call.fail, args=(InterruptedError("interrupted"),))
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        assert entered.wait(10)
+        ender.start()
+        ender.join(0.2)
+        assert ender.is_alive(), "the chat ended while its first chunk was being recorded"
+        release.set()
+        reader.join(10)
+        ender.join(10)
+    invocation.stop({"final_response": None})
+    (chat,) = tel.of("chat ")
+    assert chat.status.status_code is StatusCode.ERROR and "gen_ai.response.time_to_first_chunk" in chat.attributes
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    (point,) = tel.points(TTFC)
+    assert point.count == 1

@@ -607,12 +607,13 @@ def test_a_wrapper_of_ours_out_of_reach_is_inert_and_re_instrumenting_does_not_d
         assert bench.call(bench.agent(), "inert-2", "[tools:1]")["final_response"] == "done inert-2"
         assert len(spans_by_kind(bench)["invoke_agent"]) == 1, "a stale wrapper of ours traced beside the new one"
         bench.uninstrument()
-    finally:
         run_agent.AIAgent.run_conversation = saved  # the other instrumentation restores what it saved: ours, inert
-    bench.reset()
-    assert bench.call(bench.agent(), "inert-3", "[tools:1]")["final_response"] == "done inert-3"
-    assert spans_by_kind(bench)["invoke_agent"] == []
-    run_agent.AIAgent.run_conversation = original  # leave the class as the other tests expect it
+        bench.reset()
+        assert bench.call(bench.agent(), "inert-3", "[tools:1]")["final_response"] == "done inert-3"
+        assert spans_by_kind(bench)["invoke_agent"] == []
+    finally:
+        bench.uninstrument()
+        run_agent.AIAgent.run_conversation = original  # leave the class as the other tests expect it
 
 
 def test_uninstrument_reaches_ours_under_a_wrapper_that_unwrap_left_bound_to_the_class(bench: HermesBench) -> None:
@@ -699,3 +700,36 @@ def test_api_server_turns_hang_under_the_request_span_only_with_threading_instru
         assert agent_span.parent is None
         assert agent_span.context.trace_id != request.get_span_context().trace_id
     assert bench.store.live() == 0
+
+
+def test_uninstrument_keeps_another_instrumentations_plain_proxy_on_top_of_ours(bench: HermesBench) -> None:
+    """Another instrumentation patches with a plain wrapt proxy (not a FunctionWrapper), which forwards unknown
+    attribute reads to what it wraps, so asking it for ``_self_wrapper`` answers with OUR wrapper's. Only our
+    wrapper comes out; theirs stays on top and keeps being called."""
+    import run_agent
+    import wrapt
+
+    name = "_interruptible_api_call"
+    original = vars(run_agent.AIAgent)[name]
+    calls: list[str] = []
+
+    class TheirProxy(wrapt.CallableObjectProxy):  # type: ignore[misc]
+        def __get__(self, instance: Any, owner: Any = None) -> Any:
+            return TheirProxy(self.__wrapped__.__get__(instance, owner))
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("theirs")
+            return self.__wrapped__(*args, **kwargs)
+
+    bench.instrument("invocation_id")
+    theirs = TheirProxy(vars(run_agent.AIAgent)[name])
+    setattr(run_agent.AIAgent, name, theirs)
+    try:
+        bench.uninstrument()
+        assert vars(run_agent.AIAgent)[name] is theirs, "their proxy was taken out"
+        assert object.__getattribute__(theirs, "__wrapped__") is original, "ours is still under theirs"
+        bench.reset()
+        assert bench.call(bench.agent(), "proxy-1", "[tools:1]")["final_response"] == "done proxy-1"
+        assert calls == ["theirs", "theirs"] and spans_by_kind(bench)["chat"] == []
+    finally:
+        setattr(run_agent.AIAgent, name, original)

@@ -44,6 +44,8 @@ _logger = logging.getLogger(__name__)
 
 # Every wrapt proxy: wrapt 2 splits BaseObjectProxy (which FunctionWrapper derives from) out of ObjectProxy.
 _Proxy: Any = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
+# The wrappers whose _self_* attributes are their own (any other proxy forwards unknown attributes inward).
+_FunctionWrappers = (wrapt.FunctionWrapper, wrapt.BoundFunctionWrapper)
 
 # (module, attribute path, wrapper method name)
 _WRAPPED = (
@@ -125,15 +127,16 @@ def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
     outer: Any = None
     node = vars(owner).get(attribute)
     while isinstance(node, _Proxy):
-        parent = getattr(node, "_self_parent", None)
-        if parent is not None and getattr(node, "_self_instance", None) is None:
-            _link(owner, attribute, outer, parent)  # the same wrapper, unbound
-            node = parent
-        inner = node.__wrapped__
-        if getattr(getattr(node, "_self_wrapper", None), "__self__", None) is wrappers:
-            _link(owner, attribute, outer, inner)
-            return True
-        outer, node = node, inner
+        # Only a function wrapper's own attributes are read: another proxy would answer with those of what it wraps.
+        if isinstance(node, _FunctionWrappers):
+            parent = node._self_parent
+            if parent is not None and node._self_instance is None:
+                _link(owner, attribute, outer, parent)  # the same wrapper, unbound
+                node = parent
+            if getattr(node._self_wrapper, "__self__", None) is wrappers:
+                _link(owner, attribute, outer, node.__wrapped__)
+                return True
+        outer, node = node, node.__wrapped__
     return False
 
 

@@ -303,7 +303,7 @@ class ChatCall:
     call Hermes falls back to inside a streaming call, which the outer span already covers).
     """
 
-    __slots__ = ("_telemetry", "_state", "span", "_started", "_labels", "_done", "_inputs", "_first_chunk")
+    __slots__ = ("_telemetry", "_state", "span", "_started", "_labels", "_done", "_inputs", "_first_chunk", "_chunk_lock")
 
     def __init__(
         self,
@@ -323,6 +323,8 @@ class ChatCall:
         self._done = done
         self._inputs = inputs  # the request's messages in the conventions' shape, only when content goes to events
         self._first_chunk = False
+        # Streaming only: the stream's reader thread may call first_chunk while another thread ends the chat.
+        self._chunk_lock: Optional[threading.Lock] = None
 
     def first_chunk(self) -> None:
         """Record the time to the first streamed chunk (span attribute and metric), once, if the chat is still open; never raises.
@@ -333,6 +335,15 @@ class ChatCall:
         span = self.span
         if span is None or self._first_chunk or self._done:
             return
+        lock = self._chunk_lock
+        if lock is None:
+            self._record_first_chunk(span)
+            return
+        with lock:  # stop/fail take it to end the chat: a chunk is recorded before the end or not at all
+            if not (self._first_chunk or self._done):
+                self._record_first_chunk(span)
+
+    def _record_first_chunk(self, span: Span) -> None:
         self._first_chunk = True
         try:
             elapsed = time.monotonic() - self._started
@@ -343,8 +354,18 @@ class ChatCall:
         except Exception:  # noqa: BLE001
             _logger.debug("hermes-agent instrumentation: time to first chunk not recorded", exc_info=True)
 
+    def _end_streamed(self) -> bool:
+        """Mark a streaming chat done under its chunk lock; False if it already was."""
+        with self._chunk_lock:  # type: ignore[union-attr]
+            if self._done:
+                return False
+            self._done = True
+            return True
+
     def wrap_first_delta(self, callback: Optional[Callable[[], Any]]) -> Callable[[], Any]:
         """A callback for Hermes's ``on_first_delta``: records :meth:`first_chunk`, then calls ``callback`` (if any)."""
+        if self._chunk_lock is None:
+            self._chunk_lock = threading.Lock()
         first_chunk = self.first_chunk
 
         def on_first_delta() -> Any:
@@ -359,7 +380,10 @@ class ChatCall:
         """End the chat with the LLM's ``response`` (usage, ids, finish reasons, content, metrics); never raises."""
         if self._done:
             return
-        self._done = True
+        if self._chunk_lock is None:
+            self._done = True
+        elif not self._end_streamed():
+            return
         state = self._state
         span = self.span
         try:
@@ -414,7 +438,10 @@ class ChatCall:
         """End the chat with the exception the LLM call raised (span, duration with ``error.type``); never raises."""
         if self._done:
             return
-        self._done = True
+        if self._chunk_lock is None:
+            self._done = True
+        elif not self._end_streamed():
+            return
         try:
             if self._state is not None:
                 self._state.llm_depth -= 1
