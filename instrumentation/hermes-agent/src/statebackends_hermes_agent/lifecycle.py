@@ -191,18 +191,40 @@ def _detach_token(token: Any, what: str) -> None:
         _logger.exception("hermes-agent instrumentation: could not detach the %s context", what)
 
 
+class _Ended:
+    """Something started by the telemetry that ``stop(result)`` or ``fail(error)`` ends, once (the first wins); neither raises."""
+
+    __slots__ = ("_done",)
+
+    def stop(self, result: Any = None) -> None:
+        """End it with the wrapped call's ``result``; never raises."""
+        if not self._done:
+            self._done = True
+            self._finish(result, None)
+
+    def fail(self, error: BaseException) -> None:
+        """End it with the exception ``error`` the wrapped call raised, recorded on the span; never raises."""
+        if not self._done:
+            self._done = True
+            self._finish(None, error)
+
+    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
+        raise NotImplementedError
+
+
 # -- invoke_agent ---------------------------------------------------------------------------------------------
 
 
-class AgentInvocation:
+class AgentInvocation(_Ended):
     """One ``invoke_agent``: returned by :meth:`HermesTelemetry.start_invocation`, ended by ``stop`` or ``fail``.
 
     ``task_id`` is the invocation id the store keys the state by (the one given, or a new
     one): pass it to the agent so its tools carry it. ``span`` is the ``invoke_agent`` span,
     or None when the telemetry could not start it (the call then runs uninstrumented).
+    ``stop`` takes Hermes's result dict, which may report a failure (``failed``).
     """
 
-    __slots__ = ("_telemetry", "task_id", "scope", "span", "_token", "_done", "_started", "_labels")
+    __slots__ = ("_telemetry", "task_id", "scope", "span", "_token", "_started", "_labels")
 
     def __init__(self, telemetry: "HermesTelemetry", task_id: str) -> None:
         self._telemetry = telemetry
@@ -219,18 +241,7 @@ class AgentInvocation:
         """Whether the store evicted this invocation's state while it was open (its scope says so)."""
         return bool(getattr(self.scope, "evicted", False))
 
-    def stop(self, result: Any = None) -> None:
-        """End the invocation with the agent's ``result`` (a Hermes result dict may report a failure); never raises."""
-        self._close(result, None)
-
-    def fail(self, error: BaseException) -> None:
-        """End the invocation with the agent's exception ``error``, recorded on the span; never raises."""
-        self._close(None, error)
-
-    def _close(self, result: Any, error: Optional[BaseException]) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
         scope = self.scope
         if scope is None:
             return
@@ -467,10 +478,13 @@ class ChatCall:
 # -- execute_tool -----------------------------------------------------------------------------------------------
 
 
-class ToolCall:
-    """One tool execution (an ``execute_tool`` span, current while the tool runs): from :meth:`HermesTelemetry.start_tool`."""
+class ToolCall(_Ended):
+    """One tool execution (an ``execute_tool`` span, current while the tool runs): from :meth:`HermesTelemetry.start_tool`.
 
-    __slots__ = ("_telemetry", "span", "_token", "_done")
+    ``stop`` takes the tool's result: a Hermes ``{"error": ...}`` result marks the span failed.
+    """
+
+    __slots__ = ("_telemetry", "span", "_token")
 
     def __init__(self, telemetry: "HermesTelemetry", span: Optional[Span], token: Any, done: bool = False) -> None:
         self._telemetry = telemetry
@@ -478,18 +492,7 @@ class ToolCall:
         self._token = token
         self._done = done
 
-    def stop(self, result: Any) -> None:
-        """End the tool with its ``result`` (a Hermes ``{"error": ...}`` result marks the span failed); never raises."""
-        self._close(result, None)
-
-    def fail(self, error: BaseException) -> None:
-        """End the tool with the exception it raised, recorded on the span; never raises."""
-        self._close(None, error)
-
-    def _close(self, result: Any, error: Optional[BaseException]) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
         span = self.span
         try:
             if error is not None:
