@@ -419,33 +419,6 @@ print("wrapped")
     assert "wrapped" in out.stdout
 
 
-def test_opentelemetry_instrument_picks_it_up_with_the_backend_from_the_environment(tmp_path: Any) -> None:
-    import os
-    from pathlib import Path
-
-    command = Path(sys.executable).parent / "opentelemetry-instrument"
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "HERMES_HOME": str(tmp_path / ".hermes"),
-        "OTEL_TRACES_EXPORTER": "none",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        ENV_HERMES: "invocation_id",
-    }
-    env.pop(ENV_LIBRARY, None)
-    env.pop(ENV_GLOBAL, None)
-    code = (
-        "import run_agent\n"
-        "from statebackends_hermes_agent import HermesAgentInstrumentor\n"
-        "assert hasattr(vars(run_agent.AIAgent)['run_conversation'], '__wrapped__')\n"
-        "print('backend', HermesAgentInstrumentor().state_backend)\n"
-    )
-    out = subprocess.run([str(command), sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "backend invocation_id" in out.stdout
-
-
 # -- beside another instrumentation's wrapt wrappers -----------------------------------------------------
 
 

@@ -191,6 +191,14 @@ def test_the_hooks_work_and_the_instrumentor_is_applied(tmp_path: Path, hooks: P
     assert log_lines(out, "ERROR") == []
 
 
+@pytest.mark.parametrize("variable", [ENV_HERMES, "STATEBACKENDS_BACKEND"])
+def test_the_backend_comes_from_the_environment(tmp_path: Path, hooks: Path, variable: str) -> None:
+    """Under ``opentelemetry-instrument`` the backend named by either environment variable is the one in use."""
+    out = run_instrumented(tmp_path, hooks, env={variable: "contextvar"})
+    assert "wrapped True" in out.stdout and "backend contextvar" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert log_lines(out, "ERROR") == []
+
+
 def test_skipped_when_hermes_agent_is_not_installed(tmp_path: Path, hooks: Path) -> None:
     out = run_instrumented(tmp_path, hooks, env={"SB_TEST_HIDE_HERMES": "1"})
     assert "wrapped False" in out.stdout and "backend None" in out.stdout, out.stdout
