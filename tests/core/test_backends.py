@@ -8,7 +8,6 @@ import contextvars
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -7,9 +7,15 @@ from typing import Iterator
 import pytest
 
 from statebackends_hermes_testbed.driver import HermesBench, ensure_hermes_home
-from statebackends_hermes_testbed.hermes_harness import NetGuard, loopback_only
+from statebackends_hermes_testbed.hermes_harness import NetGuard, loopback_only, wait_for_delegations
 
 ensure_hermes_home()  # Hermes caches home paths when first imported
+
+BACKEND_VARIABLES = (
+    "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND",
+    "STATEBACKENDS_BACKEND",
+    "OTEL_PYTHON_STATE_BACKEND",  # the deprecated alias of STATEBACKENDS_BACKEND
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,3 +41,15 @@ def hermes_bench() -> Iterator[HermesBench]:
         yield bench
     finally:
         bench.close()
+
+
+@pytest.fixture
+def bench(hermes_bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> Iterator[HermesBench]:
+    """``hermes_bench`` uninstrumented, emptied and with no backend variable set; uninstrumented again after the test."""
+    for variable in BACKEND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    hermes_bench.uninstrument()
+    hermes_bench.reset()
+    yield hermes_bench
+    wait_for_delegations(timeout=30)
+    hermes_bench.uninstrument()

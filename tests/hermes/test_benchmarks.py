@@ -19,7 +19,6 @@ are as noisy as the machine; the paired, interleaved figures are in
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

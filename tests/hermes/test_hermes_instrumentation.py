@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from importlib.metadata import entry_points
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -27,18 +27,6 @@ GOOD_BACKENDS = ["contextvar", "invocation_id", "otel_context"]
 ENV_HERMES = "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND"
 ENV_LIBRARY = "STATEBACKENDS_BACKEND"
 ENV_GLOBAL = "OTEL_PYTHON_STATE_BACKEND"  # the library's deprecated alias of STATEBACKENDS_BACKEND
-
-
-@pytest.fixture
-def bench(hermes_bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> Iterator[HermesBench]:
-    monkeypatch.delenv(ENV_HERMES, raising=False)
-    monkeypatch.delenv(ENV_GLOBAL, raising=False)
-    monkeypatch.delenv(ENV_LIBRARY, raising=False)
-    hermes_bench.uninstrument()
-    hermes_bench.reset()
-    yield hermes_bench
-    wait_for_delegations(timeout=30)
-    hermes_bench.uninstrument()
 
 
 def spans_by_kind(bench: HermesBench) -> dict[str, list[Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
@@ -33,11 +33,6 @@ from statebackends_hermes_agent.state import InvocationState
 from statebackends_hermes_testbed.driver import HermesBench, run_threads
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, make_agent, register_bench_tools, wait_for_delegations
 
-ENV_VARS = (
-    "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND",
-    "STATEBACKENDS_BACKEND",
-    "OTEL_PYTHON_STATE_BACKEND",
-)
 RELIABILITY_TOOLSET = "sb_reliability"
 
 
@@ -112,17 +107,6 @@ def hermes(hermes_bench: HermesBench) -> Any:
     """A real agent with the bench tools, the tools above and ``delegate_task`` (built once: about a second)."""
     _register_tools()
     return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, RELIABILITY_TOOLSET), delegation=True)
-
-
-@pytest.fixture
-def bench(hermes_bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> Iterator[HermesBench]:
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    hermes_bench.uninstrument()
-    hermes_bench.reset()
-    yield hermes_bench
-    wait_for_delegations(timeout=30)
-    hermes_bench.uninstrument()
 
 
 class Telemetry:
