@@ -488,17 +488,23 @@ def test_an_interrupted_stream_ends_every_span_and_leaves_no_state(
     assert failed.attributes["error.type"] == "InterruptedError"
 
 
-def test_a_first_chunk_after_the_chat_ended_is_not_recorded(
-    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The late callback of an abandoned stream, driven through the public lifecycle: no attribute on the ended
-    span (the SDK would log a warning), no time-to-first-chunk point."""
+def _streamed_chat(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:
+    """Instrumented, an invocation with one streaming chat open through the public lifecycle:
+    (invocation, chat, the ``on_first_delta`` callback Hermes's stream reader would call)."""
     _with_mode(tel, monkeypatch, None)
     telemetry = tel.bench.instrumentor.telemetry
     agent = tel.bench.agent(streaming=True)
     invocation = telemetry.start_invocation(agent)
     call = telemetry.start_chat(agent, {"model": "m", "messages": []}, streaming=True)
-    on_first_delta = call.wrap_first_delta(None)
+    return invocation, call, call.wrap_first_delta(None)
+
+
+def test_a_first_chunk_after_the_chat_ended_is_not_recorded(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The late callback of an abandoned stream, driven through the public lifecycle: no attribute on the ended
+    span (the SDK would log a warning), no time-to-first-chunk point."""
+    invocation, call, on_first_delta = _streamed_chat(tel, monkeypatch)
     call.fail(InterruptedError("interrupted"))
     with caplog.at_level(logging.WARNING):
         on_first_delta()
@@ -518,12 +524,7 @@ def test_a_first_chunk_racing_the_end_of_its_chat_is_recorded_before_the_end_or_
 
     from statebackends_hermes_agent.lifecycle import ChatCall
 
-    _with_mode(tel, monkeypatch, None)
-    telemetry = tel.bench.instrumentor.telemetry
-    agent = tel.bench.agent(streaming=True)
-    invocation = telemetry.start_invocation(agent)
-    call = telemetry.start_chat(agent, {"model": "m", "messages": []}, streaming=True)
-    on_first_delta = call.wrap_first_delta(None)
+    invocation, call, on_first_delta = _streamed_chat(tel, monkeypatch)
     entered, release = threading.Event(), threading.Event()
     record = ChatCall._record_first_chunk
 
