@@ -32,6 +32,28 @@ def raw_hop(fn: Any, *args: Any) -> Any:
         return pool.submit(fn, *args).result(10)
 
 
+@contextlib.contextmanager
+def open_elsewhere(store: StateStore[Any], owner: Any, invocation_id: Any) -> Iterator[Any]:
+    """An invocation of ``owner`` held open in another thread for the block; yields its state."""
+    opened, release = threading.Event(), threading.Event()
+    states: list[Any] = []
+
+    def turn() -> None:
+        with store.invocation(owner, invocation_id) as state:
+            states.append(state)
+            opened.set()
+            release.wait(10)
+
+    t = threading.Thread(target=turn)
+    t.start()
+    assert opened.wait(10)
+    try:
+        yield states[0]
+    finally:
+        release.set()
+        t.join(10)
+
+
 def run_threads(*targets: Any) -> None:
     threads = [threading.Thread(target=t) for t in targets]
     [t.start() for t in threads]
@@ -344,27 +366,13 @@ def test_shared_id_raw_hop_on_one_owner_is_none_counted_and_warned_once(caplog: 
 def test_ambient_invocation_wins_over_an_id_lookup() -> None:
     store = InvocationIdStore(dict)
     owner, other = Owner(), Owner()
-    elsewhere = threading.Event()
-    release = threading.Event()
-
-    def other_turn() -> None:
-        with store.invocation(other, "session-1"):
-            elsewhere.set()
-            release.wait(10)
-
-    t = threading.Thread(target=other_turn)
-    t.start()
-    elsewhere.wait(10)
-    try:
+    with open_elsewhere(store, other, "session-1"):
         with store.invocation(owner, "session-1") as mine:
             assert store.current(owner, "session-1") is mine
             assert store.current(other, "session-1") is mine  # this context's invocation, whatever the owner
             with store.invocation(owner, "child-7") as child:  # nested, another id
                 assert store.current(owner) is child
                 assert store.current(owner, "session-1") is mine  # an outer invocation of this context
-    finally:
-        release.set()
-        t.join(10)
 
 
 # -- invocation_id: eviction -----------------------------------------------------------
@@ -520,30 +528,15 @@ def test_invocation_id_raw_hop_never_gets_an_invocation_of_another_owner_sharing
     store = InvocationIdStore(dict, max_entries=1)
     owner1, owner2 = Owner(), Owner()
     a = store.begin(owner1, "session-1")
-    b_opened, done = threading.Event(), threading.Event()
-    states: dict[str, Any] = {}
-
-    def other_turn() -> None:
-        with store.invocation(owner2, "session-1") as state:  # evicts A (max_entries=1)
-            states["b"] = state
-            b_opened.set()
-            done.wait(10)
-
-    t = threading.Thread(target=other_turn)
-    t.start()
-    b_opened.wait(10)
-    try:
+    with open_elsewhere(store, owner2, "session-1") as b:  # evicts A (max_entries=1)
         assert a.evicted
         assert store.current(owner1, "session-1") is a.state  # its ambient binding still works
         assert raw_hop(store.current, owner1, "session-1") is None  # not B's state
-        assert raw_hop(store.current, owner2, "session-1") is states["b"]
-        assert raw_hop(store.current, None, "session-1") is states["b"]  # no owner given: the only one
+        assert raw_hop(store.current, owner2, "session-1") is b
+        assert raw_hop(store.current, None, "session-1") is b  # no owner given: the only one
         assert store.ambiguous == 0
         store.end(a)
         assert raw_hop(store.current, owner1, "session-1") is None  # an owner with nothing open
-    finally:
-        done.set()
-        t.join(10)
     assert store.live() == 0 and store._by_id == {}
 
 
