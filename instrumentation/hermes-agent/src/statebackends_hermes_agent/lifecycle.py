@@ -389,12 +389,9 @@ class ChatCall:
 
     def stop(self, response: Any) -> None:
         """End the chat with the LLM's ``response`` (usage, ids, finish reasons, content, metrics); never raises."""
-        if self._done:
+        if self._done or (self._chunk_lock is not None and not self._end_streamed()):
             return
-        if self._chunk_lock is None:
-            self._done = True
-        elif not self._end_streamed():
-            return
+        self._done = True
         state = self._state
         span = self.span
         try:
@@ -447,12 +444,9 @@ class ChatCall:
 
     def fail(self, error: BaseException) -> None:
         """End the chat with the exception the LLM call raised (span, duration with ``error.type``); never raises."""
-        if self._done:
+        if self._done or (self._chunk_lock is not None and not self._end_streamed()):
             return
-        if self._chunk_lock is None:
-            self._done = True
-        elif not self._end_streamed():
-            return
+        self._done = True
         try:
             if self._state is not None:
                 self._state.llm_depth -= 1
