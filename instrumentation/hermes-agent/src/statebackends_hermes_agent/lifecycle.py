@@ -523,10 +523,6 @@ class PendingSubagent:
     def __init__(self, parent: Optional[Context]) -> None:
         self.parent = parent
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` as Hermes runs it, in the child's own thread and context (nothing is switched around it)."""
-        return fn(*args)
-
 
 # -- the telemetry ------------------------------------------------------------------------------------------------
 
@@ -675,13 +671,6 @@ class HermesTelemetry:
 
     # -- react step -------------------------------------------------------------------------------
 
-    def _start_step(self, state: InvocationState) -> None:
-        state.round += 1
-        agent_ctx = state.agent_ctx
-        span = self.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: state.round})
-        state.step_span = span
-        state.step_ctx = _set_span_in_context(span, agent_ctx)
-
     def _end_step(self, state: InvocationState, finish_reason: Optional[str], error: Optional[BaseException] = None) -> None:
         """End the open react step, if any; never raises."""
         span, state.step_span, state.step_ctx = state.step_span, None, None
@@ -726,8 +715,17 @@ class HermesTelemetry:
                 if state.llm_depth > 0:  # the streaming path falling back to the plain call: one span
                     state.llm_depth += 1
                     return ChatCall(self, state, None, 0.0, None)
-                if state.step_span is None:
-                    self._start_step(state)
+                if state.step_span is None:  # open a react step: its round number, under the invocation
+                    state.round += 1
+                    agent_ctx = state.agent_ctx
+                    step = self.tracer.start_span(
+                        STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: state.round}
+                    )
+                    state.step_span = step
+                    state.step_ctx = _set_span_in_context(step, agent_ctx)
+                step_ctx = state.step_ctx
+            else:
+                step_ctx = None
             model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
             key = (getattr(agent, "provider", None), getattr(agent, "base_url", None), model or getattr(agent, "model", None))
             try:
@@ -743,9 +741,7 @@ class HermesTelemetry:
                 inputs = genai.input_messages(messages)
                 if self._span_content:
                     attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
-            span = self.tracer.start_span(
-                name, context=state.step_ctx if state is not None else None, kind=_CLIENT, attributes=attributes
-            )
+            span = self.tracer.start_span(name, context=step_ctx, kind=_CLIENT, attributes=attributes)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 raise

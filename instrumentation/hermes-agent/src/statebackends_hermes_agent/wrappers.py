@@ -13,7 +13,6 @@ import logging
 from contextvars import ContextVar
 from typing import Any, Callable, Optional
 
-from opentelemetry.context import Context
 
 from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
     AGENT_NAME,
@@ -71,14 +70,11 @@ class HermesWrappers(HermesTelemetry):
         """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
         if not self.active:
             return wrapped(*args, **kwargs)
-        pending = self.take_subagent(instance) if self._pending_data else None  # most calls: no subagent record
-        if pending is not None:  # a subagent: hang under its parent's delegate_task span
-            return pending.run(self._invoke_agent, wrapped, instance, args, kwargs, pending.parent)
-        return self._invoke_agent(wrapped, instance, args, kwargs, None)
-
-    def _invoke_agent(
-        self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict, parent: Optional[Context]
-    ) -> Any:
+        parent = None
+        if self._pending_data:  # only subagents are registered: most calls skip the look-up
+            pending = self.take_subagent(instance)
+            if pending is not None:  # a subagent: hang under its parent's delegate_task span
+                parent = pending.parent
         task_id = args[3] if len(args) > 3 else kwargs.get("task_id")
         invocation = self.start_invocation(
             instance,
