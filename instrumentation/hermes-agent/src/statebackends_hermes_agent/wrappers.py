@@ -13,7 +13,6 @@ import logging
 from contextvars import ContextVar
 from typing import Any, Callable, Optional
 
-
 from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
     AGENT_NAME,
     EVICTED_ATTRIBUTE,
