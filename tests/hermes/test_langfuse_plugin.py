@@ -20,6 +20,12 @@ What the plugin does to the OpenTelemetry context (observed, and asserted below)
   instrumentation that context stays current in the calling thread after ``run_conversation`` returns, and
   every span started later on the SDK's (global) provider takes the Hermes session's Langfuse attributes.
   Our ``invoke_agent`` detaches its own token at the end, which puts back the caller's exact context.
+- ``propagate_attributes`` also WRITES ``session.id``, ``langfuse.trace.name`` ("Hermes turn") and
+  ``langfuse.trace.tags`` onto whatever span is current when it is entered: our ``invoke_agent`` when ours is
+  on (on any provider), else the application's own span around ``run_conversation``.
+- The SDK makes its own provider the global one when none is set: ours instrumented without a
+  ``tracer_provider`` then sends its spans through Langfuse's processor, whose default filter (``gen_ai.*``)
+  exports them to Langfuse, in traces of their own (no parent edge either way).
 - Plugin-side, pinned: with langfuse 5 (no ``set_trace_io``) ``_finish_trace`` raises before ending the
   ``Hermes turn`` root, so it is never exported (its children are); overlapping turns with one task id share
   one Langfuse trace id (``create_trace_id(seed=session::task_id)``), each under its own root.
@@ -45,6 +51,12 @@ HOOKS = ["pre_api_request", "post_api_request", "pre_llm_call", "post_llm_call",
 OUR_TREE = {"invoke_agent hermes": 1, "react step": 2, "chat fake-model": 2, "execute_tool sb_echo": 1}
 THEIR_CHILDREN = {"LLM call 1": 1, "Tool: sb_echo": 1, "LLM call 2": 1}
 PROPAGATED = "langfuse.propagated."
+LANGFUSE_LABELS = ("session.id", "langfuse.trace.name", "langfuse.trace.tags")
+
+
+def labels_of(agent: Any) -> dict[str, Any]:
+    """What ``propagate_attributes`` (in ``_start_root_trace``) writes onto the span current when it is entered."""
+    return {"session.id": agent.session_id, "langfuse.trace.name": "Hermes turn", "langfuse.trace.tags": ("hermes", "langfuse")}
 
 
 def _root_is_ended() -> bool:
@@ -81,8 +93,6 @@ def plugin(hermes_bench: HermesBench) -> Iterator[LangfusePlugin]:
             lf.disable()
         finally:
             sink.stop()
-    from hermes_cli import plugins
-
     assert trace._TRACER_PROVIDER is saved_provider, "the SDK's global tracer provider was not taken back"
     assert not any(lf.module.__name__ in owners for owners in lf.hook_owners().values())
 
@@ -173,6 +183,12 @@ def test_turn_with_plugin_keeps_result_and_our_tree(bench: HermesBench, lf: Lang
         "final_response": "done one", "completed": True, "failed": False, "error": None, "tools": ["one-1"]}
     check_our_calls(bench, ["one"])
     assert store is bench.store
+    # KNOWN (the SDK's propagate_attributes): the Hermes session is written onto the span current at the turn's
+    # first request, which is our invoke_agent; our other spans are left alone.
+    spans = our_spans_by_call(bench)["one"]
+    (agent_span,) = [s for s in spans if s.name == "invoke_agent hermes"]
+    assert {k: agent_span.attributes.get(k) for k in LANGFUSE_LABELS} == labels_of(bench.agent())
+    assert not any(k in s.attributes for s in spans if s is not agent_span for k in LANGFUSE_LABELS)
     # The plugin traced the same turn (its side, not ours), and holds no state for it.
     check_their_turn(their_spans(lf))
     assert lf.open_turns() == 0
@@ -221,6 +237,8 @@ def test_application_context_after_turn(bench: HermesBench, lf: LangfusePlugin, 
         assert {k: v for k, v in seen["after_top"].items() if k.startswith(PROPAGATED)} == leaked
         assert {k: v for k, v in seen["inside_after"].items() if k.startswith(PROPAGATED)} == leaked
         assert seen["inside_after"] is not seen["inside_before"]
+        # ... and the caller's own span, current at the turn's first request, was labelled with the Hermes session.
+        assert {k: seen["caller"].attributes.get(k) for k in LANGFUSE_LABELS} == labels_of(agent)
         # ... so a later, unrelated span on the SDK's provider is labelled with the Hermes session.
         assert app_attributes.get("session.id") == agent.session_id
         assert app_attributes.get("langfuse.trace.name") == "Hermes turn"
@@ -232,6 +250,8 @@ def test_application_context_after_turn(bench: HermesBench, lf: LangfusePlugin, 
         assert seen["inside_after"] is seen["inside_before"]
         assert not any(k.startswith(PROPAGATED) for k in seen["after_caller"])
         assert "session.id" not in app_attributes and "langfuse.trace.name" not in app_attributes
+        # Our invoke_agent is what is current at the turn's first request: it takes the labels, the caller's span none.
+        assert not any(k in seen["caller"].attributes for k in LANGFUSE_LABELS)
         assert bench.tracker.open_spans() == []
     turns = their_turns(their_spans(lf))
     assert len(turns) == 2
@@ -353,3 +373,37 @@ def test_no_parentage_between_langfuse_and_ours(bench: HermesBench, lf: Langfuse
         (root,) = [s for s in theirs if s.name == "Hermes turn"]
         assert root.parent_span_id is not None and root.parent_span_id not in our_ids | their_ids
     assert lf.open_turns() == 0
+
+
+def test_ours_on_the_global_provider_exports_into_langfuse(bench: HermesBench, lf: LangfusePlugin) -> None:
+    """Ours instrumented as most users do (no tracer_provider): the global provider is the SDK's, so our spans
+    go through Langfuse's processor and its default filter (``gen_ai.*`` attributes) exports them to Langfuse."""
+    isolated(bench.agent().run_conversation, "[conv:warm] hello")  # the plugin's client exists: its provider is global
+    lf.flush()
+    lf.sink.clear()
+    ours = bench.instrumentors.ours
+    ours.instrument(state_backend="invocation_id")  # no tracer_provider: the global one
+    try:
+        result = isolated(bench.agent().run_conversation, "[conv:glob] [tools:1] hello")
+    finally:
+        ours.uninstrument()
+    assert result["final_response"] == "done glob"
+    spans = their_spans(lf)
+    by_scope = Counter((s.scope, s.name) for s in spans)
+    mine = [s for s in spans if s.scope == "statebackends_hermes_agent"]
+    assert Counter(s.name for s in mine) == OUR_TREE, by_scope
+    assert bench.exporter.get_finished_spans() == ()  # nothing went to the bench's own provider
+    our_ids = {s.span_id for s in mine}
+    theirs = [s for s in spans if s.scope != "statebackends_hermes_agent"]
+    check_their_turn(theirs)
+    (agent,) = [s for s in mine if s.name == "invoke_agent hermes"]
+    assert agent.parent_span_id is None and len({s.trace_id for s in mine}) == 1
+    assert all(s.parent_span_id in our_ids for s in mine if s is not agent)
+    assert {s.trace_id for s in mine}.isdisjoint({s.trace_id for s in theirs})
+    # Langfuse's processor labels spans from the context they start in: our invoke_agent starts before the
+    # plugin's first hook of the turn, so none of ours carries the Hermes session.
+    # propagate_attributes writes the Hermes session onto the span current at the turn's first request: our
+    # invoke_agent (as on any provider); Langfuse's processor also marks it its app root. The rest carry none.
+    assert {k: agent.attributes.get(k) for k in LANGFUSE_LABELS} == labels_of(bench.agent())
+    assert agent.attributes.get("langfuse.internal.is_app_root") is True
+    assert not any(k in s.attributes for s in mine if s is not agent for k in LANGFUSE_LABELS)
