@@ -165,6 +165,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _cancel_other_tasks() -> None:
+    """Cancel every task of the running loop but this one, and wait for them."""
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
 class ApiServer:
     """Hermes's ``APIServerAdapter`` serving on ``127.0.0.1:<free port>`` from an event loop in a daemon thread.
 
@@ -225,20 +234,21 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
-        """``disconnect()``, shut the loop's default executor down, stop the loop; idempotent."""
-        loop, self._loop = self._loop, None
+        """``disconnect()``, cancel the loop's other tasks, shut its default executor down, stop it; idempotent."""
+        loop = self._loop
         if loop is None:
             return
-        self._loop = loop
         try:
             if self.adapter is not None:
                 self._call(self.adapter.disconnect())
+            self._call(_cancel_other_tasks())  # connect()'s run-stream sweeper, which disconnect() leaves running
             self._call(loop.shutdown_default_executor())
         finally:
             self._loop = None
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(10)
+                self._thread = None
             loop.close()
 
     def __enter__(self) -> "ApiServer":
