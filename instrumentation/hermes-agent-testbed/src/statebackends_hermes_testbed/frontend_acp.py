@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
@@ -348,12 +348,3 @@ def _owner(span: ReadableSpan, by_id: Mapping[int, ReadableSpan]) -> Optional[in
             return parent.context.span_id
         current, hops = parent, hops + 1
     return None
-
-
-def tags_in(ids: Sequence[str], prefix: str, sep: str) -> set[str]:
-    """The conversation tags in fake-LLM ids (``chatcmpl-TAG-k`` with ``prefix="chatcmpl-", sep="-"``)."""
-    out = set()
-    for value in ids:
-        if value.startswith(prefix):
-            out.add(value[len(prefix):].rpartition(sep)[0])
-    return out
