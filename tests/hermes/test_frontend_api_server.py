@@ -65,7 +65,7 @@ INLINE: frozenset[Concurrency] = frozenset()
 
 @pytest.fixture(scope="module")
 def api(hermes_bench: HermesBench) -> Iterator[ApiServer]:
-    """The real API server on 127.0.0.1, ``config.yaml`` pointing its agents at the session's fake LLM (restored after)."""
+    """The real API server on 127.0.0.1; ``config.yaml`` points its agents at the fake LLM (restored after)."""
     with api_server_config(hermes_bench.server.base_url):
         with ApiServer(hermes_bench.tracer) as server:
             yield server
@@ -73,8 +73,10 @@ def api(hermes_bench: HermesBench) -> Iterator[ApiServer]:
 
 @pytest.fixture
 def server(api: ApiServer, bench: HermesBench) -> Iterator[ApiServer]:
-    """``api`` with its request spans forgotten; every turn over and the adapter idle after the test."""
+    """``api`` with its request spans forgotten and a fresh default executor (``ApiServer.renew_executor``: no
+    worker left from a run with the threading instrumentation on); every turn over and the adapter idle after."""
     api.request_spans.clear()
+    api.renew_executor()
     yield api
     assert api.adapter_state() == {"inflight": 0, "pending": 0, "work": 0}
 
@@ -89,7 +91,7 @@ def expected_broken(backend: str, requires: dict[str, frozenset[Concurrency]]) -
     return sorted(tag for tag, needs in requires.items() if not needs <= declared)
 
 
-def verdict_of(bench: HermesBench, truths: list[CallTruth], mode: str) -> tuple[Verdict, Verdict]:
+def verdict_of(bench: HermesBench, truths: list[CallTruth]) -> tuple[Verdict, Verdict]:
     """(the judge's verdict on the spans as exported, the verdict with root ``invoke_agent`` trees adopted)."""
     bench.provider.force_flush()
     spans = bench.exporter.get_finished_spans()
@@ -134,8 +136,8 @@ def assert_outcome(verdict: Verdict, broken: list[str], pooled_tools: dict[str, 
 
 # -- 1. concurrent requests, distinct sessions -----------------------------------------------------------------------
 
-DISTINCT = {"d0": "[tools:1]", "d1": "[tools:2]", "d2": "[tools:2]"}
-"""Tag -> directives: one inline tool, or two tools in Hermes's pool."""
+DISTINCT = {"d0": 1, "d1": 2, "d2": 2}
+"""Tag -> tool calls of its turn: one runs inline, two run in Hermes's pool. d2 is requested as SSE."""
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -147,11 +149,10 @@ def test_concurrent_requests_on_distinct_sessions_each_get_their_own_tree(
     request gets exactly one invoke_agent tree of its own spans, or exactly the breakage the backend declares."""
     store = bench.instrument(backend)
     bench.reset()
-    tags = list(DISTINCT)
-    tools = {tag: int(d.split(":")[1].rstrip("]")) for tag, d in DISTINCT.items()}
+    tags, tools = list(DISTINCT), DISTINCT
     with mode_of(mode), Meeting.hold(sum(tools.values())) as meeting:
         replies = run_threads(
-            lambda i: post_chat(server, tags[i], f"[conv:{tags[i]}] {DISTINCT[tags[i]]} [tool:{MEET_TOOL}] hello",
+            lambda i: post_chat(server, tags[i], f"[conv:{tags[i]}] [tools:{tools[tags[i]]}] [tool:{MEET_TOOL}] hello",
                                 stream=tags[i] == "d2"),
             len(tags),
         )
@@ -165,7 +166,7 @@ def test_concurrent_requests_on_distinct_sessions_each_get_their_own_tree(
     assert len(set(sessions)) == 3 and all(s.startswith("api-") for s in sessions)  # _derive_chat_session_id
     assert {t: meeting.task_ids[f"{t}-1"] for t in tags} == dict(zip(tags, sessions))  # task_id = session id
 
-    direct, adopted = verdict_of(bench, [bench.truth(t, tools=tools[t]) for t in tags], mode)
+    direct, adopted = verdict_of(bench, [bench.truth(t, tools=tools[t]) for t in tags])
     assert_parentage(bench, server, tags, mode, direct)
     requires = {tag: POOLED if n > 1 else INLINE for tag, n in tools.items()}
     pooled = {tag: n if n > 1 else 0 for tag, n in tools.items()}
@@ -198,7 +199,7 @@ def test_overlapping_turns_on_one_session_are_admitted_together_and_stay_apart(
     assert [(r.status, r.content, r.headers["X-Hermes-Session-Id"]) for r in replies] == [
         (200, f"done {t}", session) for t in tags
     ]
-    direct, adopted = verdict_of(bench, [bench.truth(t, tools=2) for t in tags], mode)
+    direct, adopted = verdict_of(bench, [bench.truth(t, tools=2) for t in tags])
     assert_parentage(bench, server, tags, mode, direct)
     trees, _ = agent_trees(bench.exporter.get_finished_spans())
     assert [t.root.attributes[GenAI.GEN_AI_CONVERSATION_ID] for t in trees] == [session, session]
@@ -271,6 +272,6 @@ def test_a_turn_hangs_under_its_request_span_only_with_threading_instrumentation
     else:  # KNOWN LIMITATION of the front end, not of the store: a root span, the request's trace left behind
         assert tree.root.parent is None
         assert tree.root.context.trace_id != request.context.trace_id
-    direct, adopted = verdict_of(bench, [bench.truth("one", tools=1)], mode)
+    direct, adopted = verdict_of(bench, [bench.truth("one", tools=1)])
     assert (direct if mode == "threading" else adopted).ok, (direct.as_dict(), adopted.as_dict())
     assert store.live() == 0

@@ -26,6 +26,7 @@ import json
 import secrets
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -189,6 +190,7 @@ class ApiServer:
         self.request_spans: dict[str, list[Any]] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
 
     def _call(self, coro: Any, timeout: float = 60.0) -> Any:
         assert self._loop is not None
@@ -228,10 +230,31 @@ class ApiServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="api-server-loop", daemon=True)
         self._thread.start()
+        self.renew_executor()
         if not self._call(self.adapter.connect()):
             self.stop()
             raise RuntimeError("APIServerAdapter.connect() refused to start")
         return self
+
+    def renew_executor(self) -> None:
+        """Give the loop a new default executor, with no worker thread yet, and shut the old one down.
+
+        ``_run_agent``'s ``run_in_executor(None, ...)`` runs on the loop's default executor: a
+        ``ThreadPoolExecutor`` as asyncio makes one (same class, same defaults). A worker thread started while
+        opentelemetry-instrumentation-threading was on keeps the context it was started in attached for its whole
+        life (the instrumentation wraps ``Thread.run``), so once the instrumentation is off again, later turns on
+        that worker would hang under a request span long ended. A test that toggles the instrumentation renews the
+        executor between runs; a real deployment does not toggle it.
+        """
+
+        async def swap() -> Optional[ThreadPoolExecutor]:
+            old, self._executor = self._executor, ThreadPoolExecutor(thread_name_prefix="asyncio")
+            asyncio.get_running_loop().set_default_executor(self._executor)
+            return old
+
+        old = self._call(swap())
+        if old is not None:
+            old.shutdown(wait=True)
 
     def stop(self) -> None:
         """``disconnect()``, cancel the loop's other tasks, shut its default executor down, stop it; idempotent."""
