@@ -477,6 +477,8 @@ def test_an_interrupted_stream_ends_every_span_and_leaves_no_state(
         time.sleep(1.2)  # past the moment the fake LLM would have sent its first chunk
     assert result["interrupted"] is True
     assert tel.bench.server.log("cv-interrupt"), "the request reached the fake LLM before the interrupt"
+    (turn,) = tel.of("invoke_agent")
+    assert turn.attributes["hermes.interrupted"] is True and turn.status.status_code is StatusCode.UNSET
     (chat,) = tel.of("chat ")
     assert chat.status.status_code is StatusCode.ERROR and chat.attributes["error.type"] == "InterruptedError"
     assert "gen_ai.response.time_to_first_chunk" not in chat.attributes
@@ -486,6 +488,28 @@ def test_an_interrupted_stream_ends_every_span_and_leaves_no_state(
     assert tel.points(TTFC) == []
     (failed,) = [p for p in tel.points(DURATION) if p.attributes["gen_ai.operation.name"] == "chat"]
     assert failed.attributes["error.type"] == "InterruptedError"
+
+
+def test_an_interrupted_turn_is_marked_and_its_text_is_not_an_assistant_message(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hermes returns an interrupted turn with ``interrupted: True`` and a text of its own as ``final_response``:
+    ``hermes.interrupted`` is set, the status stays unset (a cancel is not an error), and with content on spans the
+    text is not recorded as the assistant's output; a completed turn carries neither mark nor absence."""
+    _with_mode(tel, monkeypatch, "SPAN_ONLY")
+    telemetry = tel.bench.instrumentor.telemetry
+    agent = tel.bench.agent()
+    telemetry.start_invocation(agent, user_message="hi").stop(
+        {"final_response": "Operation interrupted: waiting for model response.", "interrupted": True, "completed": False}
+    )
+    telemetry.start_invocation(agent, user_message="hi").stop({"final_response": "an answer", "interrupted": False})
+    interrupted, completed = tel.of("invoke_agent")
+    assert interrupted.attributes["hermes.interrupted"] is True
+    assert interrupted.status.status_code is StatusCode.UNSET and "error.type" not in interrupted.attributes
+    assert OUTPUT not in interrupted.attributes and INPUT in interrupted.attributes
+    assert "hermes.interrupted" not in completed.attributes
+    assert valid_outputs(completed.attributes[OUTPUT])[0]["parts"] == [{"type": "text", "content": "an answer"}]
+    assert telemetry.store.live() == 0
 
 
 def _streamed_chat(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:

@@ -22,7 +22,8 @@
 So two overlapping turns of one session are two agents (two owners) sharing one task id, each in its own executor
 thread: the ``shared_task_id_two_agents`` row of the matrix, not two turns on one shared agent. The agents stream
 from the LLM (Hermes's default), and Hermes's stream reassembly gives each response an id of its own
-(``stream-<uuid4>``), so the fake LLM's ``chatcmpl-TAG-k`` ids do not reach the chat spans: a call's own spans are
+(``stream-<uuid4>``), which our spans do not record, so the fake LLM's ``chatcmpl-TAG-k`` ids do not reach the chat
+spans: a call's own spans are
 told by the tool call ids ``call_TAG_i``, the span counts and parents, and the token sums.
 
 The caller span of :mod:`statebackends_hermes_testbed.traces` (``call <tag>``) is a SERVER span opened by a test

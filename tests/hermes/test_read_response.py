@@ -69,3 +69,52 @@ class _Raising:
 
 def test_read_response_never_raises() -> None:
     assert read_response(_Raising()) == (0, 0, (), False)
+
+
+def _recorded_response_ids(responses: list[Any]) -> tuple[list[Any], Any]:
+    """The ``gen_ai.response.id`` of a chat span per response, and the invoke_agent span's, through the lifecycle."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from statebackends_hermes_agent.config import resolve_store
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+    from statebackends_hermes_agent.state import InvocationState
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = HermesTelemetry(provider.get_tracer("t"), resolve_store("invocation_id", InvocationState))
+    agent = SimpleNamespace(provider="custom", model="m", base_url="http://127.0.0.1:1/v1", session_id="s")
+    invocation = telemetry.start_invocation(agent)
+    for response in responses:
+        telemetry.start_chat(agent, {"model": "m"}).stop(response)
+    invocation.stop({"final_response": "hi"})
+    spans = exporter.get_finished_spans()
+    chats = [s.attributes.get("gen_ai.response.id") for s in spans if s.name.startswith("chat ")]
+    (agent_span,) = [s for s in spans if s.name.startswith("invoke_agent")]
+    return chats, agent_span.attributes.get("gen_ai.response.id")
+
+
+def _streamed(response_id: str) -> SimpleNamespace:
+    """Shaped as Hermes rebuilds a streamed response (``agent.chat_completion_helpers``)."""
+    choice = SimpleNamespace(index=0, finish_reason="stop", message=SimpleNamespace(content="hi", tool_calls=None))
+    return SimpleNamespace(id=response_id, model="m", choices=[choice], usage=None)
+
+
+def test_ids_hermes_makes_for_streamed_responses_are_not_recorded() -> None:
+    """``stream-<uuid4>`` and the partial-stream stub's id on Hermes's rebuilt response are not the provider's: no
+    ``gen_ai.response.id``, on the chat or on invoke_agent (the last response's); a provider id is kept, even one
+    spelled ``stream-...`` when it comes in a real ``ChatCompletion``."""
+    provider_streamish = _completion([_choice(0, "stop")], _USAGE).model_copy(update={"id": "stream-from-provider"})
+    chats, last = _recorded_response_ids([
+        _completion([_choice(0, "tool_calls", _TOOL)], _USAGE),
+        _streamed("stream-0b6f6e52-8e2c-4b55-b3a4-3c8f1d0f9a11"),
+        _streamed("partial-stream-stub"),
+        _streamed("chatcmpl-rebuilt-by-someone-else"),
+        provider_streamish,
+    ])
+    assert chats == ["chatcmpl-1", None, None, "chatcmpl-rebuilt-by-someone-else", "stream-from-provider"]
+    assert last == "stream-from-provider"
+    chats, last = _recorded_response_ids([_completion([_choice(0, "tool_calls", _TOOL)], _USAGE), _streamed("stream-x")])
+    assert chats == ["chatcmpl-1", None] and last is None, "the last response had no provider id: no stale one"

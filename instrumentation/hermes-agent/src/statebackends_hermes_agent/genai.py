@@ -227,6 +227,10 @@ Hermes's bare ``openai`` is an alias of ``openrouter`` (an aggregator), so it is
 HERMES_PROVIDER = "hermes.provider"
 """Hermes's own provider label (``openrouter``, ``nous``, ``custom``, ...), always recorded."""
 
+HERMES_INTERRUPTED = "hermes.interrupted"
+"""Set (True) on an ``invoke_agent`` span whose turn Hermes reports as interrupted (a cancel, ``/stop``, a new
+message): not an error, so the status stays unset."""
+
 
 def provider_name(label: Any) -> Optional[str]:
     """``gen_ai.provider.name`` for a Hermes provider label: the well-known value, else the label."""

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 import weakref
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
@@ -95,6 +96,7 @@ _set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
+_PARTIAL_STREAM_ID = "partial-stream-stub"  # hermes_constants.PARTIAL_STREAM_STUB_ID (not imported: Hermes is optional here)
 _CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
 
 
@@ -107,6 +109,21 @@ def _new_task_id() -> str:
     48-bit counter, unique in the process and, by the 74 random bits, across processes; about 10x
     cheaper than ``str(uuid.uuid4())``."""
     return f"{_TASK_ID_PREFIX}{next(_task_ids) & 0xFFFFFFFFFFFF:012x}"
+
+
+def _provider_id(response: Any, response_id: Any) -> Optional[str]:
+    """``response_id`` as a string, or None when it is empty or Hermes made it up.
+
+    Hermes rebuilds a streamed response as a ``SimpleNamespace`` and drops the provider's id for one
+    of its own (``stream-<uuid4>``, or ``PARTIAL_STREAM_STUB_ID`` for a stream cut short):
+    ``gen_ai.response.id`` is the provider's id, so none is recorded for those.
+    """
+    if not response_id:
+        return None
+    response_id = str(response_id)
+    if type(response) is SimpleNamespace and (response_id.startswith("stream-") or response_id == _PARTIAL_STREAM_ID):
+        return None
+    return response_id
 
 
 def _live(instrument: Any) -> bool:
@@ -249,7 +266,9 @@ class AgentInvocation(_Ended):
         span = self.span
         try:
             state: InvocationState = scope.state
-            failed = error is None and isinstance(result, dict) and bool(result.get("failed"))
+            outcome = result if error is None and isinstance(result, dict) else None  # Hermes's result dict
+            failed = outcome is not None and bool(outcome.get("failed"))
+            interrupted = outcome is not None and bool(outcome.get("interrupted"))
             if state.step_span is not None:
                 if failed:
                     try:
@@ -265,9 +284,9 @@ class AgentInvocation(_Ended):
                     attributes[_RESPONSE_MODEL] = state.response_model
                 if state.finish_reasons:
                     attributes[_FINISH_REASONS] = list(state.finish_reasons)  # see ChatCall.stop
-                if telemetry._span_content and error is None and not failed and isinstance(result, dict):
-                    # A failed run's final_response is Hermes's error text: never an assistant message.
-                    final = result.get("final_response")
+                if telemetry._span_content and outcome is not None and not (failed or interrupted):
+                    # A failed or interrupted run's final_response is Hermes's own text: never an assistant message.
+                    final = outcome.get("final_response")
                     if final:
                         reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
                         attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
@@ -279,6 +298,8 @@ class AgentInvocation(_Ended):
                         EVICTED_EVENT,
                         {"statebackends.state.backend": telemetry.store.name or type(telemetry.store).__name__},
                     )
+                if interrupted:  # a cancel is not an error: the status stays unset
+                    attributes[genai.HERMES_INTERRUPTED] = True
                 if error is not None:
                     attributes[ERROR_TYPE] = type(error).__qualname__
                 elif failed:
@@ -402,11 +423,11 @@ class ChatCall:
             try:
                 telemetry = self._telemetry
                 input_tokens, output_tokens, reasons, wants_tools = read_response(response)
-                response_id = getattr(response, "id", None)
+                response_id = _provider_id(response, getattr(response, "id", None))
                 response_model = getattr(response, "model", None)
                 attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
                 if response_id:
-                    response_id = attributes[_RESPONSE_ID] = str(response_id)
+                    attributes[_RESPONSE_ID] = response_id
                 if response_model:
                     response_model = attributes[_RESPONSE_MODEL] = str(response_model)
                 else:
@@ -418,8 +439,7 @@ class ChatCall:
                 if state is not None:
                     state.input_tokens += input_tokens
                     state.output_tokens += output_tokens
-                    if response_id:
-                        state.response_id = response_id
+                    state.response_id = response_id  # the latest response's (None: it has none of the provider's)
                     if response_model:
                         state.response_model = response_model
                     if reasons:
