@@ -118,3 +118,65 @@ def test_ids_hermes_makes_for_streamed_responses_are_not_recorded() -> None:
     assert last == "stream-from-provider"
     chats, last = _recorded_response_ids([_completion([_choice(0, "tool_calls", _TOOL)], _USAGE), _streamed("stream-x")])
     assert chats == ["chatcmpl-1", None] and last is None, "the last response had no provider id: no stale one"
+
+
+def test_ids_hermes_makes_up_for_gemini_responses_are_not_recorded() -> None:
+    """Hermes's native Gemini client (``agent.gemini_native_adapter``, used for provider ``gemini`` on Google's
+    endpoint) drops the API's ``responseId`` and answers with a ``SimpleNamespace`` whose id it makes up
+    (``chatcmpl-`` and 12 hex digits, new for every response): not the provider's, not recorded; a real
+    ``ChatCompletion`` with the same spelling keeps its id."""
+    from agent.gemini_native_adapter import _empty_response, translate_gemini_response
+
+    translated = translate_gemini_response(
+        {
+            "responseId": "the-api-s-own-id",
+            "candidates": [{"content": {"parts": [{"text": "hi"}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2},
+        },
+        "gemini-2.5-flash",
+    )
+    assert type(translated) is SimpleNamespace and translated.id.startswith("chatcmpl-"), "Hermes's shape"
+    real = _completion([_choice(0, "stop")], _USAGE).model_copy(update={"id": "chatcmpl-0123456789ab"})
+    chats, last = _recorded_response_ids([translated, _empty_response("gemini-2.5-flash"), real])
+    assert chats == [None, None, "chatcmpl-0123456789ab"] and last == "chatcmpl-0123456789ab"
+    chats, last = _recorded_response_ids([_completion([_choice(0, "stop")], _USAGE), translated])
+    assert chats == ["chatcmpl-1", None] and last is None
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("an id whose __str__ raises")
+
+
+class _Untestable:
+    def __bool__(self) -> bool:
+        raise RuntimeError("an id whose __bool__ raises")
+
+
+def test_an_odd_response_id_costs_the_chat_nothing_else() -> None:
+    """An id that cannot be read as text records no ``gen_ai.response.id``, and the chat keeps its tokens, its
+    finish reason and the end of its react step; bytes are decoded, a number is written as text."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from statebackends_hermes_agent.config import resolve_store
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+    from statebackends_hermes_agent.state import InvocationState
+
+    for odd, expected in ((_Unprintable(), None), (_Untestable(), None), (b"resp-1", "resp-1"), (42, "42")):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        telemetry = HermesTelemetry(provider.get_tracer("t"), resolve_store("invocation_id", InvocationState))
+        agent = SimpleNamespace(provider="custom", model="m", base_url="http://127.0.0.1:1/v1", session_id="s")
+        invocation = telemetry.start_invocation(agent)
+        telemetry.start_chat(agent, {"model": "m"}).stop(_completion([_choice(0, "stop")], _USAGE).model_copy(update={"id": odd}))
+        invocation.stop({"final_response": "hi"})
+        spans = {s.name.split()[0]: s for s in exporter.get_finished_spans()}
+        chat, step, turn = spans["chat"], spans["react"], spans["invoke_agent"]
+        assert chat.attributes.get("gen_ai.response.id") == expected, type(odd)
+        assert chat.attributes["gen_ai.usage.input_tokens"] == 7 and chat.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+        assert step.attributes["gen_ai.react.finish_reason"] == "stop"
+        assert turn.attributes["gen_ai.usage.input_tokens"] == 7 and turn.attributes.get("gen_ai.response.id") == expected
+        assert telemetry.store.live() == 0

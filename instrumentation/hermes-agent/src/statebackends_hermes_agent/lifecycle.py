@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -97,6 +98,9 @@ _attach = otel_context.attach
 _detach = otel_context.detach
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
 _PARTIAL_STREAM_ID = "partial-stream-stub"  # hermes_constants.PARTIAL_STREAM_STUB_ID (not imported: Hermes is optional here)
+# agent.gemini_native_adapter makes up f"chatcmpl-{uuid.uuid4().hex[:12]}" for every response it translates (the
+# Gemini API's own responseId is dropped): a real ChatCompletion's id is longer, and never on a SimpleNamespace.
+_GEMINI_MADE_UP_ID = re.compile(r"chatcmpl-[0-9a-f]{12}")
 _CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
 
 
@@ -112,18 +116,37 @@ def _new_task_id() -> str:
 
 
 def _provider_id(response: Any, response_id: Any) -> Optional[str]:
-    """``response_id`` as a string, or None when it is empty or Hermes made it up.
+    """``response_id`` as a string, or None when it is empty, cannot be read, or Hermes made it up; never raises.
 
     Hermes rebuilds a streamed response as a ``SimpleNamespace`` and drops the provider's id for one
-    of its own (``stream-<uuid4>``, or ``PARTIAL_STREAM_STUB_ID`` for a stream cut short):
-    ``gen_ai.response.id`` is the provider's id, so none is recorded for those.
+    of its own (``stream-<uuid4>``, or ``PARTIAL_STREAM_STUB_ID`` for a stream cut short), and its
+    native Gemini client answers with a ``SimpleNamespace`` whose id it makes up (``chatcmpl-`` and
+    12 hex digits): ``gen_ai.response.id`` is the provider's id, so none is recorded for those.
     """
+    if type(response_id) is not str:
+        response_id = _id_text(response_id)
     if not response_id:
         return None
-    response_id = str(response_id)
-    if type(response) is SimpleNamespace and (response_id.startswith("stream-") or response_id == _PARTIAL_STREAM_ID):
+    if type(response) is SimpleNamespace and (
+        response_id.startswith("stream-")
+        or response_id == _PARTIAL_STREAM_ID
+        or _GEMINI_MADE_UP_ID.fullmatch(response_id) is not None
+    ):
         return None
     return response_id
+
+
+def _id_text(response_id: Any) -> Optional[str]:
+    """A response id that is not a ``str`` as text (bytes decoded), or None when empty or unreadable; never raises."""
+    try:
+        if not response_id:
+            return None
+        if isinstance(response_id, (bytes, bytearray)):
+            return bytes(response_id).decode("utf-8", "replace")
+        return str(response_id)
+    except Exception:  # noqa: BLE001 - an id whose __bool__ or __str__ raises: the rest of the chat is still recorded
+        _logger.debug("hermes-agent instrumentation: response id not readable", exc_info=True)
+        return None
 
 
 def _live(instrument: Any) -> bool:
