@@ -641,6 +641,57 @@ def test_lifecycle_never_raises_and_stop_or_fail_twice_is_harmless(broken: str) 
         assert names == []
 
 
+class _UnreadableResult(dict):
+    """A result dict whose ``get`` raises."""
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        raise ProcessorBoom("get is broken")
+
+
+class _NoTruth:
+    def __bool__(self) -> bool:
+        raise ProcessorBoom("__bool__ is broken")
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        _UnreadableResult(final_response="done"),
+        {"failed": _NoTruth()},
+        {"interrupted": _NoTruth(), "final_response": "done"},
+        {"final_response": _NoTruth()},
+    ],
+    ids=["get raises", "failed unreadable", "interrupted unreadable", "final_response unreadable"],
+)
+def test_an_unreadable_result_still_ends_the_open_step_and_completes_the_turn(result: Any) -> None:
+    """A result that cannot be read (a ``get`` or a flag's ``__bool__`` that raises), with a react step still open
+    (the last chat asked for tools): nothing raises, the step is ended, and ``invoke_agent`` keeps its tokens and
+    response attributes; it counts as a plain result with no answer."""
+    from types import SimpleNamespace
+
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(provider.get_tracer("test"), store, capture_content=True)
+    owner = _Owner()
+    wants_tools = SimpleNamespace(
+        id="chatcmpl-1", model="fake-model", usage=SimpleNamespace(prompt_tokens=7, completion_tokens=3),
+        choices=[SimpleNamespace(finish_reason="tool_calls", message=SimpleNamespace(content=None, tool_calls=[object()]))],
+    )
+    invocation = telemetry.start_invocation(owner, None, user_message="hello")
+    telemetry.start_chat(owner, {"model": "fake-model"}).stop(wants_tools)
+    invocation.stop(result)
+    assert store.live() == 0
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == ["chat fake-model", "invoke_agent hermes", "react step"], "every span is ended"
+    turn = spans["invoke_agent hermes"]
+    assert turn.attributes["gen_ai.usage.input_tokens"] == 7 and turn.attributes["gen_ai.response.id"] == "chatcmpl-1"
+    assert "gen_ai.output.messages" not in turn.attributes and turn.status.is_unset
+
+
 def test_async_stub_agent_goes_through_the_public_lifecycle(bench: HermesBench) -> None:
     """The async stub agent drives ``instrumentor.telemetry`` only; a raising processor changes none of its results."""
     import asyncio

@@ -149,6 +149,22 @@ def _id_text(response_id: Any) -> Optional[str]:
         return None
 
 
+def _outcome(result: Any, content: bool) -> tuple[bool, bool, Any]:
+    """(failed, interrupted, final_response or None) of Hermes's result dict (final_response only when ``content``).
+
+    Never raises: a result that cannot be read (a ``get`` or a ``__bool__`` that raises) counts as a plain
+    one with no answer, so the spans are still completed and ended.
+    """
+    try:
+        failed = bool(result.get("failed"))
+        interrupted = bool(result.get("interrupted"))
+        final = result.get("final_response") if content else None
+        return failed, interrupted, (final if final else None)
+    except Exception:  # noqa: BLE001
+        _logger.debug("hermes-agent instrumentation: the run's result could not be read", exc_info=True)
+        return False, False, None
+
+
 def _live(instrument: Any) -> bool:
     """Whether recording into ``instrument`` (None for no-op ones) can reach a meter: False for the API's
     proxy instrument before any SDK meter provider is set, so no attribute dict is built for nothing."""
@@ -287,11 +303,14 @@ class AgentInvocation(_Ended):
             return
         telemetry = self._telemetry
         span = self.span
+        state: Optional[InvocationState] = None
         try:
-            state: InvocationState = scope.state
-            outcome = result if error is None and isinstance(result, dict) else None  # Hermes's result dict
-            failed = outcome is not None and bool(outcome.get("failed"))
-            interrupted = outcome is not None and bool(outcome.get("interrupted"))
+            state = scope.state
+            if error is None and isinstance(result, dict):  # Hermes's result dict
+                failed, interrupted, final = _outcome(result, telemetry._span_content)
+            else:
+                failed = interrupted = False
+                final = None
             if state.step_span is not None:
                 if failed:
                     try:
@@ -307,12 +326,10 @@ class AgentInvocation(_Ended):
                     attributes[_RESPONSE_MODEL] = state.response_model
                 if state.finish_reasons:
                     attributes[_FINISH_REASONS] = list(state.finish_reasons)  # see ChatCall.stop
-                if telemetry._span_content and outcome is not None and not (failed or interrupted):
+                if final is not None and not (failed or interrupted):
                     # A failed or interrupted run's final_response is Hermes's own text: never an assistant message.
-                    final = outcome.get("final_response")
-                    if final:
-                        reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
-                        attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
+                    reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
+                    attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
                 if getattr(scope, "evicted", False):
                     # Not an error of the call (the agent's answer is fine): the telemetry of this call may be
                     # incomplete, because its state was dropped to keep the store bounded.
@@ -340,6 +357,8 @@ class AgentInvocation(_Ended):
             _logger.exception("hermes-agent instrumentation: could not complete invoke_agent")
         finally:  # each step even if the one before raised a BaseException
             try:
+                if state is not None and state.step_span is not None:  # left open by a failure above
+                    telemetry._end_step(state, None)
                 _end_span(span, "invoke_agent")
             finally:
                 try:
