@@ -512,6 +512,104 @@ def test_an_interrupted_turn_is_marked_and_its_text_is_not_an_assistant_message(
     assert telemetry.store.live() == 0
 
 
+class _StallingStream:
+    """A loopback OpenAI-compatible endpoint whose streamed answer sends one text chunk, then holds the rest until
+    released: the reply a user stops halfway (the real Hermes then keeps the text streamed so far)."""
+
+    TEXT = "The answer is forty"
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - Hermes's model probes: none here
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:  # noqa: N802
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunk = {"id": "chatcmpl-stall", "object": "chat.completion.chunk", "created": 0, "model": request["model"]}
+
+                def send(delta: dict, reason: Optional[str]) -> None:
+                    frame = {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                    self.wfile.write(b"data: " + json.dumps(frame).encode() + b"\n\n")
+                    self.wfile.flush()
+
+                try:
+                    send({"role": "assistant", "content": owner.TEXT}, None)
+                    owner.release.wait(30)
+                    send({"content": "-two."}, "stop")
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except OSError:  # Hermes closed the interrupted stream
+                    pass
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_reply_cut_short_by_an_interrupt_is_the_turns_assistant_message(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real agent with a stream consumer (as every front end has), stopped while the model's reply is half
+    streamed: Hermes returns ``interrupted`` with the text streamed so far as ``final_response`` and keeps it as the
+    assistant's message. That text is the model's, not a notice of Hermes's: with content on spans it is the
+    turn's output message (finish reason ``error``, as its chat ended with ``InterruptedError``), valid by the
+    schema; ``hermes.interrupted`` is set and the status stays unset."""
+    import threading
+
+    from statebackends_hermes_testbed.hermes_harness import make_agent
+
+    _with_mode(tel, monkeypatch, "SPAN_ONLY")
+    endpoint = _StallingStream()
+    try:
+        shown: list[str] = []
+        agent = make_agent(endpoint.base_url, streaming=True, stream_delta_callback=shown.append)
+
+        def interrupt_once_shown() -> None:  # once the first text is on screen and kept by Hermes
+            deadline = time.monotonic() + 30
+            while not getattr(agent, "_current_streamed_assistant_text", "") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            agent.interrupt()
+
+        threading.Thread(target=interrupt_once_shown, daemon=True).start()
+        result = agent.run_conversation("what is the answer?")
+    finally:
+        endpoint.close()
+    assert result["interrupted"] is True and result["final_response"] == _StallingStream.TEXT, result["final_response"]
+    assert "".join(shown) == _StallingStream.TEXT
+    assert result["messages"][-1] == {"role": "assistant", "content": _StallingStream.TEXT}, "Hermes keeps the text"
+    (turn,) = tel.of("invoke_agent")
+    assert turn.attributes["hermes.interrupted"] is True and turn.status.status_code is StatusCode.UNSET
+    (answer,) = valid_outputs(turn.attributes[OUTPUT])
+    assert answer == {"role": "assistant", "parts": [{"type": "text", "content": _StallingStream.TEXT}], "finish_reason": "error"}
+    (chat,) = tel.of("chat ")
+    assert chat.attributes["error.type"] == "InterruptedError" and OUTPUT not in chat.attributes
+    assert tel.bench.instrumentor.store.live() == 0
+
+
 def _streamed_chat(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:
     """Instrumented, an invocation with one streaming chat open through the public lifecycle:
     (invocation, chat, the ``on_first_delta`` callback Hermes's stream reader would call)."""

@@ -101,6 +101,9 @@ _PARTIAL_STREAM_ID = "partial-stream-stub"  # hermes_constants.PARTIAL_STREAM_ST
 # agent.gemini_native_adapter makes up f"chatcmpl-{uuid.uuid4().hex[:12]}" for every response it translates (the
 # Gemini API's own responseId is dropped): a real ChatCompletion's id is longer, and never on a SimpleNamespace.
 _GEMINI_MADE_UP_ID = re.compile(r"chatcmpl-[0-9a-f]{12}")
+# Every notice Hermes returns as an interrupted turn's final_response begins so (agent/conversation_loop.py:
+# "Operation interrupted: waiting for model response (...", "... during retry (...", "...: handling API error ...").
+_INTERRUPT_NOTICE = "Operation interrupted"
 _CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
 
 
@@ -163,6 +166,12 @@ def _outcome(result: Any, content: bool) -> tuple[bool, bool, Any]:
     except Exception:  # noqa: BLE001
         _logger.debug("hermes-agent instrumentation: the run's result could not be read", exc_info=True)
         return False, False, None
+
+
+def _interrupted_answer(final: Any) -> bool:
+    """Whether an interrupted turn's ``final_response`` is the model's own text (what it streamed before the
+    interrupt, which Hermes keeps as the assistant's message), not one of Hermes's interruption notices."""
+    return isinstance(final, str) and not final.startswith(_INTERRUPT_NOTICE)
 
 
 def _live(instrument: Any) -> bool:
@@ -326,9 +335,14 @@ class AgentInvocation(_Ended):
                     attributes[_RESPONSE_MODEL] = state.response_model
                 if state.finish_reasons:
                     attributes[_FINISH_REASONS] = list(state.finish_reasons)  # see ChatCall.stop
-                if final is not None and not (failed or interrupted):
-                    # A failed or interrupted run's final_response is Hermes's own text: never an assistant message.
-                    reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
+                # A failed run's final_response is Hermes's error text, an interrupted run's Hermes's notice: never an
+                # assistant message. But a reply the interrupt cut short (the model's text streamed so far, which
+                # Hermes keeps as the assistant's message) is the answer, ended as its chat was: "error".
+                if final is not None and not failed and (not interrupted or _interrupted_answer(final)):
+                    if interrupted:
+                        reason = "error"
+                    else:
+                        reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
                     attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
                 if getattr(scope, "evicted", False):
                     # Not an error of the call (the agent's answer is fine): the telemetry of this call may be
