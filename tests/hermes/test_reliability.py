@@ -692,6 +692,57 @@ def test_an_unreadable_result_still_ends_the_open_step_and_completes_the_turn(re
     assert "gen_ai.output.messages" not in turn.attributes and turn.status.is_unset
 
 
+@pytest.mark.parametrize("raised", [ProcessorBoom("set_span_in_context is broken"), KeyboardInterrupt()],
+                         ids=["Exception", "KeyboardInterrupt"])
+def test_a_react_step_whose_context_cannot_be_made_is_not_left_half_open(
+    monkeypatch: pytest.MonkeyPatch, raised: BaseException
+) -> None:
+    """The step span starts but its context cannot be made: that step span is ended at once, the state names no
+    step (so the next chat opens one, round 1, and hangs under it, not under invoke_agent), an Exception costs only
+    that chat's span and a KeyboardInterrupt passes; nothing is left open and the store is empty."""
+    from types import SimpleNamespace
+
+    from statebackends_hermes_agent import lifecycle
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(provider.get_tracer("test"), store)
+    owner = _Owner()
+    final = SimpleNamespace(
+        id="chatcmpl-2", model="fake-model", usage=SimpleNamespace(prompt_tokens=7, completion_tokens=3),
+        choices=[SimpleNamespace(finish_reason="stop", message=SimpleNamespace(content="hi", tool_calls=None))],
+    )
+    real = lifecycle._set_span_in_context
+    broken = {"once": True}
+
+    def set_span_in_context(span: Any, context: Any = None) -> Any:
+        if broken["once"] and getattr(span, "name", "") == "react step":
+            broken["once"] = False
+            raise raised
+        return real(span, context)
+
+    monkeypatch.setattr(lifecycle, "_set_span_in_context", set_span_in_context)
+    invocation = telemetry.start_invocation(owner)
+    if isinstance(raised, Exception):
+        assert telemetry.start_chat(owner, {"model": "fake-model"}).span is None
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            telemetry.start_chat(owner, {"model": "fake-model"})
+    telemetry.start_chat(owner, {"model": "fake-model"}).stop(final)
+    invocation.stop({"final_response": "hi"})
+    assert store.live() == 0
+    spans = exporter.get_finished_spans()
+    steps = [s for s in spans if s.name == "react step"]
+    (chat,) = [s for s in spans if s.name.startswith("chat ")]
+    assert len(steps) == 2, "the step whose context failed is ended too"
+    (opened,) = [s for s in steps if s.context.span_id == chat.parent.span_id]
+    assert opened.attributes["gen_ai.react.round"] == 1, "the failed step counted no round"
+    assert sorted(s.attributes["gen_ai.react.round"] for s in steps) == [1, 1]
+
+
 def test_async_stub_agent_goes_through_the_public_lifecycle(bench: HermesBench) -> None:
     """The async stub agent drives ``instrumentor.telemetry`` only; a raising processor changes none of its results."""
     import asyncio

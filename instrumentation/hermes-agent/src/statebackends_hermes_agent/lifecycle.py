@@ -792,14 +792,19 @@ class HermesTelemetry:
                     state.llm_depth += 1
                     return ChatCall(self, state, None, 0.0, None)
                 if state.step_span is None:  # open a react step: its round number, under the invocation
-                    state.round += 1
                     agent_ctx = state.agent_ctx
+                    number = state.round + 1
                     step = self.tracer.start_span(
-                        STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: state.round}
+                        STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: number}
                     )
-                    state.step_span = step
-                    state.step_ctx = _set_span_in_context(step, agent_ctx)
-                step_ctx = state.step_ctx
+                    try:
+                        step_ctx = _set_span_in_context(step, agent_ctx)
+                    except BaseException:  # no half-open step: the state names a step only with its context
+                        _end_span(step, "react step")
+                        raise
+                    state.round, state.step_span, state.step_ctx = number, step, step_ctx
+                else:
+                    step_ctx = state.step_ctx
             else:
                 step_ctx = None
             model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
