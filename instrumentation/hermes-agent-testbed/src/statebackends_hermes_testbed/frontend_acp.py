@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
 from .fakellm import Reply, Script, _content_text
-from .hermes_harness import API_KEY, MODEL, _sb_echo, register_tool
+from .hermes_harness import API_KEY, MODEL, _sb_echo, hermes_config, register_tool
 from .traces import CALLER_PREFIX, kind_of
 
 __all__ = [
@@ -170,17 +169,9 @@ def register_acp_tool() -> None:
 @contextlib.contextmanager
 def acp_runtime(base_url: str) -> Iterator[Path]:
     """Point Hermes's config (``$HERMES_HOME/config.yaml``) at ``base_url`` while inside; yield the file's path."""
-    path = Path(os.environ["HERMES_HOME"]) / "config.yaml"
-    saved = path.read_text(encoding="utf-8") if path.exists() else None
-    path.write_text(acp_config_text(base_url), encoding="utf-8")
-    try:
+    with hermes_config(acp_config_text(base_url)) as path:
         register_acp_tool()
         yield path
-    finally:
-        if saved is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_text(saved, encoding="utf-8")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from opentelemetry import trace
 
 from .fakellm import CONTEXT_LENGTH
-from .hermes_harness import BENCH_TOOLSET, MODEL, register_bench_tools, register_tool
+from .hermes_harness import BENCH_TOOLSET, MODEL, hermes_config, register_bench_tools, register_tool
 from .traces import CALLER_PREFIX, _tag_in, kind_of
 
 CALL_HEADER = "X-Testbed-Call"
@@ -135,25 +135,19 @@ def api_server_config(
     ``model_tools._resolve_active_context_length`` would otherwise ask OpenRouter (``fetch_model_metadata``) while
     each agent loads its tools.
     """
-    import os
-
     import yaml
 
     register_frontend_tools()
-    path = Path(os.environ["HERMES_HOME"]) / "config.yaml"
-    saved = path.read_text(encoding="utf-8") if path.exists() else None
-    data = (yaml.safe_load(saved) if saved else None) or {}
-    data["model"] = {"default": model, "provider": "custom", "base_url": base_url, "api_key": api_key,
-                     "context_length": CONTEXT_LENGTH}
-    data["platform_toolsets"] = {**(data.get("platform_toolsets") or {}), "api_server": list(toolsets)}
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    try:
+
+    def pointed(saved: Optional[str]) -> str:
+        data = (yaml.safe_load(saved) if saved else None) or {}
+        data["model"] = {"default": model, "provider": "custom", "base_url": base_url, "api_key": api_key,
+                         "context_length": CONTEXT_LENGTH}
+        data["platform_toolsets"] = {**(data.get("platform_toolsets") or {}), "api_server": list(toolsets)}
+        return yaml.safe_dump(data, sort_keys=False)
+
+    with hermes_config(pointed) as path:
         yield path
-    finally:
-        if saved is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_text(saved, encoding="utf-8")
 
 
 # -- the server --------------------------------------------------------------------------------------------------------

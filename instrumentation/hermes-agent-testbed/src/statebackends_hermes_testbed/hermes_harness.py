@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from statebackends_hermes_testbed.fakellm import LogEntry, Reply, Script, ScriptRecords
 
@@ -121,6 +121,24 @@ def hermes_home(tmpdir: PathLike, *, model: str = MODEL) -> Iterator[Path]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def hermes_config(text: Union[str, Callable[[Optional[str]], str]]) -> Iterator[Path]:
+    """Write ``$HERMES_HOME/config.yaml`` while inside (``text``, or ``text(old text or None)``); yield its path.
+
+    The old file comes back on exit (or goes away again if there was none), whatever happened inside.
+    """
+    path = Path(os.environ["HERMES_HOME"]) / "config.yaml"
+    saved = path.read_text(encoding="utf-8") if path.exists() else None
+    path.write_text(text(saved) if callable(text) else text, encoding="utf-8")
+    try:
+        yield path
+    finally:
+        if saved is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(saved, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------

@@ -146,7 +146,6 @@ class LangfusePlugin:
 
     def enable(self) -> "LangfusePlugin":
         from opentelemetry import trace
-        from hermes_cli import plugins
 
         # OpenTelemetry's global tracer provider, to put back (the SDK sets its own when none is set).
         self._saved_provider = trace._TRACER_PROVIDER
