@@ -71,8 +71,8 @@ def test_read_response_never_raises() -> None:
     assert read_response(_Raising()) == (0, 0, (), False)
 
 
-def _recorded_response_ids(responses: list[Any]) -> tuple[list[Any], Any]:
-    """The ``gen_ai.response.id`` of a chat span per response, and the invoke_agent span's, through the lifecycle."""
+def _turn_spans(responses: list[Any]) -> tuple[Any, list[Any]]:
+    """One turn through the public lifecycle, a chat per response: (the store, the finished spans)."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -90,7 +90,12 @@ def _recorded_response_ids(responses: list[Any]) -> tuple[list[Any], Any]:
     for response in responses:
         telemetry.start_chat(agent, {"model": "m"}).stop(response)
     invocation.stop({"final_response": "hi"})
-    spans = exporter.get_finished_spans()
+    return telemetry.store, list(exporter.get_finished_spans())
+
+
+def _recorded_response_ids(responses: list[Any]) -> tuple[list[Any], Any]:
+    """The ``gen_ai.response.id`` of a chat span per response, and the invoke_agent span's, through the lifecycle."""
+    _, spans = _turn_spans(responses)
     chats = [s.attributes.get("gen_ai.response.id") for s in spans if s.name.startswith("chat ")]
     (agent_span,) = [s for s in spans if s.name.startswith("invoke_agent")]
     return chats, agent_span.attributes.get("gen_ai.response.id")
@@ -156,27 +161,12 @@ class _Untestable:
 def test_an_odd_response_id_costs_the_chat_nothing_else() -> None:
     """An id that cannot be read as text records no ``gen_ai.response.id``, and the chat keeps its tokens, its
     finish reason and the end of its react step; bytes are decoded, a number is written as text."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from statebackends_hermes_agent.config import resolve_store
-    from statebackends_hermes_agent.lifecycle import HermesTelemetry
-    from statebackends_hermes_agent.state import InvocationState
-
     for odd, expected in ((_Unprintable(), None), (_Untestable(), None), (b"resp-1", "resp-1"), (42, "42")):
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        telemetry = HermesTelemetry(provider.get_tracer("t"), resolve_store("invocation_id", InvocationState))
-        agent = SimpleNamespace(provider="custom", model="m", base_url="http://127.0.0.1:1/v1", session_id="s")
-        invocation = telemetry.start_invocation(agent)
-        telemetry.start_chat(agent, {"model": "m"}).stop(_completion([_choice(0, "stop")], _USAGE).model_copy(update={"id": odd}))
-        invocation.stop({"final_response": "hi"})
-        spans = {s.name.split()[0]: s for s in exporter.get_finished_spans()}
+        store, finished = _turn_spans([_completion([_choice(0, "stop")], _USAGE).model_copy(update={"id": odd})])
+        spans = {s.name.split()[0]: s for s in finished}
         chat, step, turn = spans["chat"], spans["react"], spans["invoke_agent"]
         assert chat.attributes.get("gen_ai.response.id") == expected, type(odd)
         assert chat.attributes["gen_ai.usage.input_tokens"] == 7 and chat.attributes["gen_ai.response.finish_reasons"] == ("stop",)
         assert step.attributes["gen_ai.react.finish_reason"] == "stop"
         assert turn.attributes["gen_ai.usage.input_tokens"] == 7 and turn.attributes.get("gen_ai.response.id") == expected
-        assert telemetry.store.live() == 0
+        assert store.live() == 0
