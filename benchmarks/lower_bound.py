@@ -9,6 +9,10 @@ contexts and keep the per-call state in the same ``invocation_id`` store, with n
 else: no guard around any OpenTelemetry or store call, no lifecycle objects, no metrics or
 content switches, no subagent or Hermes-failure handling. Not an instrumentation anyone
 should run: a lower bound for any that keeps our span tree and our store.
+
+``python -m benchmarks.lower_bound --paths [repeats]`` swaps one of our three wrapper paths at a time
+(``invoke_agent``, ``chat``, ``execute_tool``) for the minimal one, on one shared store, to show what
+each path costs beyond the minimum (:func:`path_costs`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ MINIMAL = "minimal"
 END_KEYS = ("gen_ai.usage.", "gen_ai.response.")  # what ours sets when the call ends, not at span start
 
 
-def minimal_wrappers(bench: AgentBench, provider: Any = None) -> Dict[str, Any]:
-    """The four minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc)."""
+def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None) -> Dict[str, Any]:
+    """The four minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc).
+
+    ``store``: the ``invocation_id`` store to keep the state in (default a new one), so that they can share
+    one with our wrappers (:func:`path_costs`).
+    """
     from opentelemetry import context as otel_context
     from opentelemetry import trace
-    from opentelemetry.trace import SpanKind
 
     from statebackends_hermes_agent.config import resolve_store
     from statebackends_hermes_agent.state import InvocationState
@@ -48,7 +55,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None) -> Dict[str, Any]:
     tracer = trace.get_tracer(MINIMAL, "0", provider if provider is not None else bench.provider)
     start_span, set_in = tracer.start_span, trace.set_span_in_context
     attach, detach = otel_context.attach, otel_context.detach
-    store = resolve_store("invocation_id", InvocationState)
+    store = store if store is not None else resolve_store("invocation_id", InvocationState)
     owner: ContextVar[Any] = ContextVar("minimal_tool_owner", default=None)
 
     def run_conversation(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -141,14 +148,66 @@ def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str
     return interleaved(bench, replays, repeats=repeats, calls=calls)
 
 
+PATHS = {
+    "invoke_agent": ("run_conversation",),
+    "chat": ("_interruptible_api_call",),
+    "execute_tool": ("_execute_tool_calls", "handle_function_call"),  # one path: the tool's owner travels between them
+}
+"""Our three wrapper paths, by the wrapper callables each one is made of."""
+
+
+def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
+    """Seconds per call, one per repeat, of our ``invocation_id`` wrappers with one path at a time swapped for the
+    minimal one (``"minimal <path>"``), of ours and of the minimal wrappers whole, and of the floor.
+
+    Ours and the minimal wrappers share one store, so a swap changes only the Python of that path; ours minus
+    ``minimal <path>`` is what that path costs beyond the minimum.
+    """
+    from .replay import _installed_wrappers
+
+    responses = replay_responses(bench)
+    bench.record_plan()
+    previous = bench.mode
+    bench.set_mode("invocation_id")
+    try:
+        ours = _installed_wrappers()
+    finally:
+        bench.set_mode(previous)
+    store = next(iter(ours.values())).__self__.store
+    minimal = minimal_wrappers(bench, store=store)
+    variants = {"ours": ours, MINIMAL: minimal}
+    for path, names in PATHS.items():
+        variants[f"{MINIMAL} {path}"] = {**ours, **{name: minimal[name] for name in names}}
+    replays = {label: WrapperReplay(bench, label, responses, wrappers=wrappers) for label, wrappers in variants.items()}
+    for label, replay in replays.items():  # warm-up; every variant must make our span count
+        for _ in range(20):
+            replay.call()
+            replay.bare_call()
+        ended = bench.spans_ended()
+        replay.call()
+        if bench.spans_ended() - ended != bench.plan_spans:
+            raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    return interleaved(bench, replays, repeats=repeats, calls=calls)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    paths = "--paths" in argv
+    argv = [a for a in argv if a != "--paths"]
     repeats = int(argv[0]) if argv else 20
     bench = AgentBench()
     try:
-        out = measure(bench, repeats=repeats)
+        out = path_costs(bench, repeats=repeats) if paths else measure(bench, repeats=repeats)
     finally:
         bench.close()
+    if paths:
+        us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
+        print(f"our wrapper paths beyond the minimum, {repeats} interleaved blocks of 200 calls, 20%-trimmed mean")
+        print("| wrappers | us per call | / floor | ours minus this |")
+        print("|---|---:|---:|---:|")
+        for name, value in us.items():
+            print(f"| {name} | {value:.1f} | {value / us[FLOOR]:.3f}x | {us['ours'] - value:+.1f} |")
+        return 0
     us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
     loong = us.get(LOONGSUITE)
     print(f"wrappers alone, {repeats} interleaved blocks of 200 calls, 20%-trimmed mean")

@@ -242,3 +242,15 @@ def test_lower_bound_wrappers_make_our_span_tree(agent_bench: Any) -> None:
         agent_bench.set_mode(NONE)
     ours = spans_of(installed, recorder.exporter)
     assert len(ours) == SPANS_PER_CALL and minimal == ours
+
+
+def test_path_costs_swap_one_path_on_one_shared_store(agent_bench: Any) -> None:
+    """``benchmarks.lower_bound.path_costs`` times ours, the minimal wrappers and ours with each path swapped for the
+    minimal one (it checks that each variant makes our span count, and raises otherwise), and the floor, one figure
+    per repeat; the bench is left uninstrumented."""
+    from benchmarks import lower_bound
+
+    out = lower_bound.path_costs(agent_bench, repeats=1, calls=2)
+    assert set(out) == {"ours", "minimal", "minimal invoke_agent", "minimal chat", "minimal execute_tool", "floor"}
+    assert all(len(times) == 1 for times in out.values()) and out["floor"][0] > 0
+    assert agent_bench.mode == NONE
