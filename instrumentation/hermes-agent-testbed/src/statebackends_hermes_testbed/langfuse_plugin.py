@@ -15,14 +15,16 @@ Nothing here reaches beyond 127.0.0.1: the SDK's only destination is the sink.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Optional
+
+from .hermes_harness import hermes_config
 
 PLUGIN_KEY = "observability/langfuse"
 PUBLIC_KEY = "pk-lf-statebackends-test"
@@ -136,13 +138,9 @@ class LangfusePlugin:
         self.sink = sink
         self.module: Any = None
         self._saved_env: dict[str, Optional[str]] = {}
-        self._saved_config: Optional[str] = None
+        self._config = contextlib.ExitStack()  # holds hermes_config() open while enabled
         self._saved_provider: Any = None
         self._saved_provider_done: Optional[bool] = None
-
-    @property
-    def config_path(self) -> Path:
-        return Path(os.environ["HERMES_HOME"]) / "config.yaml"
 
     def enable(self) -> "LangfusePlugin":
         from opentelemetry import trace
@@ -153,9 +151,8 @@ class LangfusePlugin:
         self._saved_env = {name: os.environ.get(name) for name in ENV_NAMES}
         os.environ.update(HERMES_LANGFUSE_PUBLIC_KEY=PUBLIC_KEY, HERMES_LANGFUSE_SECRET_KEY=SECRET_KEY,
                           HERMES_LANGFUSE_BASE_URL=self.sink.base_url)
-        self._saved_config = self.config_path.read_text(encoding="utf-8")
         # What `hermes plugins enable observability/langfuse` writes: the key in plugins.enabled.
-        self.config_path.write_text(self._saved_config + f"plugins:\n  enabled:\n  - {PLUGIN_KEY}\n", encoding="utf-8")
+        self._config.enter_context(hermes_config(lambda old: (old or "") + f"plugins:\n  enabled:\n  - {PLUGIN_KEY}\n"))
         self.reload()
         return self
 
@@ -207,8 +204,7 @@ class LangfusePlugin:
             LangfuseResourceManager._instances.pop(PUBLIC_KEY, None)
         except Exception:  # noqa: BLE001 - an SDK without that registry has nothing to forget
             pass
-        if self._saved_config is not None:
-            self.config_path.write_text(self._saved_config, encoding="utf-8")
+        self._config.close()  # the config.yaml of before
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
