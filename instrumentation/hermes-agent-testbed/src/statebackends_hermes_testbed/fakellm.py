@@ -16,6 +16,12 @@ Two ways to use it:
   (``Reply.error_body()``).  ``statebackends_hermes_testbed.hermes_harness.InProcessLLM`` wraps
   the same class, so the HTTP server and the in-process fake never disagree.
 
+* As a command: ``python -m statebackends_hermes_testbed.fakellm --port N`` (or
+  ``statebackends-fakellm``) serves it until stopped; see
+  :mod:`statebackends_hermes_testbed.fakellm_cli`.  The command is strict: a
+  request with an unknown directive or a bad value is answered with HTTP 400
+  naming it (:func:`directive_problems`).
+
 Scripting contract (directives are read from the FIRST ``role: user`` message
 of the request's ``messages``; they may appear anywhere in that text):
 
@@ -67,6 +73,8 @@ __all__ = [
     "ScriptRecords",
     "FakeLLMServer",
     "parse_directives",
+    "directive_problems",
+    "DIRECTIVES",
     "first_user_text",
     "iter_sse",
     "ERROR_STATUS",
@@ -130,6 +138,47 @@ def parse_directives(text: str) -> Directives:
         llm_error="llm_error" in found,
         delay_ms=_int("delay_ms"),
     )
+
+
+#: Every directive: key -> (syntax, what it does), in the order ``--help`` lists them. Each key is a
+#: field of :class:`Directives` (a test checks both ways).
+DIRECTIVES: Dict[str, Tuple[str, str]] = {
+    "conv": ("[conv:TAG]", "conversation tag (default anon): response ids are chatcmpl-TAG-1, -2, ... and the "
+             "k-th response of TAG reports prompt_tokens 100*k+7, completion_tokens 10*k+3"),
+    "tools": ("[tools:N]", "the first answer asks for N tool calls in one message (tool sb_echo, arguments "
+              '{"text": "TAG-i"}, ids call_TAG_i); once tool results are back, the answer is "done TAG"'),
+    "tool": ("[tool:NAME]", "call tool NAME instead of sb_echo"),
+    "tool_ms": ("[tool_ms:D]", 'add "sleep_ms": D to each tool call\'s arguments'),
+    "delegate": ("[delegate:KID]", "the first answer calls Hermes's delegate_task with the goal "
+                 '"[conv:KID] subtask of TAG" (the subagent\'s requests then carry tag KID)'),
+    "delegate_batch": ("[delegate_batch:A,B]", "the same with one task per tag"),
+    "child_tools": ("[child_tools:N]", "add [tools:N] to the delegated goal(s)"),
+    "llm_error": ("[llm_error]", "answer HTTP 400 with an OpenAI error body"),
+    "delay_ms": ("[delay_ms:D]", "wait D milliseconds before answering"),
+}
+_NUMBER_DIRECTIVES = frozenset({"tools", "tool_ms", "child_tools", "delay_ms"})
+_FLAG_DIRECTIVES = frozenset({"llm_error"})
+
+
+def directive_problems(text: str) -> List[str]:
+    """What is wrong with the directives in ``text``, one sentence each naming the directive (empty when all are valid).
+
+    :func:`parse_directives` ignores these problems (an unknown key, a bad number); the command's strict server
+    answers them with HTTP 400.
+    """
+    problems: List[str] = []
+    for m in _DIRECTIVE_RE.finditer(text or ""):
+        key, val, raw = m.group("key"), m.group("val"), m.group(0)
+        if key not in DIRECTIVES:
+            problems.append(f"unknown directive {raw}; valid directives: {', '.join(DIRECTIVES)}")
+        elif key in _FLAG_DIRECTIVES:
+            if val is not None:
+                problems.append(f"{raw}: [{key}] takes no value")
+        elif val is None or not val.strip() or (key == "delegate_batch" and not val.replace(",", "").strip()):
+            problems.append(f"{raw}: [{key}] needs a value, as in {DIRECTIVES[key][0]}")
+        elif key in _NUMBER_DIRECTIVES and not (val.strip().isdigit() and val.strip().isascii()):
+            problems.append(f"bad value {val!r} in {raw}: expected a whole number >= 0, as in {DIRECTIVES[key][0]}")
+    return problems
 
 
 def _content_text(content: Any) -> str:
@@ -293,17 +342,24 @@ class Script:
     the caller honours ``Reply.delay_ms``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = False) -> None:
         self._lock = threading.Lock()
         self._convs: Dict[str, _ConvState] = {}
+        self.strict = strict
+        """Answer a request whose directives are not all valid (:func:`directive_problems`) with HTTP 400."""
 
     # -- planning -----------------------------------------------------------
     def plan(self, request: Mapping[str, Any]) -> Reply:
         """Plan (and record) the reply to one chat-completions request."""
         messages = request.get("messages") or []
-        d = parse_directives(first_user_text(messages))
+        text = first_user_text(messages)
+        d = parse_directives(text)
         model = str(request.get("model") or "")
         stream = bool(request.get("stream"))
+        problems = directive_problems(text) if self.strict else []
+        if problems:
+            return Reply(tag=d.conv, model=model, stream=stream, delay_ms=0, error="fake LLM: " + "; ".join(problems),
+                         status=ERROR_STATUS, finish_reason="error")
         if d.llm_error:
             with self._lock:
                 self._convs.setdefault(d.conv, _ConvState()).errors += 1
@@ -449,9 +505,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64  # many overlapping calls connect at once
     allow_reuse_address = True
 
-    def __init__(self, owner: "FakeLLMServer") -> None:
+    def __init__(self, owner: "FakeLLMServer", port: int = 0) -> None:
         self.owner = owner
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class ScriptRecords:
@@ -483,14 +539,17 @@ class ScriptRecords:
 class FakeLLMServer(ScriptRecords):
     """HTTP front of a :class:`Script` on ``127.0.0.1:<ephemeral>``.
 
-    Context manager (or ``start()``/``stop()``).  Serves ``GET /v1/models``
+    Context manager (or ``start()``/``stop()``); ``port`` 0 (the default) takes a free one, any other port
+    that is in use makes ``start()`` raise ``OSError`` (``EADDRINUSE``).  Serves ``GET /v1/models``
     (lists ``models``), ``GET /v1/models/<m>``, ``POST /v1/chat/completions``
     (JSON or SSE) and answers anything else with a 404 JSON body.  Every
     request's ``(method, path)`` is appended to ``http_log``.
     """
 
-    def __init__(self, *, script: Optional[Script] = None, models: Sequence[str] = DEFAULT_MODELS) -> None:
+    def __init__(self, *, script: Optional[Script] = None, models: Sequence[str] = DEFAULT_MODELS,
+                 port: int = 0) -> None:
         self.script: Script = script or Script()
+        self.requested_port = port
         self.models: Tuple[str, ...] = tuple(models)
         self.http_log: List[Tuple[str, str]] = []
         self._log_lock = threading.Lock()
@@ -505,7 +564,7 @@ class FakeLLMServer(ScriptRecords):
     def start(self) -> "FakeLLMServer":
         """Bind and serve in a daemon thread; idempotent."""
         if self._server is None:
-            self._server = _Server(self)
+            self._server = _Server(self, self.requested_port)
             self._thread = threading.Thread(target=self._server.serve_forever,
                                             kwargs={"poll_interval": 0.05},
                                             name="fakellm-server", daemon=True)
@@ -552,3 +611,9 @@ def iter_sse(reply: Reply) -> Iterator[bytes]:
     for chunk in reply.chunks():
         yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+if __name__ == "__main__":  # python -m statebackends_hermes_testbed.fakellm: the command
+    from statebackends_hermes_testbed.fakellm_cli import main
+
+    raise SystemExit(main())
