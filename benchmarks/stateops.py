@@ -48,7 +48,8 @@ class _Owner:
 class StateOp:
     """One state operation run ``n`` times per :meth:`run`: ``open()``, ``run(n)`` any number of times, ``close()``.
 
-    ``subject`` is a backend name or ``"bare:<primitive>"``; ``op`` is ``"current"``
+    ``subject`` is a backend name (``"package/name"`` for a backend of another copy of the core, as
+    :mod:`benchmarks.state_vs` loads one) or ``"bare:<primitive>"``; ``op`` is ``"current"``
     (inside one open invocation, as the wrappers call it: ``store.current(owner)``)
     or ``"begin_end"`` (one ``end(begin(owner))`` pair, state built by the factory).
     Every loop has the same shape (``for _ in repeat(None, n)``), so the loop's own
@@ -91,9 +92,10 @@ class StateOp:
     # -- a backend ------------------------------------------------------------------------
 
     def _open_store(self, name: str) -> None:
-        import statebackends
+        import importlib
 
-        store = statebackends.get_store(name, dict)
+        package, _, name = name.rpartition("/")  # "pkg/name": a backend of another copy of the core (state_vs)
+        store = importlib.import_module(package or "statebackends").get_store(name, dict)
         self.store = store
         owner = self.owner
         if self.op == "current":
