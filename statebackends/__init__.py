@@ -6,7 +6,7 @@ registered in the ``statebackends`` entry-point group) is one small module.
 ``statebackends.testing`` is the conformance kit a backend is checked with.
 """
 
-from ._store import NO_SCOPE, Concurrency, Scope, StateStore, first_open
+from ._store import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
@@ -31,5 +31,6 @@ __all__ = [
     "available",
     "first_open",
     "get_store",
+    "log_safely",
     "store_from_config",
 ]

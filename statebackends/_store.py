@@ -12,14 +12,22 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, TypeVar
 
-_logger = logging.getLogger("statebackends")
+_logger = logging.getLogger(__name__)
 
 
-def _log_safely(level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
-    """Log to the ``statebackends`` logger; a handler that raises cannot break the caller (begin, end, current)."""
+def log_safely(
+    logger: logging.Logger, level: int, msg: str, *args: object, exc_info: bool | BaseException = False
+) -> None:
+    """``logger.log(level, msg, *args, exc_info=exc_info)`` that never raises: whatever a handler, filter or
+    formatter raises is dropped, ``BaseException`` included; only ``KeyboardInterrupt`` goes through.
+
+    Every path of the core that promises not to raise logs through it, and so can an instrumentation's.
+    """
     try:
-        _logger.log(level, msg, *args, exc_info=exc_info)
-    except Exception:  # noqa: BLE001 - a broken handler must not break a promise of the store
+        logger.log(level, msg, *args, exc_info=exc_info)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - a broken handler (even one raising SystemExit) never breaks the caller
         pass
 
 S = TypeVar("S")
@@ -131,13 +139,13 @@ def unwind_var(var: contextvars.ContextVar[Scope[Any]], scope: Scope[Any], name:
     uncovers with their own tokens), and only in the context that set it.
     """
     if var.get() is not scope:
-        _log_safely(logging.DEBUG, "%s: invocation %r ended out of order or outside its context; unwound later",
+        log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or outside its context; unwound later",
                     name, scope.invocation_id)
         return
     try:
         var.reset(scope.token)
     except (ValueError, RuntimeError):  # a copy of the context that set it
-        _log_safely(logging.DEBUG, "%s: invocation %r ended in a copy of its context; left to that context",
+        log_safely(_logger, logging.DEBUG, "%s: invocation %r ended in a copy of its context; left to that context",
                     name, scope.invocation_id)
         return
     scope.token = UNWOUND
@@ -226,14 +234,16 @@ class StateStore(abc.ABC, Generic[S]):
             if not again and scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
                 self._live -= 1
         if again:
-            _log_safely(logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
+            log_safely(_logger, logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
                         self.name, scope.invocation_id)
             return
         try:
             self._exit(scope)
-        except Exception:  # noqa: BLE001 - the contract is "never raises"
-            _log_safely(logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
-                        exc_info=True)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - the contract is "never raises" (KeyboardInterrupt excepted)
+            log_safely(_logger, logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name,
+                       scope.invocation_id, exc_info=True)
 
     @abc.abstractmethod
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
@@ -281,8 +291,10 @@ def _reinit_stores_in_child() -> None:
     for store in list(_stores):
         try:
             store._after_fork_in_child()
-        except Exception:  # noqa: BLE001 - a fork must never fail because of a store
-            _log_safely(logging.DEBUG, "%s: re-initialisation after fork failed", store.name, exc_info=True)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - a fork must never fail because of a store
+            log_safely(_logger, logging.DEBUG, "%s: re-initialisation after fork failed", store.name, exc_info=True)
 
 
 if hasattr(os, "register_at_fork"):

@@ -6,7 +6,9 @@ import itertools
 import logging
 from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open
+
+_logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
@@ -79,7 +81,7 @@ class InstanceStore(StateStore[S]):
                 else:
                     slots[key] = uncovered
         if not on_top:
-            _log_safely(logging.DEBUG, "%s: invocation %r ended out of order; cleared later",
+            log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order; cleared later",
                         self.name, scope.invocation_id)
 
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:

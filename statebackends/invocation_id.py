@@ -13,7 +13,9 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable, TypeVar
 
 from . import _store
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open, unwind_uncovered, unwind_var, UNWOUND
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open, unwind_uncovered, unwind_var, UNWOUND
+
+_logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
@@ -36,7 +38,7 @@ def _max_entries_from_env() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        _log_safely(logging.ERROR, "statebackends: %s=%r is not valid (a positive integer is); using %d",
+        log_safely(_logger, logging.ERROR, "statebackends: %s=%r is not valid (a positive integer is); using %d",
                     ENV_MAX_ENTRIES, raw, DEFAULT_MAX_ENTRIES)
         return DEFAULT_MAX_ENTRIES
     return value
@@ -165,7 +167,7 @@ class InvocationIdStore(StateStore[S]):
                 if self._open.pop(scope, None) is not None:
                     self._unindex(scope)
         if again:
-            _log_safely(logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
+            log_safely(_logger, logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
                         self.name, scope.invocation_id)
             return
         try:
@@ -181,8 +183,10 @@ class InvocationIdStore(StateStore[S]):
                         unwind_uncovered(ambient)
                     return
             unwind_var(ambient, scope, self.name)
-        except Exception:  # noqa: BLE001 - the contract is "never raises"
-            _log_safely(logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - the contract is "never raises" (KeyboardInterrupt excepted)
+            log_safely(_logger, logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
                         exc_info=True)
 
     def _enter(self, scope: Scope[S]) -> Any:
@@ -190,8 +194,8 @@ class InvocationIdStore(StateStore[S]):
 
     def _warn_evicted(self, report: tuple[int, int]) -> None:
         """Logged once all is done: a raising handler cannot leave begin() half-done."""
-        _log_safely(
-            logging.WARNING,
+        log_safely(
+            _logger, logging.WARNING,
             "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
             "bound max_entries=%d, max_age=%s, set by %s); they keep their state in their own context, but "
             "id look-ups from other threads lose them",
@@ -278,8 +282,8 @@ class InvocationIdStore(StateStore[S]):
             self.ambiguous += 1
             warn, self._warned_ambiguous = not self._warned_ambiguous, True
         if warn:
-            _log_safely(
-                logging.WARNING,
+            log_safely(
+                _logger, logging.WARNING,
                 "%s: several open invocations (of the owner given, if any) share the id %r and the look-up "
                 "came without their context (a raw thread hop): returning None rather than another invocation's state; "
                 "further cases are counted in %s.ambiguous, not logged",

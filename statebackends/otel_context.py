@@ -11,7 +11,9 @@ from typing import Any, Callable, Hashable, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open
+
+_logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ids = itertools.count()
@@ -76,7 +78,7 @@ class OtelContextStore(StateStore[S]):
         if self._detach(scope):
             self._unwind_here()
             return
-        _log_safely(logging.DEBUG, "%s: invocation %r ended out of order or outside its context; detached later",
+        log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or outside its context; detached later",
                     self.name, scope.invocation_id)
         if type(scope.token) is tuple:  # our context stays attached for now: let it hold a husk, not the state
             husk: Scope[Any] = Scope(None, None, scope.invocation_id, scope.token)

@@ -7,7 +7,9 @@ import os
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from ._store import StateStore, _log_safely
+from ._store import StateStore, log_safely
+
+_logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
@@ -52,8 +54,8 @@ def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str,
             raise
         except BaseException as exc:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) hides nothing
             broken[ep.name] = f"{type(exc).__name__}: {exc}"
-            _log_safely(
-                logging.WARNING, "statebackends: entry point %r (%s) in group %r failed to load: %s",
+            log_safely(
+                _logger, logging.WARNING, "statebackends: entry point %r (%s) in group %r failed to load: %s",
                 ep.name, ep.value, ENTRY_POINT_GROUP, broken[ep.name],
             )
             continue
@@ -68,7 +70,7 @@ def _backends() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str, st
     third, broken = _third_party()
     for name, obj in list(third.items()) + [(name, None) for name in broken]:
         if _norm(name) in taken:
-            _log_safely(logging.WARNING, "statebackends: entry point %r ignored: a backend named %r is already "
+            log_safely(_logger, logging.WARNING, "statebackends: entry point %r ignored: a backend named %r is already "
                         "registered (names compare case-insensitively)", name, _norm(name))
             broken.pop(name, None)
             continue
@@ -157,15 +159,15 @@ def store_from_config(
         if not raw:
             continue
         if var == DEPRECATED_ENV_STATE_BACKEND:
-            _log_safely(logging.WARNING, "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw)
+            log_safely(_logger, logging.WARNING, "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw)
         try:
             store = get_store(raw, factory)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
-            _log_safely(logging.ERROR, "statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
+            log_safely(_logger, logging.ERROR, "statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
             break
-        _log_safely(logging.DEBUG, "statebackends: backend %r chosen by %s", getattr(store, "name", "") or raw, var)
+        log_safely(_logger, logging.DEBUG, "statebackends: backend %r chosen by %s", getattr(store, "name", "") or raw, var)
         return store
     return get_store(default, factory)
 

@@ -7,7 +7,9 @@ import logging
 import threading
 from typing import Any, Callable, Hashable, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, _log_safely, first_open
+from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open
+
+_logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,7 +44,7 @@ class ThreadLocalStore(StateStore[S]):
     def _exit(self, scope: Scope[S]) -> None:
         local = self._local
         if getattr(local, "scope", None) is not scope:
-            _log_safely(logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared later",
+            log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared later",
                         self.name, scope.invocation_id)
             return
         uncovered = first_open(scope.previous)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 from opentelemetry import context as otel_context
 
-from statebackends import Scope, StateStore, get_store
+from statebackends import Scope, StateStore, get_store, log_safely
 from statebackends.contextvar import ContextVarStore
 from statebackends.invocation_id import DEFAULT_MAX_ENTRIES, ENV_MAX_ENTRIES, InvocationIdStore
 
@@ -25,6 +25,10 @@ BUILTINS = ["contextvar", "instance", "invocation_id", "otel_context", "threadlo
 
 class Owner:
     pass
+
+
+class Fatal(BaseException):
+    """What a broken handler or backend may raise beyond ``Exception`` (a custom ``BaseException`` subclass)."""
 
 
 def raw_hop(fn: Any, *args: Any) -> Any:
@@ -235,14 +239,6 @@ class EnterFails(ContextVarStore):
         raise OSError("cannot enter")
 
 
-class ExitFails(ContextVarStore):
-    name = "exit_fails"
-
-    def _exit(self, scope: Scope) -> None:
-        super()._exit(scope)
-        raise OSError("cannot exit")
-
-
 def test_begin_whose_enter_raises_leaves_nothing_half_done() -> None:
     store = EnterFails(dict)
     with pytest.raises(OSError, match="cannot enter"):
@@ -258,13 +254,41 @@ def test_invocation_id_begin_with_an_unhashable_id_leaves_nothing_behind() -> No
     assert store.current(Owner()) is None
 
 
-def test_end_whose_exit_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("exc", [OSError, GeneratorExit, SystemExit, Fatal], ids=lambda e: e.__name__)
+def test_end_whose_exit_raises_is_logged_not_raised(exc: type[BaseException], caplog: pytest.LogCaptureFixture) -> None:
+    class ExitFails(ContextVarStore[Any]):
+        def _exit(self, scope: Scope[Any]) -> None:
+            super()._exit(scope)
+            raise exc("cannot exit")
+
     store = ExitFails(dict)
     scope = store.begin(Owner())
     with caplog.at_level(logging.DEBUG, logger="statebackends"):
         store.end(scope)
-    assert store.live() == 0
+    assert store.live() == 0 and store.current(Owner()) is None
     assert any("could not undo" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def test_end_lets_a_keyboard_interrupt_through() -> None:
+    """The one thing the core never swallows: the user's Ctrl-C, wherever it lands."""
+
+    class Interrupted(ContextVarStore[Any]):
+        def _exit(self, scope: Scope[Any]) -> None:
+            super()._exit(scope)
+            raise KeyboardInterrupt
+
+    store = Interrupted(dict)
+    with pytest.raises(KeyboardInterrupt):
+        store.end(store.begin(Owner()))
+    assert store.live() == 0
+
+
+def test_log_safely_drops_what_a_handler_raises_but_a_keyboard_interrupt(raising_handler: Any) -> None:
+    logger = logging.getLogger("statebackends.test")
+    log_safely(logger, logging.ERROR, "a message %s", "arg", exc_info=True)  # raising here fails the test
+    raising_handler.exc = KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        log_safely(logger, logging.ERROR, "a message")
 
 
 # -- invocation_id: shared ids ---------------------------------------------------------
@@ -590,14 +614,18 @@ def test_invocation_id_index_adds_and_removes_in_constant_time_for_a_shared_id()
 
 
 class Boom(logging.Handler):
+    def __init__(self, exc: type[BaseException] = RuntimeError) -> None:
+        super().__init__()
+        self.exc = exc
+
     def emit(self, record: logging.LogRecord) -> None:
-        raise RuntimeError("handler failed")
+        raise self.exc("handler failed")
 
 
-@pytest.fixture
-def raising_handler() -> Any:
+@pytest.fixture(params=[RuntimeError, GeneratorExit, SystemExit, Fatal], ids=lambda e: e.__name__)
+def raising_handler(request: pytest.FixtureRequest) -> Any:
     logger = logging.getLogger("statebackends")
-    handler, level = Boom(), logger.level
+    handler, level = Boom(request.param), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:

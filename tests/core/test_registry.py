@@ -333,10 +333,17 @@ def test_a_plugin_interrupted_by_the_user_is_not_swallowed(plugin_path: Path) ->
         store_from_config(None, dict, environ={ENV_STATE_BACKEND: "interrupted"})
 
 
-def test_a_raising_log_handler_never_breaks_configuration_from_the_environment(plugin_path: Path) -> None:
+class Fatal(BaseException):
+    """A custom ``BaseException`` subclass, as a broken log handler may raise."""
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, GeneratorExit, SystemExit, Fatal], ids=lambda e: e.__name__)
+def test_a_raising_log_handler_never_breaks_configuration_from_the_environment(
+    plugin_path: Path, exc: type[BaseException]
+) -> None:
     class Boom(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            raise RuntimeError("handler failed")
+            raise exc("handler failed")
 
     logger, handler = logging.getLogger("statebackends"), Boom()
     logger.addHandler(handler)
