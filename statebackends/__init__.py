@@ -6,7 +6,7 @@ registered in the ``statebackends`` entry-point group) is one small module.
 ``statebackends.testing`` is the conformance kit a backend is checked with.
 """
 
-from ._store import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
+from ._store import NO_SCOPE, Concurrency, Scope, StateStore, at_fork_in_child, first_open, log_safely
 from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
@@ -28,6 +28,7 @@ __all__ = [
     "Scope",
     "__version__",
     "StateStore",
+    "at_fork_in_child",
     "available",
     "first_open",
     "get_store",

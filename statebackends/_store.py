@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextvars
 import enum
+import inspect
 import logging
 import os
 import threading
@@ -285,7 +286,28 @@ class StateStore(abc.ABC, Generic[S]):
         return f"<{type(self).__name__} {self.name!r} live={self.live()}>"
 
 
-def _reinit_stores_in_child() -> None:
+_fork_callbacks: list[Callable[[], Callable[[], object] | None]] = []
+"""What :func:`at_fork_in_child` registered, in order: each gives the callback, or None once its object is gone."""
+
+
+def at_fork_in_child(callback: Callable[[], object]) -> Callable[[], object]:
+    """Run ``callback()`` in every child this process forks, once every store has re-made its locks; returns it.
+
+    For what an instrumentation keeps per process (its locks, the prefix of the ids it makes up):
+    ``os.register_at_fork(after_in_child=...)`` with three promises more. A bound method is held
+    weakly, so registering keeps no object alive; callbacks run in the order they were registered;
+    whatever one raises is logged at WARNING and the next one runs (``KeyboardInterrupt`` excepted).
+    """
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, got {callback!r}")
+    if inspect.ismethod(callback):
+        _fork_callbacks.append(weakref.WeakMethod(callback))
+    else:
+        _fork_callbacks.append(lambda: callback)
+    return callback
+
+
+def _after_fork_in_child() -> None:
     global _fork_epoch
     _fork_epoch += 1
     for store in list(_stores):
@@ -295,7 +317,21 @@ def _reinit_stores_in_child() -> None:
             raise
         except BaseException:  # noqa: BLE001 - a fork must never fail because of a store
             log_safely(_logger, logging.DEBUG, "%s: re-initialisation after fork failed", store.name, exc_info=True)
+    live = []
+    for ref in _fork_callbacks:
+        callback = ref()
+        if callback is None:  # its object is gone: forget it
+            continue
+        live.append(ref)
+        try:
+            callback()
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - a fork must never fail because of a callback
+            log_safely(_logger, logging.WARNING, "statebackends: fork callback %r failed in the child", callback,
+                       exc_info=True)
+    _fork_callbacks[:] = live
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_stores_in_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,6 +7,7 @@ import functools
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,11 @@ _NO_CLOCK = float("inf")
 """The start time recorded while ``max_age`` is None (no clock read per begin): never too old."""
 
 
+def _id_prefix() -> str:
+    """The prefix of the ids a store makes up in this process: its pid and 32 random bits (pids are reused)."""
+    return f"inv-{os.getpid():x}-{secrets.token_hex(4)}-"
+
+
 def _max_entries_from_env() -> int:
     raw = os.environ.get(ENV_MAX_ENTRIES, "").strip()
     if not raw:
@@ -48,8 +54,8 @@ class InvocationIdStore(StateStore[S]):
     """Binds each invocation's scope in its context and indexes it by id, so a bare id finds it.
 
     ``begin`` binds the scope in a ``ContextVar`` (the *ambient* binding) and
-    adds it to a locked index ``id -> open scopes`` (an id is generated when
-    the call has none). ``current(owner, id)``:
+    adds it to a locked index ``id -> open scopes`` (an id is made up when
+    the call has none, unique across forks). ``current(owner, id)``:
 
     * the ambient invocation wins when no id is passed or its id matches (an
       outer invocation of this context too): two overlapping invocations
@@ -122,7 +128,7 @@ class InvocationIdStore(StateStore[S]):
         self._ambient: contextvars.ContextVar[Scope[S]] = contextvars.ContextVar(
             f"statebackends_invocation_{next(_ids)}", default=NO_SCOPE
         )
-        self._prefix = f"inv-{os.getpid():x}-{next(_ids):x}-"
+        self._prefix = _id_prefix()
         self._counter = itertools.count(1)
 
     def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S]:
@@ -310,3 +316,4 @@ class InvocationIdStore(StateStore[S]):
         # thread's invocations keep their ambient binding, the index starts empty.
         self._open = OrderedDict()
         self._by_id = {}
+        self._prefix = _id_prefix()  # the ids it makes up never repeat the parent's

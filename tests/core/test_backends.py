@@ -830,6 +830,97 @@ def test_otel_context_end_under_a_foreign_attach_releases_the_state_and_detaches
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no 'Failed to detach context'"
 
 
+# -- the public fork hook ---------------------------------------------------------------------
+
+
+def in_forked_child(fn: Any, timeout: float = 10) -> Any:
+    """``fn()`` run in a forked child; its result (or ``repr`` of what it raised, as ``("raised", text)``) comes back pickled."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read)
+            try:
+                out: Any = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the parent
+                out = ("raised", repr(exc))
+            with os.fdopen(write, "wb") as f:
+                pickle.dump(out, f)
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        time.sleep(0.002)
+    with os.fdopen(read, "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: os.fork")
+def test_ids_invocation_id_makes_up_never_repeat_across_a_fork() -> None:
+    store = get_store("invocation_id", dict)
+    owner = Owner()
+    store.end(store.begin(owner))
+    in_child = in_forked_child(lambda: [store.begin(owner).invocation_id for _ in range(3)])
+    in_parent = [store.begin(owner).invocation_id for _ in range(3)]
+    assert not set(in_child) & set(in_parent), (in_child, in_parent)
+    assert len(set(in_child)) == len(set(in_parent)) == 3
+
+
+class ForkWatcher:
+    """Callbacks as bound methods: held weakly, so they go away with the watcher at the end of a test."""
+
+    def __init__(self, store: StateStore[Any], seen: list[Any]) -> None:
+        self.store, self.seen = store, seen
+
+    def first(self) -> None:  # runs once every store is re-made: its lock is free, nothing of the parent's counted
+        self.seen.append(("first", self.store._lock.acquire(blocking=False), self.store.live()))
+
+    def raises(self) -> None:
+        raise Fatal("a broken callback")
+
+    def last(self) -> None:
+        self.seen.append("last")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: os.fork")
+def test_at_fork_in_child_runs_in_order_after_the_stores_and_survives_a_raising_callback() -> None:
+    import gc
+
+    from statebackends import at_fork_in_child
+
+    store = InvocationIdStore(dict)
+    seen: list[Any] = []
+    watcher, dropped = ForkWatcher(store, seen), ForkWatcher(store, seen)
+    assert at_fork_in_child(watcher.first) == watcher.first
+    at_fork_in_child(watcher.raises)
+    at_fork_in_child(dropped.last)  # held weakly: gone before the fork, never run
+    at_fork_in_child(watcher.last)
+    del dropped
+    gc.collect()
+    scope = store.begin(Owner())
+    try:
+        with store._lock:  # held by the parent at the fork: the child re-makes it
+            in_child = in_forked_child(lambda: seen)
+    finally:
+        store.end(scope)
+    assert in_child == [("first", True, 0), "last"]
+    assert seen == []  # nothing ran in the parent
+
+
+def test_at_fork_in_child_rejects_what_cannot_be_called() -> None:
+    from statebackends import at_fork_in_child
+
+    with pytest.raises(TypeError, match="42"):
+        at_fork_in_child(42)  # type: ignore[arg-type]
+
+
 # -- regressions: fork inside a propagated call ----------------------------------------------
 
 
