@@ -15,6 +15,7 @@ from .registry import (
     ENV_STATE_BACKEND,
     available,
     get_store,
+    invalidate_caches,
     store_from_config,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "available",
     "first_open",
     "get_store",
+    "invalidate_caches",
     "log_safely",
     "store_from_config",
 ]

@@ -25,7 +25,7 @@ def log_safely(
     Every path of the core that promises not to raise logs through it, and so can an instrumentation's.
     """
     try:
-        logger.log(level, msg, *args, exc_info=exc_info)
+        logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)  # the record names the caller's line
     except KeyboardInterrupt:
         raise
     except BaseException:  # noqa: BLE001 - a broken handler (even one raising SystemExit) never breaks the caller

@@ -25,15 +25,35 @@ DEPRECATED_ENV_STATE_BACKEND = "OTEL_PYTHON_STATE_BACKEND"
 DEFAULT_BACKEND = "contextvar"
 
 
-def _builtins() -> dict[str, Callable[..., StateStore[Any]]]:
-    from .contextvar import ContextVarStore
-    from .instance import InstanceStore
-    from .invocation_id import InvocationIdStore
-    from .otel_context import OtelContextStore
-    from .threadlocal import ThreadLocalStore
+Backends = dict[str, Callable[..., StateStore[Any]]]
+_builtin_backends: Backends | None = None
+_registered: tuple[Backends, dict[str, str]] | None = None
+"""What the entry points gave (see :func:`_backends`), loaded once per process; None until needed."""
 
-    classes = (InstanceStore, ContextVarStore, ThreadLocalStore, InvocationIdStore, OtelContextStore)
-    return {cls.name: cls for cls in classes}
+
+def _builtins() -> Backends:
+    global _builtin_backends
+    if _builtin_backends is None:
+        from .contextvar import ContextVarStore
+        from .instance import InstanceStore
+        from .invocation_id import InvocationIdStore
+        from .otel_context import OtelContextStore
+        from .threadlocal import ThreadLocalStore
+
+        classes = (InstanceStore, ContextVarStore, ThreadLocalStore, InvocationIdStore, OtelContextStore)
+        _builtin_backends = {cls.name: cls for cls in classes}
+    return _builtin_backends
+
+
+def invalidate_caches() -> None:
+    """Forget the entry points loaded so far: the next look-up that needs them reads the group again.
+
+    Third-party backends are loaded once per process, the first time a name that is not a built-in
+    is resolved (or :func:`available` is called); call this after installing or removing one in a
+    running process.
+    """
+    global _registered
+    _registered = None
 
 
 def _norm(name: str) -> str:
@@ -63,9 +83,20 @@ def _third_party() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str,
     return loaded, broken
 
 
-def _backends() -> tuple[dict[str, Callable[..., StateStore[Any]]], dict[str, str]]:
-    """(backends, broken plugins), keyed by registered name; names that compare equal keep the first (built-ins first)."""
-    backends: dict[str, Callable[..., StateStore[Any]]] = dict(_builtins())
+def _backends() -> tuple[Backends, dict[str, str]]:
+    """(backends, broken plugins), keyed by registered name; names that compare equal keep the first (built-ins first).
+
+    Loaded once per process (until :func:`invalidate_caches`); callers never change what it returns.
+    """
+    global _registered
+    registered = _registered
+    if registered is None:  # two threads may both load: the same modules, one result kept
+        registered = _registered = _load_backends()
+    return registered
+
+
+def _load_backends() -> tuple[Backends, dict[str, str]]:
+    backends: Backends = dict(_builtins())
     taken = {_norm(name) for name in backends}
     third, broken = _third_party()
     for name, obj in list(third.items()) + [(name, None) for name in broken]:
@@ -108,30 +139,39 @@ def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> S
     if not isinstance(name_or_store, str):
         raise ValueError(
             f"state backend must be a backend name or a StateStore, got {name_or_store!r}; "
-            f"valid names: {', '.join(sorted(_backends()[0]))}"
+            f"valid names: {_valid()}"
         )
-    backends, broken = _backends()
-    valid = ", ".join(sorted(backends))
-    name = _find(broken, name_or_store)
+    builtins = _builtins()
+    name = _find(builtins, name_or_store)  # a built-in name never loads a plugin (built-ins win a clash anyway)
     if name is not None:
-        raise ValueError(
-            f"state backend {name_or_store!r} is registered in entry-point group "
-            f"{ENTRY_POINT_GROUP!r} but failed to load ({broken[name]}); valid names: {valid}"
-        )
-    name = _find(backends, name_or_store)
-    if name is None:
-        raise ValueError(f"unknown state backend {name_or_store!r}; valid names: {valid}")
+        make = builtins[name]
+    else:
+        backends, broken = _backends()
+        name = _find(broken, name_or_store)
+        if name is not None:
+            raise ValueError(
+                f"state backend {name_or_store!r} is registered in entry-point group "
+                f"{ENTRY_POINT_GROUP!r} but failed to load ({broken[name]}); valid names: {_valid()}"
+            )
+        name = _find(backends, name_or_store)
+        if name is None:
+            raise ValueError(f"unknown state backend {name_or_store!r}; valid names: {_valid()}")
+        make = backends[name]
     try:
-        store = backends[name](factory)
+        store = make(factory)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a plugin's failure (even SystemExit) is reported, not propagated raw
         raise ValueError(
-            f"state backend {name!r} could not be created ({type(exc).__name__}: {exc}); valid names: {valid}"
+            f"state backend {name!r} could not be created ({type(exc).__name__}: {exc}); valid names: {_valid()}"
         ) from exc
     if not isinstance(store, StateStore):
-        raise ValueError(f"state backend {name!r} built {store!r}, which is not a StateStore; valid names: {valid}")
+        raise ValueError(f"state backend {name!r} built {store!r}, which is not a StateStore; valid names: {_valid()}")
     return store
+
+
+def _valid() -> str:
+    return ", ".join(sorted(_backends()[0]))
 
 
 def store_from_config(

@@ -27,8 +27,10 @@ def example_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
     monkeypatch.syspath_prepend(str(tmp_path))
+    statebackends.invalidate_caches()
     yield tmp_path
     sys.modules.pop("statebackends_example_threadident", None)
+    statebackends.invalidate_caches()
 
 
 def test_example_backend_resolves_by_name_and_conforms(example_installed: Path) -> None:

@@ -76,11 +76,14 @@ def _write_dist(root: Path, dist: str, module: str, source: str, entry: str) -> 
 
 @pytest.fixture
 def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder on ``sys.path`` where a test installs plugins; the registry reads the group afresh, before and after."""
     monkeypatch.syspath_prepend(str(tmp_path))
+    statebackends.invalidate_caches()
     yield tmp_path
     for mod in list(sys.modules):
         if mod.startswith("sb_thirdparty_"):
             sys.modules.pop(mod, None)
+    statebackends.invalidate_caches()
 
 
 def test_third_party_backend_through_a_real_entry_point(plugin_path: Path) -> None:
@@ -352,3 +355,49 @@ def test_a_raising_log_handler_never_breaks_configuration_from_the_environment(
         assert store_from_config(None, dict, environ={DEPRECATED_ENV_STATE_BACKEND: "instance"}).name == "instance"
     finally:
         logger.removeHandler(handler)
+
+
+def _counting_plugin(root: Path, module: str, name: str, *, broken: bool) -> Path:
+    """A plugin whose import appends a line to a file (and then raises, if ``broken``): the file counts the imports."""
+    marker = root / f"{module}.imports"
+    body = "raise ImportError('no such dep')\n" if broken else (
+        "from statebackends.contextvar import ContextVarStore\n\nclass Store(ContextVarStore):\n    name = 'counted'\n")
+    _write_dist(root, module, module, f"with open({str(marker)!r}, 'a') as f:\n    f.write('imported\\n')\n{body}",
+                f"{name} = {module}:Store")
+    return marker
+
+
+def _imports(marker: Path) -> int:
+    return len(marker.read_text().splitlines()) if marker.exists() else 0
+
+
+def test_a_built_in_name_never_imports_a_plugin(plugin_path: Path) -> None:
+    marker = _counting_plugin(plugin_path, "sb_thirdparty_slow", "slowstore", broken=False)
+    for name in BUILTINS:
+        assert get_store(f" {name.upper()}", dict).name == name
+    assert store_from_config(None, dict, environ={}).name == "contextvar"
+    assert store_from_config(None, dict, environ={ENV_STATE_BACKEND: "threadlocal"}).name == "threadlocal"
+    assert _imports(marker) == 0 and "sb_thirdparty_slow" not in sys.modules
+    assert get_store("slowstore", dict).name == "counted" and _imports(marker) == 1
+
+
+def test_plugins_load_once_per_process_until_the_caches_are_invalidated(
+    plugin_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = _counting_plugin(plugin_path, "sb_thirdparty_flaky", "flakystore", broken=True)
+    with caplog.at_level(logging.WARNING, logger="statebackends"):
+        for _ in range(3):
+            with pytest.raises(ValueError, match="no such dep"):
+                get_store("flakystore", dict)
+            assert "flakystore" not in statebackends.available()
+            assert store_from_config(None, dict, environ={ENV_STATE_BACKEND: "flakystore"}).name == "contextvar"
+    assert _imports(marker) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING and "failed to load" in r.getMessage()]) == 1
+    _counting_plugin(plugin_path, "sb_thirdparty_late", "latestore", broken=False)  # installed while running
+    with pytest.raises(ValueError, match="unknown state backend 'latestore'"):
+        get_store("latestore", dict)
+    statebackends.invalidate_caches()
+    assert get_store("latestore", dict).name == "counted"
+    with pytest.raises(ValueError, match="no such dep"):
+        get_store("flakystore", dict)
+    assert _imports(marker) == 2
