@@ -178,7 +178,8 @@ def test_bad_arguments_are_one_line_naming_the_value(args: list[str], named: str
     ("text", "problem"),
     [
         ("[conv:a] [tools:2] [tool:x] [tool_ms:5] [child_tools:1] [delay_ms:0] [llm_error] hi", None),
-        ("[delegate_batch:a,b] [delegate:k] hi [not a directive] [A:b]", None),
+        ("[delegate_batch:a,b] [delegate:k] [files:/a.md,b.md] hi [not a directive] [A:b]", None),
+        ("[files:]", "[files] needs a value"),
         ("[tools:-1]", "bad value '-1' in [tools:-1]"),
         ("[delay_ms:1.5]", "bad value '1.5' in [delay_ms:1.5]"),
         ("[delegate_batch:,]", "[delegate_batch] needs a value"),
@@ -200,3 +201,9 @@ def test_the_library_script_stays_lenient() -> None:
     assert reply.error is None and reply.content == "done x"
     strict = Script(strict=True).plan(request)
     assert strict.status == 400 and strict.error is not None and "[toolz:2]" in strict.error
+
+
+def test_files_asks_for_one_read_file_per_path() -> None:
+    reply = Script().plan({"model": "m", "messages": [{"role": "user", "content": "[conv:x] [files:/n/a.md, b.md] hi"}]})
+    assert reply.finish_reason == "tool_calls"
+    assert reply.tool_calls == (("call_x_1", "read_file", '{"path": "/n/a.md"}'), ("call_x_2", "read_file", '{"path": "b.md"}'))

@@ -39,6 +39,9 @@ of the request's ``messages``; they may appear anywhere in that text):
 ``[tool_ms:D]``           add ``"sleep_ms": D`` to each tool call's args (the
                           harness's ``sb_echo`` sleeps that long, so the calls
                           of one batch overlap in Hermes's tool pool).
+``[files:P1,P2]``         first turn calls Hermes's ``read_file`` once per path,
+                          ``{"path": P}``, ids ``call_TAG_i``, in one message
+                          (Hermes runs reads of different paths in its tool pool).
 ``[delegate:KID]``        first turn calls Hermes ``delegate_task`` with
                           ``{"goal": "[conv:KID] ..."}`` (id ``call_TAG_delegate``)
                           so the child agent's own requests carry tag KID.
@@ -106,6 +109,7 @@ class Directives:
     delegate_batch: Tuple[str, ...] = ()
     child_tools: int = 0
     tool_ms: int = 0
+    files: Tuple[str, ...] = ()
     llm_error: bool = False
     delay_ms: int = 0
 
@@ -127,6 +131,7 @@ def parse_directives(text: str) -> Directives:
             return 0
 
     batch = found.get("delegate_batch")
+    files = found.get("files")
     return Directives(
         conv=(found.get("conv") or "anon").strip() or "anon",
         tools=_int("tools"),
@@ -135,6 +140,7 @@ def parse_directives(text: str) -> Directives:
         delegate_batch=tuple(t.strip() for t in batch.split(",") if t.strip()) if batch else (),
         child_tools=_int("child_tools"),
         tool_ms=_int("tool_ms"),
+        files=tuple(p.strip() for p in files.split(",") if p.strip()) if files else (),
         llm_error="llm_error" in found,
         delay_ms=_int("delay_ms"),
     )
@@ -149,6 +155,8 @@ DIRECTIVES: Dict[str, Tuple[str, str]] = {
               '{"text": "TAG-i"}, ids call_TAG_i); once tool results are back, the answer is "done TAG"'),
     "tool": ("[tool:NAME]", "call tool NAME instead of sb_echo"),
     "tool_ms": ("[tool_ms:D]", 'add "sleep_ms": D to each tool call\'s arguments'),
+    "files": ("[files:P1,P2]", 'the first answer calls Hermes\'s read_file once per path ({"path": P}, ids '
+              "call_TAG_i) in one message; Hermes runs reads of different paths in its tool pool"),
     "delegate": ("[delegate:KID]", "the first answer calls Hermes's delegate_task with the goal "
                  '"[conv:KID] subtask of TAG" (the subagent\'s requests then carry tag KID)'),
     "delegate_batch": ("[delegate_batch:A,B]", "the same with one task per tag"),
@@ -158,6 +166,7 @@ DIRECTIVES: Dict[str, Tuple[str, str]] = {
 }
 _NUMBER_DIRECTIVES = frozenset({"tools", "tool_ms", "child_tools", "delay_ms"})
 _FLAG_DIRECTIVES = frozenset({"llm_error"})
+_LIST_DIRECTIVES = frozenset({"delegate_batch", "files"})
 
 
 def directive_problems(text: str) -> List[str]:
@@ -174,7 +183,7 @@ def directive_problems(text: str) -> List[str]:
         elif key in _FLAG_DIRECTIVES:
             if val is not None:
                 problems.append(f"{raw}: [{key}] takes no value")
-        elif val is None or not val.strip() or (key == "delegate_batch" and not val.replace(",", "").strip()):
+        elif val is None or not val.strip() or (key in _LIST_DIRECTIVES and not val.replace(",", "").strip()):
             problems.append(f"{raw}: [{key}] needs a value, as in {DIRECTIVES[key][0]}")
         elif key in _NUMBER_DIRECTIVES and not (val.strip().isdigit() and val.strip().isascii()):
             problems.append(f"bad value {val!r} in {raw}: expected a whole number >= 0, as in {DIRECTIVES[key][0]}")
@@ -380,6 +389,10 @@ class Script:
             else:
                 args = {"goal": f"[conv:{d.delegate}]{extra} subtask of {d.conv}"}
             calls = ((f"call_{d.conv}_delegate", "delegate_task", json.dumps(args)),)
+            content, finish = None, "tool_calls"
+        elif d.files:
+            calls = tuple((f"call_{d.conv}_{i}", "read_file", json.dumps({"path": path}))
+                          for i, path in enumerate(d.files, 1))
             content, finish = None, "tool_calls"
         elif d.tools > 0:
             def _args(i: int) -> str:

@@ -382,9 +382,13 @@ def wait_for_delegations(timeout: float = 30.0, poll: float = 0.02) -> bool:
     daemon pool (thread ``async-delegate_*``) and its completion is pushed on
     ``tools.process_registry.process_registry.completion_queue``.  This polls
     ``tools.async_delegation.active_count()`` (running + finalizing units).
-    Returns True when idle, False on timeout.
+    Returns True when idle, False on timeout. Before hermes-agent 0.17 (no
+    ``tools.async_delegation``) subagents run inside the tool call: nothing to wait for.
     """
-    from tools import async_delegation
+    try:
+        from tools import async_delegation
+    except ImportError:
+        return True
 
     deadline = time.monotonic() + timeout
     while async_delegation.active_count() > 0:

@@ -22,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .hermes_harness import hermes_config
 
@@ -53,9 +53,12 @@ def _value(any_value: Any) -> Any:
 
 
 class OTLPSink:
-    """Loopback HTTP sink: 200 to everything, OTLP trace posts kept and decoded."""
+    """Loopback HTTP sink: 200 to everything, OTLP trace posts to ``traces_path`` kept and decoded.
 
-    def __init__(self) -> None:
+    ``traces_path`` is the Langfuse SDK's by default; an OTLP/HTTP exporter's own is ``/v1/traces``.
+    """
+
+    def __init__(self, traces_path: str = TRACES_PATH) -> None:
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self._bodies: list[bytes] = []
@@ -76,7 +79,7 @@ class OTLPSink:
                     raw = gzip.decompress(raw)
                 with sink._lock:
                     sink.requests.append(("POST", self.path))
-                    if self.path == TRACES_PATH:
+                    if self.path == traces_path:
                         sink._bodies.append(raw)
                 self._reply()
 
@@ -109,26 +112,53 @@ class OTLPSink:
             self.requests.clear()
             self._bodies.clear()
 
-    def spans(self) -> list[ExportedSpan]:
-        """Every span received so far, decoded."""
+    def _received(self) -> Iterator[tuple[Any, Any]]:
+        """``(scope_spans, span)`` protobuf messages of every span received so far."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         with self._lock:
             bodies = list(self._bodies)
-        out: list[ExportedSpan] = []
         for body in bodies:
             for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     for s in scope_spans.spans:
-                        out.append(ExportedSpan(
-                            scope=scope_spans.scope.name,
-                            name=s.name,
-                            trace_id=int.from_bytes(s.trace_id, "big"),
-                            span_id=int.from_bytes(s.span_id, "big"),
-                            parent_span_id=int.from_bytes(s.parent_span_id, "big") if s.parent_span_id else None,
-                            attributes={a.key: _value(a.value) for a in s.attributes},
-                        ))
-        return out
+                        yield scope_spans, s
+
+    def readable_spans(self) -> list[Any]:
+        """Every span received so far as an SDK ``ReadableSpan`` (what :func:`traces.judge` reads)."""
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+        def context(trace_id: bytes, span_id: bytes) -> SpanContext:
+            return SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"), is_remote=False)
+
+        return [
+            ReadableSpan(
+                name=s.name,
+                context=context(s.trace_id, s.span_id),
+                parent=context(s.trace_id, s.parent_span_id) if s.parent_span_id else None,
+                attributes={a.key: _value(a.value) for a in s.attributes},
+                kind=SpanKind(max(s.kind - 1, 0)),  # OTLP counts from UNSPECIFIED = 0, the API from INTERNAL = 0
+                status=Status(StatusCode(s.status.code), s.status.message or None),
+                start_time=s.start_time_unix_nano,
+                end_time=s.end_time_unix_nano,
+            )
+            for _, s in self._received()
+        ]
+
+    def spans(self) -> list[ExportedSpan]:
+        """Every span received so far, decoded."""
+        return [
+            ExportedSpan(
+                scope=scope_spans.scope.name,
+                name=s.name,
+                trace_id=int.from_bytes(s.trace_id, "big"),
+                span_id=int.from_bytes(s.span_id, "big"),
+                parent_span_id=int.from_bytes(s.parent_span_id, "big") if s.parent_span_id else None,
+                attributes={a.key: _value(a.value) for a in s.attributes},
+            )
+            for scope_spans, s in self._received()
+        ]
 
 
 class LangfusePlugin:
