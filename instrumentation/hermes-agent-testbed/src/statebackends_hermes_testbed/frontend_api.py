@@ -321,18 +321,21 @@ def post_chat(
     session_id: Optional[str] = None,
     stream: bool = False,
     timeout: float = 120.0,
+    headers: Optional[Mapping[str, str]] = None,
 ) -> Reply:
     """``POST /v1/chat/completions`` with the one user message ``content`` (``stream``: as SSE).
 
-    ``tag`` goes in :data:`CALL_HEADER`; ``session_id`` (when given) in ``X-Hermes-Session-Id``.
+    ``tag`` goes in :data:`CALL_HEADER`; ``session_id`` (when given) in ``X-Hermes-Session-Id``; ``headers``
+    (a W3C ``traceparent``, say) are sent too. ``server`` needs only ``port`` and ``key``.
     """
     body = {"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": content}]}
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.key}", CALL_HEADER: tag}
+    sent = {"Content-Type": "application/json", "Authorization": f"Bearer {server.key}", CALL_HEADER: tag,
+            **(headers or {})}
     if session_id is not None:
-        headers["X-Hermes-Session-Id"] = session_id
+        sent["X-Hermes-Session-Id"] = session_id
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=sent)
         response = conn.getresponse()
         raw = response.read()
         reply = Reply(response.status, {k: v for k, v in response.getheaders()}, None, raw=raw)
