@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import contextvars
 import enum
 import inspect
 import logging
@@ -11,7 +10,13 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, TypeVar
+import sys
+from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, ParamSpec
+
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:  # a TypeVar with a default (PEP 696)
+    from typing_extensions import TypeVar
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +37,9 @@ def log_safely(
         pass
 
 S = TypeVar("S")
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T", default=Any)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Concurrency(str, enum.Enum):
@@ -79,25 +86,28 @@ _DESCRIPTIONS = {
 }
 
 
-class Scope(Generic[S]):
-    """One invocation: its ``state`` and what its store needs to undo ``begin``.
+class Scope(Generic[S, T]):
+    """One invocation: its ``state`` and the ``token`` its store needs to undo ``begin``.
 
-    ``previous`` is the scope that was current where it began (``current()``
-    skips ended scopes along that chain, so no context ever gets an ended
-    state back); ``evicted`` is True when the store had to drop the
-    invocation from an index before its ``end`` (an instrumentation may mark
-    the call incomplete).
+    ``token`` is what the backend's ``_enter`` returned, of the backend's own
+    type ``T`` (the second parameter of its :class:`StateStore`; ``Any`` when
+    not given): only that store reads it. ``previous`` is the scope that was
+    current where it began (``current()`` skips ended scopes along that chain,
+    so no context ever gets an ended state back); ``evicted`` is True when the
+    store had to drop the invocation from an index before its ``end`` (an
+    instrumentation may mark the call incomplete).
     """
 
     __slots__ = ("state", "owner", "invocation_id", "token", "ended", "previous", "evicted", "_epoch", "__weakref__")
 
-    def __init__(self, state: S, owner: Any, invocation_id: Hashable | None, token: Any = None) -> None:
+    token: T
+
+    def __init__(self, state: S, owner: Any, invocation_id: Hashable | None) -> None:
         self.state = state
         self.owner = owner
         self.invocation_id = invocation_id
-        self.token = token
         self.ended = False
-        self.previous: Scope[Any] = NO_SCOPE
+        self.previous: Scope[Any, Any] = NO_SCOPE
         self.evicted = False
         self._epoch = _fork_epoch
 
@@ -107,82 +117,41 @@ class Scope(Generic[S]):
 
 _fork_epoch = 0  # bumped in a forked child: scopes begun before the fork do not count in its live()
 
-NO_SCOPE: Scope[Any] = None  # type: ignore[assignment]  # bound just below; Scope() reads it
-NO_SCOPE = Scope(None, None, None)
+NO_SCOPE: Scope[Any, Any] = Scope.__new__(Scope)  # made by hand: Scope() links every new scope to it
 """The bottom of every ``previous`` chain: never ended, its state is None (what ``current()`` gives outside any invocation)."""
-NO_SCOPE.previous = NO_SCOPE
+NO_SCOPE.state = NO_SCOPE.owner = NO_SCOPE.invocation_id = NO_SCOPE.token = None
+NO_SCOPE.ended = NO_SCOPE.evicted = False
+NO_SCOPE.previous, NO_SCOPE._epoch = NO_SCOPE, 0
 
 
-def first_open(scope: Scope[S]) -> Scope[S]:
+def first_open(scope: Scope[S, T]) -> Scope[S, T]:
     """The first scope not ended along ``scope``'s ``previous`` chain (``NO_SCOPE`` at worst)."""
     while scope.ended:
         scope = scope.previous
     return scope
 
 
-def open_chain(scope: Scope[S]) -> Iterator[Scope[S]]:
-    """The open scopes along ``scope``'s ``previous`` chain, innermost first (``NO_SCOPE`` excluded)."""
-    while scope is not NO_SCOPE:
-        if not scope.ended:
-            yield scope
-        scope = scope.previous
+_stores: weakref.WeakSet[StateStore[Any, Any]] = weakref.WeakSet()
 
 
-UNWOUND = object()
-"""What a ``ContextVar``-based backend leaves in ``scope.token`` once its reset is done."""
-
-
-def unwind_var(var: contextvars.ContextVar[Scope[Any]], scope: Scope[Any], name: str) -> None:
-    """Reset ``var`` to what it held before ``scope`` was set, if that can be done here.
-
-    Only when ``scope`` is what ``var`` holds (ends in another order leave it
-    for the inner scope's end, which then unwinds the ended scopes it
-    uncovers with their own tokens), and only in the context that set it.
-    """
-    if var.get() is not scope:
-        log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or outside its context; unwound later",
-                    name, scope.invocation_id)
-        return
-    try:
-        var.reset(scope.token)
-    except (ValueError, RuntimeError):  # a copy of the context that set it
-        log_safely(_logger, logging.DEBUG, "%s: invocation %r ended in a copy of its context; left to that context",
-                    name, scope.invocation_id)
-        return
-    scope.token = UNWOUND
-    unwind_uncovered(var)
-
-
-def unwind_uncovered(var: contextvars.ContextVar[Scope[Any]]) -> None:
-    """Reset ``var`` past the ended scopes it holds, with their own tokens, as far as this context can."""
-    uncovered = var.get()
-    while uncovered.ended and uncovered.token is not UNWOUND and isinstance(uncovered.token, contextvars.Token):
-        try:
-            var.reset(uncovered.token)
-        except (ValueError, RuntimeError):
-            return
-        uncovered.token = UNWOUND
-        uncovered = var.get()
-
-
-_stores: weakref.WeakSet[StateStore[Any]] = weakref.WeakSet()
-
-
-class StateStore(abc.ABC, Generic[S]):
+class StateStore(abc.ABC, Generic[S, T]):
     """Where an instrumentation keeps the state of one call, from ``begin`` to ``end``.
 
-    Subclasses implement ``_enter``, ``_exit``, ``current`` and ``propagate``;
-    ``begin``, ``end``, ``invocation`` and ``live`` are shared. ``isolates``
-    declares, as data, the concurrency models the backend keeps apart;
-    :mod:`statebackends.testing` checks the declaration against behaviour.
+    Subclasses implement ``_enter``, ``_exit``, ``current`` and ``propagate``
+    (and, for bookkeeping under the store's lock, ``_opened`` and ``_closed``);
+    ``begin``, ``end``, ``invocation`` and ``live`` are shared. ``T`` is the
+    type of the token ``_enter`` returns (``Any`` when not given: a
+    ``StateStore[S]``). ``isolates`` declares, as data, the concurrency models
+    the backend keeps apart; :mod:`statebackends.testing` checks the
+    declaration against behaviour.
 
     Every backend obeys: ``current()`` never returns the state of an ended
     invocation, nor another invocation's, in any context (within what the
     backend declares it isolates); ends in any order, double ends and ends
-    from another thread or context never raise (logged at debug level; a
-    logging handler that raises is ignored, it never breaks ``begin``,
-    ``end`` or ``current``); ``begin`` either works or raises leaving nothing
-    behind.
+    from another thread or context never raise (logged at debug level; what
+    a backend's undo or a logging handler raises is logged or dropped, never
+    raised, ``KeyboardInterrupt`` excepted); ``begin`` either works or
+    raises leaving nothing behind.
 
     Fork: the child re-creates the store's locks (it cannot hang on a lock
     another thread of the parent held) and starts with ``live() == 0``:
@@ -210,35 +179,47 @@ class StateStore(abc.ABC, Generic[S]):
 
     # -- the contract -------------------------------------------------------
 
-    def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S]:
+    def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S, T]:
         """Open a fresh state for a new invocation on ``owner`` and make it current.
 
-        If the backend cannot (``_enter`` raises), the exception propagates and
-        nothing is left half-done: the invocation is not counted as open.
+        If the backend cannot (``_enter`` or ``_opened`` raises), the exception
+        propagates and nothing is left half-done: what ``_enter`` did is undone
+        and the invocation is not counted as open.
         """
-        scope: Scope[S] = Scope(self.factory(), owner, invocation_id)
+        scope: Scope[S, T] = Scope(self.factory(), owner, invocation_id)
         scope.token = self._enter(scope)
-        with self._lock:
-            self._live += 1
+        try:
+            with self._lock:
+                after = self._opened(scope)
+                self._live += 1
+        except BaseException:
+            scope.ended = True
+            self._exit(scope)
+            raise
+        if after is not None:
+            after()
         return scope
 
-    def end(self, scope: Scope[S]) -> None:
+    def end(self, scope: Scope[S, T]) -> None:
         """Close the invocation and make current what was current before its ``begin``.
 
-        Never raises: a second ``end``, or one whose undoing is impossible here
-        (another thread or context, or an inner invocation still open), is
-        logged at debug level; ``current()`` skips the ended state everywhere.
+        Never raises (``KeyboardInterrupt`` excepted): a second ``end``, or one
+        whose undoing is impossible here (another thread or context, or an inner
+        invocation still open), is logged at debug level, and so is what the
+        backend raises; ``current()`` skips the ended state everywhere.
         """
-        with self._lock:
-            again = scope.ended
-            scope.ended = True
-            if not again and scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
-                self._live -= 1
-        if again:
-            log_safely(_logger, logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
-                        self.name, scope.invocation_id)
-            return
         try:
+            with self._lock:
+                again = scope.ended
+                scope.ended = True
+                if not again:
+                    if scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
+                        self._live -= 1
+                    self._closed(scope)
+            if again:
+                log_safely(_logger, logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
+                           self.name, scope.invocation_id)
+                return
             self._exit(scope)
         except KeyboardInterrupt:
             raise
@@ -251,7 +232,7 @@ class StateStore(abc.ABC, Generic[S]):
         """The state of the open invocation in effect here, or None where none is."""
 
     @abc.abstractmethod
-    def propagate(self, fn: F) -> F:
+    def propagate(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Wrap ``fn`` so that, called later in another thread, it sees the current invocation."""
 
     def live(self) -> int | None:
@@ -270,12 +251,24 @@ class StateStore(abc.ABC, Generic[S]):
     # -- what a backend implements -----------------------------------------
 
     @abc.abstractmethod
-    def _enter(self, scope: Scope[S]) -> Any:
-        """Make ``scope`` current (setting ``scope.previous``); return what ``_exit`` needs to undo it."""
+    def _enter(self, scope: Scope[S, T]) -> T:
+        """Make ``scope`` current (setting ``scope.previous``); return what ``_exit`` needs to undo it (its token)."""
 
     @abc.abstractmethod
-    def _exit(self, scope: Scope[S]) -> None:
-        """Undo ``_enter`` for ``scope`` (``scope.token`` holds its return value); may raise."""
+    def _exit(self, scope: Scope[S, T]) -> None:
+        """Undo ``_enter`` for ``scope`` (``scope.token`` holds its return value; ``scope.ended`` is already set);
+        may raise (``end`` logs it)."""
+
+    def _opened(self, scope: Scope[S, T]) -> Callable[[], object] | None:
+        """Book ``scope`` as open (an index by id), under the store's lock, once ``_enter`` is done.
+
+        May raise (``begin`` then undoes ``_enter``); may return a callable that ``begin`` calls once
+        the lock is released (a warning to log: a handler may call back into the store).
+        """
+        return None
+
+    def _closed(self, scope: Scope[S, T]) -> None:
+        """Book ``scope`` as ended, under the store's lock, at its first ``end`` (before ``_exit``)."""
 
     def _after_fork_in_child(self) -> None:
         """Re-create locks and per-process bookkeeping in a forked child (one thread only runs; see the class docstring)."""

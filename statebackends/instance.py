@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, ParamSpec, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open
+from . import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 
 _logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")
+P = ParamSpec("P")
+R = TypeVar("R")
 _ids = itertools.count()
 _own_dict = object.__getattribute__
 
@@ -31,7 +33,7 @@ def _slots_of(owner: Any) -> dict[str, Any]:
     return slots
 
 
-class InstanceStore(StateStore[S]):
+class InstanceStore(StateStore[S, None]):
     """Keeps the invocation's scope on the owner, in one attribute per store.
 
     Isolates nothing that overlaps: two concurrent calls on one owner
@@ -61,7 +63,7 @@ class InstanceStore(StateStore[S]):
         super().__init__(factory)
         self.attribute = f"_statebackends_state_{next(_ids)}"
 
-    def _enter(self, scope: Scope[S]) -> Any:
+    def _enter(self, scope: Scope[S, None]) -> None:
         slots = _slots_of(scope.owner)
         key = self.attribute
         with self._lock:
@@ -70,7 +72,7 @@ class InstanceStore(StateStore[S]):
             slots[key] = scope
         return None
 
-    def _exit(self, scope: Scope[S]) -> None:
+    def _exit(self, scope: Scope[S, None]) -> None:
         slots, key = _slots_of(scope.owner), self.attribute
         with self._lock:
             on_top = slots.get(key) is scope
@@ -86,13 +88,13 @@ class InstanceStore(StateStore[S]):
 
     def current(self, owner: Any, invocation_id: Hashable | None = None) -> S | None:
         try:
-            scope = owner.__dict__.get(self.attribute, NO_SCOPE)
+            scope: Scope[S, None] = owner.__dict__.get(self.attribute, NO_SCOPE)  # or a foreign value: see below
             if not scope.ended:
                 return scope.state
         except Exception:  # noqa: BLE001 - no __dict__, or not a Scope there: no invocation
             return None
         return first_open(scope).state if type(scope) is Scope else None
 
-    def propagate(self, fn: F) -> F:
+    def propagate(self, fn: Callable[P, R]) -> Callable[P, R]:
         # The state lives on the owner: any thread holding the owner sees it.
         return fn

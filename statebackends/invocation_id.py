@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
 import logging
 import os
 import secrets
-import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, ParamSpec, TypeVar
 
-from . import _store
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open, unwind_uncovered, unwind_var, UNWOUND
+from . import NO_SCOPE, Concurrency, Scope, first_open, log_safely
+from .contextvar import ContextVarStore, VarToken
 
 _logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-_ids = itertools.count()
+S = TypeVar("S")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 ENV_MAX_ENTRIES = "STATEBACKENDS_INVOCATION_ID_MAX_ENTRIES"
 """Environment variable bounding how many open invocations the id index holds (a positive integer)."""
@@ -50,7 +49,7 @@ def _max_entries_from_env() -> int:
     return value
 
 
-class InvocationIdStore(StateStore[S]):
+class InvocationIdStore(ContextVarStore[S]):
     """Binds each invocation's scope in its context and indexes it by id, so a bare id finds it.
 
     ``begin`` binds the scope in a ``ContextVar`` (the *ambient* binding) and
@@ -123,83 +122,50 @@ class InvocationIdStore(StateStore[S]):
         self._evicted_warned = 0
         self._next_eviction_warning = float("-inf")
         # scope -> monotonic start time, oldest first; id -> the open scopes with that id (as dict keys, in order).
-        self._open: OrderedDict[Scope[S], float] = OrderedDict()
-        self._by_id: dict[Hashable, dict[Scope[S], None]] = {}
-        self._ambient: contextvars.ContextVar[Scope[S]] = contextvars.ContextVar(
-            f"statebackends_invocation_{next(_ids)}", default=NO_SCOPE
-        )
+        self._open: OrderedDict[Scope[S, VarToken], float] = OrderedDict()
+        self._by_id: dict[Hashable, dict[Scope[S, VarToken], None]] = {}
         self._prefix = _id_prefix()
         self._counter = itertools.count(1)
 
-    def begin(self, owner: Any, invocation_id: Hashable | None = None) -> Scope[S]:
-        """As :meth:`StateStore.begin`, with the index update and the ``live`` count under one lock."""
-        scope: Scope[S] = Scope(self.factory(), owner, invocation_id)
-        if invocation_id is None:
-            scope.invocation_id = invocation_id = f"{self._prefix}{next(self._counter)}"
+    def _enter(self, scope: Scope[S, VarToken]) -> VarToken:
+        """Bind ``scope`` in this context (as ``contextvar``), under an id made up if it has none."""
+        if scope.invocation_id is None:
+            scope.invocation_id = f"{self._prefix}{next(self._counter)}"
         else:
-            hash(invocation_id)  # an unhashable id fails here, before anything is changed
-        ambient = self._ambient
-        previous = ambient.get()
-        while previous.ended:
+            hash(scope.invocation_id)  # an unhashable id fails here, before anything is changed
+        var = self._var
+        previous = var.get()
+        while previous.ended:  # first_open(), inlined: begin is on every call's path
             previous = previous.previous
         scope.previous = previous
-        max_age = self.max_age
-        started = _NO_CLOCK if max_age is None else time.monotonic()
-        report = None
-        with self._lock:
-            same_id = self._by_id.get(invocation_id)
-            if same_id is None:
-                self._by_id[invocation_id] = {scope: None}
-            else:
-                same_id[scope] = None
-            opened = self._open
-            opened[scope] = started
-            if (max_age is not None or len(opened) > self.max_entries) and self._evict(started):
-                report = self._eviction_report(time.monotonic())
-            self._live += 1
-        scope.token = ambient.set(scope)
-        if report is not None:
-            self._warn_evicted(report)
-        return scope
+        return var.set(scope)
 
-    def end(self, scope: Scope[S]) -> None:
-        """As :meth:`StateStore.end`, with the ended mark, the ``live`` count and the index under one lock."""
-        with self._lock:
-            again = scope.ended
-            scope.ended = True
-            if not again:
-                if scope._epoch == _store._fork_epoch:  # begun before a fork: not counted in this process
-                    self._live -= 1
-                if self._open.pop(scope, None) is not None:
-                    self._unindex(scope)
-        if again:
-            log_safely(_logger, logging.DEBUG, "%s: end() of an already ended invocation %r ignored",
-                        self.name, scope.invocation_id)
-            return
-        try:
-            ambient = self._ambient
-            if ambient.get() is scope:  # unwind_var's common case, inlined: the innermost scope ends in its context
-                try:
-                    ambient.reset(scope.token)
-                except (ValueError, RuntimeError):  # a copy of its context: unwind_var logs it
-                    pass
-                else:
-                    scope.token = UNWOUND
-                    if ambient.get().ended:
-                        unwind_uncovered(ambient)
-                    return
-            unwind_var(ambient, scope, self.name)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:  # noqa: BLE001 - the contract is "never raises" (KeyboardInterrupt excepted)
-            log_safely(_logger, logging.DEBUG, "%s: could not undo begin() of invocation %r", self.name, scope.invocation_id,
-                        exc_info=True)
+    def _opened(self, scope: Scope[S, VarToken]) -> Callable[[], object] | None:
+        """Index ``scope`` by its id (the lock is held); past the bounds, evict the oldest and make a warning due."""
+        key = scope.invocation_id
+        same_id = self._by_id.get(key)
+        if same_id is None:
+            self._by_id[key] = {scope: None}
+        else:
+            same_id[scope] = None
+        opened = self._open
+        if self.max_age is None:
+            opened[scope] = _NO_CLOCK
+            if len(opened) <= self.max_entries or not self._evict(_NO_CLOCK):
+                return None
+            due = self._eviction_report(time.monotonic())
+        else:
+            opened[scope] = now = time.monotonic()
+            if not self._evict(now):
+                return None
+            due = self._eviction_report(now)
+        return None if due is None else functools.partial(self._warn_evicted, due)
 
-    def _enter(self, scope: Scope[S]) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} overrides begin() and end() whole; extend those")
+    def _closed(self, scope: Scope[S, VarToken]) -> None:
+        if self._open.pop(scope, None) is not None:
+            self._unindex(scope)
 
     def _warn_evicted(self, report: tuple[int, int]) -> None:
-        """Logged once all is done: a raising handler cannot leave begin() half-done."""
         log_safely(
             _logger, logging.WARNING,
             "%s: evicted %d still-open invocation(s) from the id index since the last warning (%d in all; "
@@ -227,11 +193,11 @@ class InvocationIdStore(StateStore[S]):
         self.evicted += n
         return n
 
-    def _drop(self, scope: Scope[S]) -> None:
+    def _drop(self, scope: Scope[S, VarToken]) -> None:
         scope.evicted = True
         self._unindex(scope)
 
-    def _unindex(self, scope: Scope[S]) -> None:
+    def _unindex(self, scope: Scope[S, VarToken]) -> None:
         key = scope.invocation_id
         same_id = self._by_id.get(key)
         if same_id is not None:
@@ -249,15 +215,13 @@ class InvocationIdStore(StateStore[S]):
         since, self._evicted_warned = self.evicted - self._evicted_warned, self.evicted
         return since, self.evicted
 
-    _exit = _enter  # begin() and end() above do what _enter/_exit do elsewhere, under one lock each
-
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        scope = self._ambient.get()
+        scope = self._var.get()
         if not scope.ended and (invocation_id is None or scope.invocation_id == invocation_id):
             return scope.state
         return self._look_up(scope, owner, invocation_id)
 
-    def _look_up(self, scope: Scope[S], owner: Any, invocation_id: Hashable | None) -> S | None:
+    def _look_up(self, scope: Scope[S, VarToken], owner: Any, invocation_id: Hashable | None) -> S | None:
         if invocation_id is None:
             return first_open(scope).state
         ended_here = False
@@ -296,19 +260,19 @@ class InvocationIdStore(StateStore[S]):
                 self.name, invocation_id, type(self).__name__,
             )
 
-    def propagate(self, fn: F) -> F:
-        captured = self._ambient.get()
-        ambient = self._ambient
+    def propagate(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Wrap ``fn`` to run with this context's binding only (no other variable is carried, unlike ``contextvar``)."""
+        captured, var = self._var.get(), self._var
 
         @functools.wraps(fn)
-        def run_with_captured_scope(*args: Any, **kwargs: Any) -> Any:
-            token = ambient.set(captured)
+        def run_with_captured_scope(*args: P.args, **kwargs: P.kwargs) -> R:
+            token = var.set(captured)
             try:
                 return fn(*args, **kwargs)
             finally:
-                ambient.reset(token)
+                var.reset(token)
 
-        return run_with_captured_scope  # type: ignore[return-value]
+        return run_with_captured_scope
 
     def _after_fork_in_child(self) -> None:
         super()._after_fork_in_child()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, ParamSpec, TypeVar
 
-from ._store import NO_SCOPE, Concurrency, S, Scope, StateStore, log_safely, first_open
+from . import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 
 _logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class ThreadLocalStore(StateStore[S]):
+class ThreadLocalStore(StateStore[S, None]):
     """Keeps the invocation's scope in a ``threading.local`` private to this store.
 
     Isolates concurrent threads (ids are ignored, so invocations sharing one
@@ -36,12 +38,12 @@ class ThreadLocalStore(StateStore[S]):
         super().__init__(factory)
         self._local = threading.local()
 
-    def _enter(self, scope: Scope[S]) -> Any:
+    def _enter(self, scope: Scope[S, None]) -> None:
         scope.previous = first_open(getattr(self._local, "scope", NO_SCOPE))
         self._local.scope = scope
         return None
 
-    def _exit(self, scope: Scope[S]) -> None:
+    def _exit(self, scope: Scope[S, None]) -> None:
         local = self._local
         if getattr(local, "scope", None) is not scope:
             log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared later",
@@ -54,17 +56,17 @@ class ThreadLocalStore(StateStore[S]):
             local.scope = uncovered
 
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        scope = getattr(self._local, "scope", NO_SCOPE)
+        scope: Scope[S, None] = getattr(self._local, "scope", NO_SCOPE)
         if not scope.ended:
             return scope.state
         return first_open(scope).state
 
-    def propagate(self, fn: F) -> F:
+    def propagate(self, fn: Callable[P, R]) -> Callable[P, R]:
         captured = getattr(self._local, "scope", NO_SCOPE)
         local = self._local
 
         @functools.wraps(fn)
-        def run_with_captured_scope(*args: Any, **kwargs: Any) -> Any:
+        def run_with_captured_scope(*args: P.args, **kwargs: P.kwargs) -> R:
             previous = getattr(local, "scope", NO_SCOPE)
             local.scope = captured
             try:
@@ -75,4 +77,4 @@ class ThreadLocalStore(StateStore[S]):
                 else:
                     local.scope = previous
 
-        return run_with_captured_scope  # type: ignore[return-value]
+        return run_with_captured_scope

@@ -830,6 +830,45 @@ def test_otel_context_end_under_a_foreign_attach_releases_the_state_and_detaches
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no 'Failed to detach context'"
 
 
+def test_otel_context_never_changes_a_context_it_attached() -> None:
+    """OpenTelemetry's ``Context`` is immutable (its ``__setitem__`` raises): an end that has to leave our context
+    attached under a foreign one changes no ``Context``, and still lets go of the state."""
+    import gc
+    import weakref
+
+    class State(dict):  # type: ignore[type-arg]
+        pass
+
+    def body() -> None:
+        store = get_store("otel_context", State)
+        owner = Owner()
+        scope = store.begin(owner)
+        ours = otel_context.get_current()
+        before = dict(ours)
+        token = otel_context.attach(otel_context.set_value("user-key", 1))  # e.g. a span made current
+        derived = otel_context.get_current()  # a foreign context made from ours while the call is open
+        ref = weakref.ref(scope.state)
+        store.end(scope)  # cannot detach here: deferred
+        assert dict(ours).keys() == before.keys() and all(ours[k] is v for k, v in before.items()), \
+            "a Context this store attached was changed"
+        assert store.current(owner) is None and otel_context.get_value("user-key") == 1
+        del scope
+        gc.collect()
+        assert ref() is None, "the ended state is kept alive by a context"
+        inner = otel_context.attach(derived)
+        assert store.current(owner) is None
+        otel_context.detach(inner)
+        otel_context.detach(token)
+        assert store.current(owner) is None and store.live() == 0
+
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _record(errors, body), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "hung"
+    assert not errors, errors
+
+
 # -- the public fork hook ---------------------------------------------------------------------
 
 
@@ -953,3 +992,55 @@ def test_fork_in_a_propagated_call_adopts_nothing(name: str) -> None:
     finally:
         store.end(a)
     assert store.live() == 0
+
+
+# -- every built-in backend is written with what a third-party backend has ------------------------
+
+
+BACKEND_MODULES = ["contextvar", "instance", "invocation_id", "otel_context", "threadlocal"]
+_BYPASSING_DUNDERS = {"__setitem__", "__delitem__", "__setattr__", "__delattr__"}
+
+
+def _private_reaches(path: Any) -> list[str]:
+    """What a backend module takes that a third party could not: private core names, private attributes of
+    other objects, and a type's mutating dunder called on an object to bypass that object's own (``dict.__setitem__``
+    on an OpenTelemetry ``Context``, which forbids setting)."""
+    import ast
+
+    import statebackends
+
+    found = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 0 and not module.startswith("statebackends"):
+                continue  # the standard library, OpenTelemetry
+            parts = module.split(".")[1 if node.level == 0 else 0:]
+            if any(p.startswith("_") for p in parts):
+                found.append(f"line {node.lineno}: imports from the private module {module!r}")
+            for alias in node.names:
+                if not parts and alias.name not in statebackends.__all__:
+                    found.append(f"line {node.lineno}: imports {alias.name!r}, not in statebackends.__all__")
+                elif alias.name.startswith("_"):
+                    found.append(f"line {node.lineno}: imports the private name {alias.name!r}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            dunder = node.attr.startswith("__") and node.attr.endswith("__")
+            on_self = (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) or (
+                isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name) and node.value.func.id == "super")
+            if dunder and node.attr in _BYPASSING_DUNDERS and isinstance(node.value, ast.Name):
+                found.append(f"line {node.lineno}: {node.value.id}.{node.attr} bypasses an object's own {node.attr}")
+            elif not dunder and not on_self:
+                found.append(f"line {node.lineno}: reads the private attribute .{node.attr} of {ast.unparse(node.value)}")
+    return found
+
+
+@pytest.mark.parametrize("module", BACKEND_MODULES)
+def test_each_built_in_backend_uses_only_what_a_third_party_backend_has(module: str) -> None:
+    """No private fork epoch, no private helper, no ``dict.__setitem__`` on a ``Context``: public names of
+    ``statebackends`` and of its public modules, and a backend's own attributes."""
+    from pathlib import Path
+
+    import statebackends
+
+    assert _private_reaches(Path(statebackends.__file__).parent / f"{module}.py") == []

@@ -182,11 +182,13 @@ class IdLookupIgnoringEndedTurns(InvocationIdStore):
     name = "id_lookup_ignoring_ended_turns"
 
     def _look_up(self, scope: Scope, owner: Any, invocation_id: Any) -> Any:
-        from statebackends._store import open_chain
+        from statebackends import NO_SCOPE
 
-        for ambient in open_chain(scope):
-            if invocation_id is None or ambient.invocation_id == invocation_id:
+        ambient = scope
+        while ambient is not NO_SCOPE:
+            if not ambient.ended and (invocation_id is None or ambient.invocation_id == invocation_id):
                 return ambient.state
+            ambient = ambient.previous
         candidates = [s for s in self._by_id.get(invocation_id, ()) if not s.ended] if invocation_id else []
         return candidates[0].state if len(candidates) == 1 else None
 
