@@ -55,6 +55,10 @@ class Concurrency(str, enum.Enum):
     """Concurrent invocations as asyncio tasks interleaved on one event loop thread."""
     COPIED_CONTEXT = "copied_context"
     """Work handed to a pool thread through a ``contextvars`` copy (``asyncio.to_thread``, Hermes's tool pool)."""
+    LATE_WORK = "late_work"
+    """Work in a context copied during an invocation (a callback, a job a worker thread runs later) that runs after
+    it ended, on the thread where the next invocation on that owner (sharing its id) or another owner's is open: it
+    gets the first still-open invocation of its own context, or None, never the open one's state."""
     RAW_THREAD = "raw_thread"
     """Work handed to another thread with nothing copied (a plain ``Thread`` or ``executor.submit``)."""
     PROPAGATE = "propagate"
@@ -77,6 +81,7 @@ _DESCRIPTIONS = {
     Concurrency.THREADS: "threads sharing one owner",
     Concurrency.ASYNC_TASKS: "asyncio tasks on one loop",
     Concurrency.COPIED_CONTEXT: "pool hop with a context copy",
+    Concurrency.LATE_WORK: "late work of an ended call, run where another is open",
     Concurrency.RAW_THREAD: "raw thread hop, only the owner or id carried",
     Concurrency.PROPAGATE: "raw hop wrapped by `propagate`",
     Concurrency.NESTED: "nested invocation, same thread",

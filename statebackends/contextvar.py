@@ -42,6 +42,7 @@ class ContextVarStore(StateStore[S, VarToken]):
             Concurrency.THREADS,
             Concurrency.ASYNC_TASKS,
             Concurrency.COPIED_CONTEXT,
+            Concurrency.LATE_WORK,
             Concurrency.PROPAGATE,
             Concurrency.NESTED,
             Concurrency.SHARED_ID,

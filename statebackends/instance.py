@@ -39,7 +39,8 @@ class InstanceStore(StateStore[S, None]):
     Isolates nothing that overlaps: two concurrent calls on one owner
     (threads, asyncio tasks, greenlets, turns sharing an id) share the single
     slot, so the later ``begin`` hides the earlier call's state and spans,
-    tokens and response ids leak between calls. It is right only for strictly
+    tokens and response ids leak between calls; late work of an ended call
+    gets the state of the call open on its owner. It is right only for strictly
     sequential use of each owner, where it is visible from any thread that
     holds the owner. An ended call's state is never handed out, and ends in
     any order leave nothing on the owner. Kept as the baseline that the other

@@ -90,6 +90,7 @@ class InvocationIdStore(ContextVarStore[S]):
             Concurrency.THREADS,
             Concurrency.ASYNC_TASKS,
             Concurrency.COPIED_CONTEXT,
+            Concurrency.LATE_WORK,
             Concurrency.RAW_THREAD,
             Concurrency.PROPAGATE,
             Concurrency.NESTED,

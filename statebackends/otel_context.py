@@ -68,6 +68,7 @@ class OtelContextStore(StateStore[S, ContextToken]):
             Concurrency.THREADS,
             Concurrency.ASYNC_TASKS,
             Concurrency.COPIED_CONTEXT,
+            Concurrency.LATE_WORK,
             Concurrency.PROPAGATE,
             Concurrency.NESTED,
             Concurrency.SHARED_ID,

@@ -640,6 +640,43 @@ def _observe_copied_context(make: Make) -> list[str]:
     return p
 
 
+def _observe_late_work(make: Make) -> list[str]:
+    """Late work of an ended invocation, run on its own thread while the next one (same owner, same id) is open, then
+    while another owner's is, then of an ended nested one while a sibling is open: never the open one's state."""
+    p, store, owner, other = _Problems(), make(), _Owner(), _Owner()
+    sid = f"late-{uuid.uuid4()}"
+    with _bystander(store, sid):  # the same id, open on another owner in another thread throughout
+        ended = store.begin(owner, sid)
+        late = contextvars.copy_context()  # e.g. a callback registered during the call, run after it
+        store.end(ended)
+
+        def looks(where: str) -> None:
+            seen = late.run(lambda: (store.current(owner), store.current(owner, sid)))
+            p.expect(all(s is None for s in seen),
+                     f"late work of an ended invocation, run on its thread while {where} is open there, gets "
+                     f"{_describe(seen[0], None, [ended.state])} / with the id {_describe(seen[1], None, [ended.state])}"
+                     ", not None")
+
+        scope = store.begin(owner, sid)
+        looks("the next invocation on its owner, with its id,")
+        store.end(scope)
+        scope = store.begin(other)
+        looks("another owner's invocation")
+        store.end(scope)
+        outer = store.begin(owner)
+        inner = store.begin(owner)
+        late_inner = contextvars.copy_context()
+        store.end(inner)
+        sibling = store.begin(owner)
+        seen = late_inner.run(store.current, owner)
+        p.expect(seen is outer.state or seen is None,
+                 f"late work of an ended nested invocation, run while a sibling nested one is open, gets "
+                 f"{_describe(seen, outer.state, [inner.state])}, not the outer state")
+        store.end(sibling)
+        store.end(outer)
+    return p
+
+
 def _observe_raw_thread(make: Make) -> list[str]:
     store = make()
     barrier = threading.Barrier(2, timeout=TIMEOUT)
@@ -849,6 +886,7 @@ _OBSERVERS: dict[Concurrency, Callable[[Make], list[str]]] = {
     Concurrency.THREADS: _observe_threads,
     Concurrency.ASYNC_TASKS: _observe_async_tasks,
     Concurrency.COPIED_CONTEXT: _observe_copied_context,
+    Concurrency.LATE_WORK: _observe_late_work,
     Concurrency.RAW_THREAD: _observe_raw_thread,
     Concurrency.PROPAGATE: _observe_propagate,
     Concurrency.NESTED: _observe_nested,

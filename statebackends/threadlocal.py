@@ -26,7 +26,10 @@ class ThreadLocalStore(StateStore[S, None]):
     finds no state there unless the hop is wrapped with :meth:`propagate`,
     which re-installs the captured scope in the worker for the duration of
     the call. Under gevent monkey-patching the slot is greenlet-local, so a
-    greenlet spawned during the call finds nothing. An ``end`` from another
+    greenlet spawned during the call finds nothing. Late work is not isolated
+    either: a context copied during a call and run after it ended, on a thread
+    where another call is open, gets that call's state (the slot is the
+    thread's, not the context's; never an ended call's). An ``end`` from another
     thread, or before an inner invocation's, only marks the scope ended
     (``current()`` skips it); the slot is cleared by the next ``end`` there.
     """

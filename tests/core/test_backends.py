@@ -92,6 +92,27 @@ def test_ended_state_is_never_handed_to_a_context_copied_during_the_call(name: s
     assert asyncio.run(main()) is None
 
 
+@pytest.mark.parametrize("name", BUILTINS)
+def test_late_work_run_where_the_next_call_is_open_gets_none_exactly_where_late_work_is_declared(name: str) -> None:
+    """A copy made during turn A, run on A's thread after A ended while turn B (same owner, same id) is open:
+    ``None`` where the backend declares ``LATE_WORK``; B's state (known-bad, asserted as bad) on ``threadlocal``
+    and ``instance``, whose slot is the thread's or the owner's, not the context's."""
+    from statebackends import Concurrency
+
+    store = get_store(name, dict)
+    owner = Owner()
+    a = store.begin(owner, "session")
+    late = contextvars.copy_context()
+    store.end(a)
+    b = store.begin(owner, "session")
+    seen = late.run(lambda: (store.current(owner), store.current(owner, "session")))
+    store.end(b)
+    if Concurrency.LATE_WORK in type(store).isolates:
+        assert seen == (None, None)
+    else:
+        assert name in ("threadlocal", "instance") and all(s is b.state for s in seen)
+
+
 @pytest.mark.parametrize("name", ["contextvar", "otel_context", "invocation_id"])
 def test_a_copy_made_in_a_nested_call_falls_back_to_the_open_outer_call(name: str) -> None:
     store = get_store(name, dict)

@@ -70,11 +70,11 @@ def test_declaration_is_exactly_what_is_observed(store_class: type[StateStore[An
 
 EXPECTED = {
     # what each backend is declared (and observed) to isolate; a change here is a documented decision
-    "contextvar": {"threads", "asyncio_tasks", "copied_context", "propagate", "nested", "shared_id"},
-    "otel_context": {"threads", "asyncio_tasks", "copied_context", "propagate", "nested", "shared_id"},
+    "contextvar": {"threads", "asyncio_tasks", "copied_context", "late_work", "propagate", "nested", "shared_id"},
+    "otel_context": {"threads", "asyncio_tasks", "copied_context", "late_work", "propagate", "nested", "shared_id"},
     "threadlocal": {"threads", "propagate", "nested", "shared_id"},
     "instance": {"copied_context", "raw_thread", "nested"},
-    "invocation_id": {"threads", "asyncio_tasks", "copied_context", "raw_thread", "propagate", "nested",
+    "invocation_id": {"threads", "asyncio_tasks", "copied_context", "late_work", "raw_thread", "propagate", "nested",
                       "shared_id", "greenlets"},
 }
 
@@ -84,6 +84,13 @@ def test_declarations(store_class: type[StateStore[Any]]) -> None:
     assert isinstance(store_class.isolates, frozenset)
     assert {m.value for m in store_class.isolates} == EXPECTED[store_class.name]
     assert Concurrency.SHARED_ID_RAW_THREAD not in store_class.isolates  # nobody can tell which one is meant
+
+
+@pytest.mark.parametrize("store_class", [ThreadLocalStore, InstanceStore], ids=lambda c: c.name)
+def test_late_work_is_observed_broken_where_the_slot_is_the_threads_or_the_owners(store_class: type[StateStore[Any]]) -> None:
+    seen = observe(store_class, Concurrency.LATE_WORK)
+    assert not seen.isolated and "while the next invocation on its owner" in seen.detail
+    assert "another invocation's state" in seen.detail and "ended invocation's" not in seen.detail
 
 
 def test_threadlocal_on_async_tasks_is_observed_broken() -> None:
