@@ -11,8 +11,9 @@ and tool call ids ``call_<tag>_<i>``) then expose cross-talk.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
@@ -50,23 +51,9 @@ def kind_of(span: ReadableSpan) -> Optional[str]:
 
     Classified by the standard ``gen_ai.operation.name`` where the span carries a known one
     (:data:`OPERATION_KINDS`), else by its name (``invoke_agent ...``, ``react step``, ``chat ...``,
-    ``execute_tool ...``), so any Hermes instrumentation is judged, not only ours.
+    ``execute_tool ...``), so any Hermes instrumentation is judged, not only ours (:data:`NATIVE`).
     """
-    name = span.name
-    attrs = span.attributes or {}
-    kind = OPERATION_KINDS.get(_operation(span) or "")
-    if kind is None:
-        if name.startswith("invoke_agent"):
-            kind = "invoke_agent"
-        elif name == "react step":
-            kind = "step"
-        elif name.startswith("chat "):
-            kind = "chat"
-        elif name.startswith("execute_tool"):
-            kind = "execute_tool"
-    if kind == "execute_tool" and (attrs.get(GenAI.GEN_AI_TOOL_NAME) == LATE_TOOL or name == f"execute_tool {LATE_TOOL}"):
-        return LATE
-    return kind
+    return NATIVE.kind(span)
 
 
 def is_entry(span: Optional[ReadableSpan]) -> bool:
@@ -77,6 +64,100 @@ def is_entry(span: Optional[ReadableSpan]) -> bool:
 def is_instrumentation_span(span: ReadableSpan) -> bool:
     """A span the instrumentation made: one of the judged kinds or an entry span (counted when never ended)."""
     return kind_of(span) is not None or is_entry(span)
+
+
+ENTRY = "entry"
+"""What :meth:`Reading.classify` calls a span the parentage checks look through and never count."""
+
+
+def _native_tags(attrs: Mapping[str, Any]) -> Iterable[Optional[str]]:
+    return (
+        _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
+        _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
+    )
+
+
+def _gen_ai_usage(attrs: Mapping[str, Any]) -> tuple[Any, Any]:
+    return attrs.get(GenAI.GEN_AI_USAGE_INPUT_TOKENS), attrs.get(GenAI.GEN_AI_USAGE_OUTPUT_TOKENS)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the judge reads one integration's spans: which span is which kind, where the ids the fake LLM minted and
+    the token usage are, and where a turn's tree hangs. Written once per integration, as data; :data:`NATIVE` reads
+    OpenTelemetry instrumentations (ours, loongsuite's, any ``BaseInstrumentor``)."""
+
+    name: str
+    names: tuple[tuple[str, str], ...] = (
+        ("invoke_agent", "invoke_agent"), ("react step", "step"), ("chat ", "chat"), ("execute_tool", "execute_tool"),
+    )
+    """(span name prefix, kind), first match wins, for a span whose ``gen_ai.operation.name`` names no known kind
+    (:data:`OPERATION_KINDS`); a kind :data:`ENTRY` makes the span transparent."""
+    kinds: frozenset[str] = frozenset(KINDS)
+    """The kinds the integration has spans for; the others are not judged (a turn's chats then hang under it)."""
+    tags: Callable[[Mapping[str, Any]], Iterable[Optional[str]]] = _native_tags
+    """The conversation tags named by the ids in a span's attributes (response ids, tool call ids, ...)."""
+    tokens: Callable[[Mapping[str, Any]], tuple[Any, Any]] = _gen_ai_usage
+    """(input, output) tokens a span reports, None where it reports none."""
+    tokens_on: str = "invoke_agent"
+    """The kind whose spans carry a turn's usage: ``invoke_agent`` (one total), or ``chat`` (summed per turn)."""
+    under_caller: bool = True
+    """Each turn's tree hangs under the caller's span. False: each turn is a trace of its own; a turn's spans
+    belong to the call that the ids in it name (the most common tag), and its root may have no parent."""
+    not_applicable: tuple[tuple[str, str], ...] = ()
+    """(what is not judged, why), printed under the matrix."""
+
+    def classify(self, span: Any) -> Optional[str]:
+        """One of :data:`KINDS`, :data:`LATE` or :data:`ENTRY`; None for a span of no judged kind."""
+        name = span.name
+        op = _operation(span) or ""
+        if op in ENTRY_OPERATIONS:
+            return ENTRY
+        kind = OPERATION_KINDS.get(op)
+        if kind is None:
+            kind = next((k for prefix, k in self.names if name.startswith(prefix)), None)
+        if kind is not None and kind != ENTRY and kind not in self.kinds:
+            return None
+        if kind == "execute_tool":
+            attrs = span.attributes or {}
+            if attrs.get(GenAI.GEN_AI_TOOL_NAME) == LATE_TOOL or name.endswith(LATE_TOOL):
+                return LATE
+        return kind
+
+    def kind(self, span: Optional[Any]) -> Optional[str]:
+        """:meth:`classify`, with entry spans as None."""
+        if span is None:
+            return None
+        kind = self.classify(span)
+        return None if kind == ENTRY else kind
+
+    def parent_kinds(self) -> dict[str, tuple[Optional[str], ...]]:
+        """:data:`PARENT_KINDS` with the kinds this integration has no spans for collapsed into their parents (no
+        step: chats and tools hang under the turn); a turn of its own trace may have no parent (None)."""
+        out: dict[str, tuple[Optional[str], ...]] = {}
+        for kind, parents in PARENT_KINDS.items():
+            allowed: list[Optional[str]] = []
+            todo = list(parents)
+            while todo:
+                parent = todo.pop(0)
+                if parent == CALL or parent in self.kinds:
+                    allowed.append(parent)
+                else:
+                    todo.extend(PARENT_KINDS.get(parent, ()))
+            if kind == "invoke_agent" and not self.under_caller:
+                allowed.append(None)
+            out[kind] = tuple(dict.fromkeys(allowed))
+        return out
+
+    def foreign(self, attributes: Optional[Mapping[str, Any]], allowed: Iterable[str]) -> int:
+        """How many of the ids in ``attributes`` name a tag not ``allowed``."""
+        allowed = set(allowed) if not isinstance(allowed, (set, frozenset)) else allowed
+        return sum(1 for tag in self.tags(attributes or {}) if tag is not None and tag not in allowed)
+
+
+NATIVE = Reading("native")
+"""The reading of OpenTelemetry instrumentations: the GenAI conventions' operations and span names, response and tool
+call ids in ``gen_ai.response.id`` / ``gen_ai.tool.call.id``, the turn's usage on ``invoke_agent``."""
 
 
 class SpanProcessorBase(SpanProcessor):
@@ -245,22 +326,16 @@ PARENT_KINDS: dict[str, tuple[str, ...]] = {
 """The kinds a span of each kind may hang under."""
 
 
-def kind_or_call(span: Optional[ReadableSpan]) -> Optional[str]:
-    """:func:`kind_of`, or :data:`CALL` for a caller span; None for no span."""
+def kind_or_call(span: Optional[ReadableSpan], reading: Optional[Reading] = None) -> Optional[str]:
+    """:func:`kind_of` (by ``reading``), or :data:`CALL` for a caller span; None for no span."""
     if span is None:
         return None
-    return CALL if span.name.startswith(CALLER_PREFIX) else kind_of(span)
+    return CALL if span.name.startswith(CALLER_PREFIX) else (reading or NATIVE).kind(span)
 
 
 def foreign_tags(attributes: Optional[Mapping[str, Any]], allowed: Iterable[str]) -> int:
     """How many of the ids the fake LLM made (response id, tool call id) in ``attributes`` name a tag not ``allowed``."""
-    attrs = attributes or {}
-    allowed = set(allowed) if not isinstance(allowed, (set, frozenset)) else allowed
-    found = (
-        _tag_in(attrs.get(GenAI.GEN_AI_RESPONSE_ID), "chatcmpl-", "-"),
-        _tag_in(attrs.get(GenAI.GEN_AI_TOOL_CALL_ID), "call_", "_"),
-    )
-    return sum(1 for tag in found if tag is not None and tag not in allowed)
+    return NATIVE.foreign(attributes, allowed)
 
 
 def state_left(store: Any, owners: Iterable[Any] = (), live_before: int = 0) -> int:
@@ -279,21 +354,44 @@ def judge(
     calls: Sequence[CallTruth],
     open_spans: Sequence[Any] = (),
     state_left: int = 0,
+    reading: Reading = NATIVE,
 ) -> Verdict:
-    """Compare the exported ``spans`` of ``calls`` (each run under a ``call <tag>`` span) with the truth.
+    """Compare the exported ``spans`` of ``calls`` (each run under a ``call <tag>`` span) with the truth, reading
+    them as ``reading`` says (:data:`NATIVE`: an OpenTelemetry instrumentation; a Hermes plugin has its own).
 
     Besides the counts, ``Verdict.broken`` names every call whose own tree is wrong.
     """
     spans = list(spans)
     by_id = {s.context.span_id: s for s in spans}
     truth = {c.tag: c for c in calls}
-    kinds = KINDS + ((LATE,) if any(c.total(LATE) for c in calls) or any(kind_of(s) == LATE for s in spans) else ())
+    every: dict[str, CallTruth] = {}  # every tag, children's included -> its CallTruth
+    top_of: dict[str, str] = {}  # every tag -> the tag of the driven call it belongs to
+
+    def _index(call: CallTruth, top: str) -> None:
+        every[call.tag], top_of[call.tag] = call, top
+        for child in call.children:
+            _index(child, top)
+
+    for call in calls:
+        _index(call, call.tag)
+    kind_by_id = {s.context.span_id: reading.classify(s) for s in spans}
+
+    def kind(span: Optional[ReadableSpan]) -> Optional[str]:
+        if span is None:
+            return None
+        k = kind_by_id.get(span.context.span_id, ENTRY)
+        return None if k == ENTRY else k
+
+    judged = tuple(k for k in KINDS if k in reading.kinds)
+    has_late = any(c.total(LATE) for c in calls) or any(k == LATE for k in kind_by_id.values())
+    kinds = judged + ((LATE,) if has_late else ())
+    parent_kinds = reading.parent_kinds()
     expected = {k: sum(c.total(k) for c in calls) for k in kinds}
     actual = {k: 0 for k in kinds}
     verdict = Verdict(expected=expected, actual=actual, state_left=state_left)
-    verdict.never_ended = sum(1 for s in open_spans if is_instrumentation_span(s))
+    verdict.never_ended = sum(1 for s in open_spans if reading.classify(s) is not None)
     per_call: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in kinds} for c in calls}
-    error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in KINDS} for c in calls}
+    error_counts: dict[str, dict[str, int]] = {c.tag: {k: 0 for k in judged} for c in calls}
     broken: set[str] = set()
 
     def root_call(span: ReadableSpan) -> Optional[str]:
@@ -308,88 +406,138 @@ def judge(
             current, seen = parent, seen + 1
         return None
 
+    def turn_of(span: ReadableSpan) -> int:
+        """The span id of the turn ``span`` is in: its nearest ``invoke_agent`` (itself included), else the first
+        ancestor never exported, else its root."""
+        current, seen = span, 0
+        while seen < 64:
+            if kind(current) == "invoke_agent" or current.parent is None:
+                return current.context.span_id
+            parent = by_id.get(current.parent.span_id)
+            if parent is None:
+                return current.parent.span_id
+            current, seen = parent, seen + 1
+        return current.context.span_id
+
+    turn_tag: dict[int, Optional[str]] = {}  # reading.under_caller False: a turn's owner, the tag its ids name most
+    if not reading.under_caller:
+        named: dict[int, Counter] = {}
+        for span in spans:
+            if kind(span) is not None:
+                tags = [t for t in reading.tags(span.attributes or {}) if t is not None]
+                named.setdefault(turn_of(span), Counter()).update(tags)
+        turn_tag = {turn: (counts.most_common(1)[0][0] if counts else None) for turn, counts in named.items()}
+
+    def owner_of(span: ReadableSpan) -> tuple[Optional[str], Optional[str]]:
+        """(the driven call ``span`` belongs to, the tag whose ids it may carry along with that tag's children's)."""
+        if reading.under_caller:
+            owner = root_call(span)
+            return owner, owner
+        tag = turn_tag.get(turn_of(span))
+        return top_of.get(tag) if tag is not None else None, tag
+
     late_tags = {tag for c in calls if c.total(LATE) for tag in c.all_tags()}
 
     def judge_late(span: ReadableSpan, owner: Optional[str], parent: Optional[ReadableSpan]) -> None:
         """Work that outlived its call: a root of its own, or under the tool span that started it, never in the call's tree."""
         if span.parent is not None:
-            started_by_tool = kind_of(parent) == "execute_tool" and owner in late_tags if parent is not None else False
+            started_by_tool = kind(parent) == "execute_tool" and owner in late_tags if parent is not None else False
             if not started_by_tool:
                 verdict.orphans += 1
                 where = parent.name if parent is not None else "a span never exported"
                 verdict.notes.append(f"late work landed under {where!r} of call {owner!r}, as if part of it")
                 if owner in truth:
                     broken.add(owner)
-        verdict.cross_talk += foreign_tags(span.attributes, late_tags)
+        verdict.cross_talk += reading.foreign(span.attributes, late_tags)
 
     detached: list[str] = []  # judged spans with no caller span at the root of their trace
     caller_traces = {s.context.trace_id for s in spans if s.name.startswith(CALLER_PREFIX)}
+    turn_tokens: dict[int, list[Any]] = {}  # tokens_on "chat": turn -> [input, output] summed over its chats
+    top_turns: list[tuple[int, str]] = []  # the turns of driven calls (not of their children): (turn, call tag)
+
+    def check_tokens(owner: str, tokens_in: Any, tokens_out: Any) -> None:
+        call = truth[owner]
+        if tokens_in is None and call.input_tokens == 0:
+            tokens_in = 0  # no usage reported where none was used: not a mismatch
+        if tokens_out is None and call.output_tokens == 0:
+            tokens_out = 0
+        if call.input_tokens is not None and tokens_in != call.input_tokens:
+            verdict.cross_talk += 1
+            broken.add(owner)
+            verdict.notes.append(f"{owner}: input tokens {tokens_in} != {call.input_tokens}")
+        if call.output_tokens is not None and tokens_out != call.output_tokens:
+            verdict.cross_talk += 1
+            broken.add(owner)
+            verdict.notes.append(f"{owner}: output tokens {tokens_out} != {call.output_tokens}")
 
     for span in spans:
-        kind = kind_of(span)
-        if kind is None:
+        k = kind(span)
+        if k is None:
             continue
-        actual[kind] += 1
-        owner = root_call(span)
+        actual[k] += 1
+        owner, own_tag = owner_of(span)
         parent = by_id.get(span.parent.span_id) if span.parent is not None else None
         hops = 0
-        while is_entry(parent) and parent.parent is not None and hops < 64:  # look through entry spans
-            parent, hops = by_id.get(parent.parent.span_id), hops + 1
+        while parent is not None and kind_by_id.get(parent.context.span_id) == ENTRY and parent.parent is not None and hops < 64:
+            parent, hops = by_id.get(parent.parent.span_id), hops + 1  # look through entry spans
         if owner in per_call:
-            per_call[owner][kind] += 1
-        if kind == LATE:
+            per_call[owner][k] += 1
+        if k == LATE:
             judge_late(span, owner, parent)
             continue
         if owner is None or owner not in truth:
             verdict.orphans += 1
-            if owner is None:
+            if owner is None and reading.under_caller:
                 detached.append(span.name if span.context.trace_id in caller_traces else f"{span.name} (new trace)")
             continue
-        if kind_or_call(parent) not in PARENT_KINDS[kind] or parent.context.trace_id != span.context.trace_id:
+        parent_kind = kind_or_call(parent, reading) if parent is not None else None
+        if parent_kind not in parent_kinds[k] or (parent is not None and parent.context.trace_id != span.context.trace_id):
             verdict.orphans += 1
             broken.add(owner)
         attrs: Mapping[str, Any] = span.attributes or {}
         if span.status.status_code.name == "ERROR":
-            error_counts[owner][kind] += 1
-        crossed = foreign_tags(attrs, truth[owner].all_tags())
+            error_counts[owner][k] += 1
+        crossed = reading.foreign(attrs, every[own_tag].all_tags() if own_tag in every else truth[owner].all_tags())
         if crossed:
             verdict.cross_talk += crossed
             broken.add(owner)
-        if kind == "invoke_agent" and kind_or_call(parent) == CALL:
+        if k == "chat" and reading.tokens_on == "chat":
+            sums = turn_tokens.setdefault(turn_of(span), [None, None])
+            for i, value in enumerate(reading.tokens(attrs)):
+                if isinstance(value, int):
+                    sums[i] = (sums[i] or 0) + value
+        top_level = parent_kind == CALL if reading.under_caller else own_tag == owner
+        if k == "invoke_agent" and top_level:
             call = truth[owner]
-            tokens_in = attrs.get(GenAI.GEN_AI_USAGE_INPUT_TOKENS)
-            tokens_out = attrs.get(GenAI.GEN_AI_USAGE_OUTPUT_TOKENS)
-            if tokens_in is None and call.input_tokens == 0:
-                tokens_in = 0  # no usage reported where none was used: not a mismatch
-            if tokens_out is None and call.output_tokens == 0:
-                tokens_out = 0
-            if call.input_tokens is not None and tokens_in != call.input_tokens:
-                verdict.cross_talk += 1
-                broken.add(owner)
-                verdict.notes.append(f"{owner}: input tokens {tokens_in} != {call.input_tokens}")
-            if call.output_tokens is not None and tokens_out != call.output_tokens:
-                verdict.cross_talk += 1
-                broken.add(owner)
-                verdict.notes.append(f"{owner}: output tokens {tokens_out} != {call.output_tokens}")
-            rid = attrs.get(GenAI.GEN_AI_RESPONSE_ID)
-            rid_tag = _tag_in(rid, "chatcmpl-", "-")
-            if rid_tag is not None and rid_tag != owner:
-                verdict.notes.append(f"{owner}: response id {rid} belongs to {rid_tag}")
+            if reading.tokens_on == "invoke_agent":
+                check_tokens(owner, *reading.tokens(attrs))
+                rid = attrs.get(GenAI.GEN_AI_RESPONSE_ID)
+                rid_tag = _tag_in(rid, "chatcmpl-", "-")
+                if rid_tag is not None and rid_tag != owner:
+                    verdict.notes.append(f"{owner}: response id {rid} belongs to {rid_tag}")
+            else:
+                top_turns.append((span.context.span_id, owner))
             is_error = span.status.status_code.name == "ERROR"
             if is_error != call.error:
                 verdict.wrong_error += 1
                 broken.add(owner)
+    if reading.tokens_on != "invoke_agent":
+        if not reading.under_caller:  # a turn whose root was never exported is still a turn of its own
+            known = {turn for turn, _ in top_turns}
+            top_turns += [(t, tag) for t, tag in turn_tag.items() if tag in truth and t not in known]
+        for turn, owner in top_turns:
+            check_tokens(owner, *turn_tokens.get(turn, (None, None)))
     for call in calls:
-        if any(per_call[call.tag][k] != call.total(k) for k in KINDS):  # late work may rightly leave the tree
+        if any(per_call[call.tag][k] != call.total(k) for k in judged):  # late work may rightly leave the tree
             broken.add(call.tag)
         if call.errors is None:
             continue
-        for kind in KINDS:
-            want, got = int(call.errors.get(kind, 0)), error_counts[call.tag][kind]
+        for k in judged:
+            want, got = int(call.errors.get(k, 0)), error_counts[call.tag][k]
             if want != got:
                 verdict.wrong_error += abs(want - got)
                 broken.add(call.tag)
-                verdict.notes.append(f"{call.tag}: {got} {kind} span(s) with error status, expected {want}")
+                verdict.notes.append(f"{call.tag}: {got} {k} span(s) with error status, expected {want}")
     if detached:
         names = ", ".join(f"{n} x{detached.count(n)}" for n in sorted(set(detached)))
         verdict.notes.append(f"{len(detached)} span(s) with no caller span at their root: {names}")
