@@ -202,7 +202,9 @@ class _Agents:
         self._twin: Any = None
 
     def _build(self) -> Any:
-        return make_agent(self._url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET))
+        # Built with the session id its shared-id turns pass as task_id, as Hermes's CLI, ACP adapter and API server
+        # build theirs (AIAgent(session_id=S) ... run_conversation(task_id=S)): hooks then see one id for both.
+        return make_agent(self._url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET), session_id=SESSION_ID)
 
     @property
     def twin(self) -> Any:
