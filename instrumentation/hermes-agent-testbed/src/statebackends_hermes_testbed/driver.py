@@ -62,11 +62,20 @@ class Recorder:
         store: Optional[StateStore[Any]] = None,
         owners: Iterable[Any] = (),
         live_before: int = 0,
+        source: Optional[Any] = None,
     ) -> Verdict:
-        """:func:`traces.judge` of the spans recorded so far against ``calls``, with the state ``store`` left for ``owners``."""
+        """:func:`traces.judge` of the spans recorded so far against ``calls``, with the state ``store`` left for ``owners``.
+
+        ``source`` (a :class:`~statebackends_hermes_testbed.hermes_plugins.HermesPlugin`): its exported and open spans
+        are judged too, beside the callers' spans recorded here, and read as its ``reading`` says.
+        """
         self.provider.force_flush()
         left = state_left(store, owners, live_before)
-        return judge(self.exporter.get_finished_spans(), calls, self.tracker.open_spans(), state_left=left)
+        spans, open_spans = list(self.exporter.get_finished_spans()), list(self.tracker.open_spans())
+        if source is None:
+            return judge(spans, calls, open_spans, state_left=left)
+        return judge(spans + source.finished_spans(), calls, open_spans + source.open_spans(), state_left=left,
+                     reading=source.reading)
 
 
 def truth_of(
@@ -173,7 +182,8 @@ class HermesBench:
     def verdict(self, calls: Sequence[CallTruth], *, owners: Iterable[Any] = (), live_before: int = 0) -> Verdict:
         """Judge the spans exported so far against ``calls``, once Hermes's background delegations are done."""
         wait_for_delegations(timeout=30)
-        return self.recorder.verdict(calls, store=self.store, owners=owners, live_before=live_before)
+        return self.recorder.verdict(calls, store=self.store, owners=owners, live_before=live_before,
+                                     source=self.instrumentors.source)
 
 
 def run_threads(target: Callable[[int], Any], n: int, *, barrier: bool = True) -> list[Any]:

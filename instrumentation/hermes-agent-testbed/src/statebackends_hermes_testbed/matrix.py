@@ -10,6 +10,7 @@ the scenario requires; a cell whose outcome differs from that is marked
     statebackends-matrix --json               # machine-readable
     statebackends-matrix --backend contextvar --scenario threads --scenario soak
     statebackends-matrix --instrumentor opentelemetry.instrumentation.hermes_agent:HermesAgentInstrumentor
+    statebackends-matrix --hermes-plugin otel_tracing --backend invocation_id --backend contextvar
 
 ``--instrumentor MODULE:CLASS`` judges ANY Hermes instrumentation (an OpenTelemetry
 ``BaseInstrumentor``): one column named after it, instrumented with nothing but the
@@ -19,6 +20,15 @@ token usage per call) and spans never ended; no store is read. Scenarios that ne
 own hooks or store (``Scenario.native``: the stub agents, the soak, the greenlets) are
 ``n/a`` there. A foreign column has no declaration, so its cells have no expected
 outcome: they are printed as observed and never make the exit code 1.
+
+``--hermes-plugin NAME`` (repeatable) judges a Hermes plugin: a ``hermes_agent.plugins`` entry point or a plugin
+Hermes ships (``observability/langfuse``), enabled per scenario as a user enables it (its key in
+``plugins.enabled`` of config.yaml, its own environment variables pointing it at an OTLP receiver on 127.0.0.1,
+Hermes's plugin discovery) and put back after it. Its column is judged from what it exported, read as its
+:class:`~statebackends_hermes_testbed.traces.Reading` says (:mod:`statebackends_hermes_testbed.hermes_plugins`);
+what it cannot express is listed under the table. With ``--backend`` the backends' columns run beside it. A
+plugin that is unknown, fails to load or registers no hook gives one error naming it and the plugins found; the
+other columns still run, and the exit code is 2.
 
 The scenarios with ``+threading`` in their id run with ``opentelemetry-instrumentation-threading``
 enabled; ``greenlets`` runs in a subprocess under gevent monkey patching.
@@ -104,8 +114,9 @@ class Cell:
 def run_cell(bench: Any, scenario: Any, backend: str, *, foreign: bool = False) -> Cell:
     """Run one cell on ``bench``; an exception is recorded in the cell, never raised.
 
-    ``foreign``: ``backend`` names an instrumentor added with ``bench.instrumentors.add_foreign``;
-    the cell has no expected outcome, and a ``native`` scenario is not run (``n/a``).
+    ``foreign``: ``backend`` names an instrumentor added with ``bench.instrumentors.add_foreign`` (or a Hermes
+    plugin added with ``add_plugin``); the cell has no expected outcome, a ``native`` scenario is not run
+    (``n/a``), and the column is released after the cell (a plugin's settings put back).
     """
     from .scenarios import expected_ok
 
@@ -123,6 +134,12 @@ def run_cell(bench: Any, scenario: Any, backend: str, *, foreign: bool = False) 
         cell.verdict = None
         traceback.print_exc(file=sys.stderr)
     finally:
+        if foreign:
+            try:
+                bench.uninstrument()
+            except Exception as exc:  # noqa: BLE001 - recorded in the cell like any failure
+                cell.error = cell.error or f"releasing the column raised {type(exc).__name__}: {exc}"
+                traceback.print_exc(file=sys.stderr)
         cell.seconds = time.perf_counter() - started
     return cell
 
@@ -159,6 +176,25 @@ def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence
     return "\n".join(lines)
 
 
+def plugin_notes(plugins: dict[str, Any], stamp: dict[str, Any], n_na: int) -> list[str]:
+    """Lines under the table for Hermes plugin columns: what each is, what it cannot express and why, and the n/a rows."""
+    if not plugins:
+        return []
+    lines = [""]
+    for name, plugin in plugins.items():
+        dist = plugin.spec.distribution
+        version = stamp.get("versions", {}).get(dist) if dist else None
+        what = f"{dist} {version}" if version else (dist or "a Hermes plugin")
+        lines.append(f"`{name}` ({what}): a Hermes plugin, enabled per scenario through config.yaml and its own settings, "
+                     "judged from the spans it exported over OTLP to 127.0.0.1 and the ones it left open.")
+        for aspect, why in plugin.reading.not_applicable:
+            lines.append(f"- not judged for `{name}`: {aspect}, because {why}.")
+    if n_na:
+        lines.append("- n/a rows: they drive our instrumentation's own hooks or store (async stub agents, soak, "
+                     "greenlets), which a foreign column does not have.")
+    return lines
+
+
 def _pick(kind: str, wanted: Optional[list[str]], valid: Sequence[str]) -> list[str]:
     if not wanted:
         return list(valid)
@@ -186,6 +222,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="judge this OpenTelemetry BaseInstrumentor instead of our backends (one column named after it; "
         "judged from exported spans only; scenarios needing our own hooks are n/a; never fails the exit code)",
     )
+    parser.add_argument(
+        "--hermes-plugin",
+        action="append",
+        metavar="NAME",
+        help="judge this Hermes plugin (an entry point of hermes_agent.plugins or a bundled one such as "
+        "observability/langfuse; repeatable): enabled per scenario as a user enables it, judged from what it exports "
+        "to an OTLP receiver on 127.0.0.1; our backends run beside it only with --backend; its cells never fail the exit "
+        "code, a plugin that is unknown or fails to load or register makes it 2 (the other columns still run)",
+    )
     args = parser.parse_args(argv)
 
     from . import scenarios as sc
@@ -198,8 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError("--backend does not apply with --instrumentor (a foreign instrumentor has no backends)")
             foreign = load_instrumentor(args.instrumentor)
             backends = [args.instrumentor]
-        else:
+        elif args.backend or not args.hermes_plugin:
             backends = _pick("backend", args.backend, list(available()))
+        else:
+            backends = []
         chosen = [sc.BY_ID[i] for i in _pick("scenario", args.scenario, [s.id for s in sc.SCENARIOS])]
     except ValueError as exc:
         print(f"statebackends-matrix: error: {exc}", file=sys.stderr)
@@ -214,21 +261,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.perf_counter()
     cells: list[Cell] = []
-    total = len(backends) * len(chosen)
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    plugins: dict[str, Any] = {}
+    plugin_errors: list[str] = []
     with loopback_only() as guard, contextlib.redirect_stdout(sys.stderr):
         bench = HermesBench(callers=callers)
         if foreign is not None:
             bench.instrumentors.add_foreign(args.instrumentor, foreign)
+        if args.hermes_plugin:
+            from .hermes_plugins import PluginError, open_plugin
+
+            for name in dict.fromkeys(args.hermes_plugin):
+                try:
+                    plugins[name] = open_plugin(name)
+                except PluginError as exc:
+                    plugin_errors.append(str(exc))
+                    print(f"statebackends-matrix: error: {exc}", file=sys.stderr, flush=True)
+            for name, plugin in plugins.items():
+                bench.instrumentors.add_plugin(name, plugin)
+        columns = backends + list(plugins)
+        if not columns:  # every column asked for was a plugin that cannot be judged: nothing to run
+            bench.close()
+            return 2
+        total = len(columns) * len(chosen)
         try:
             for s in chosen:
-                for b in backends:
-                    cell = run_cell(bench, s, b, foreign=foreign is not None)
+                for b in columns:
+                    cell = run_cell(bench, s, b, foreign=foreign is not None or b in plugins)
                     cells.append(cell)
                     mark = "" if cell.as_expected else f"  {UNEXPECTED}"
                     progress(f"[{len(cells)}/{total}] {s.id} x {b}: {cell.text()} ({cell.seconds:.1f} s){mark}")
         finally:
             bench.close()
+            for plugin in plugins.values():
+                plugin.close()
     wall = time.perf_counter() - started
     stamp = version_stamp()
     if guard.blocked:
@@ -242,6 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "wall_seconds": round(wall, 1),
                     "cells": [c.as_dict() for c in cells],
                     "instrumentor": args.instrumentor,
+                    "hermes_plugins": {
+                        name: {"not_applicable": dict(p.reading.not_applicable), "distribution": p.spec.distribution}
+                        for name, p in plugins.items()
+                    },
+                    "errors": plugin_errors,
                     "ok": sum(c.ok for c in cells),
                     "as_expected": sum(c.as_expected for c in cells),
                     "not_applicable": sum(not c.applicable for c in cells),
@@ -252,7 +323,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
         )
     else:
-        print(markdown(cells, backends, chosen, stamp, wall))
+        text = markdown(cells, columns, chosen, stamp, wall)
+        notes = plugin_notes(plugins, stamp, sum(not c.applicable for c in cells if c.backend in plugins))
+        print("\n".join([text, *notes]) if notes else text)
+    if plugin_errors:
+        return 2
     return 0 if all(c.as_expected for c in cells) else 1
 
 

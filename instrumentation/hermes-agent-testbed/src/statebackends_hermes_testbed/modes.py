@@ -69,12 +69,19 @@ class Instrumentors:
             self.theirs = theirs.HermesAgentInstrumentor()
         self.foreign: dict[str, Any] = {}
         """Foreign instrumentors by column name (:meth:`add_foreign`): instrumented with only a tracer provider."""
+        self.plugins: dict[str, Any] = {}
+        """Hermes plugins by column name (:meth:`add_plugin`): enabled through Hermes's own plugin discovery."""
         self.mode = NONE
         self.release()
 
     def add_foreign(self, name: str, instrumentor: Any) -> None:
         """Make ``instrumentor`` (any ``BaseInstrumentor``) a mode named ``name``: judged from its spans only, no store."""
         self.foreign[name] = instrumentor
+
+    def add_plugin(self, name: str, plugin: Any) -> None:
+        """Make ``plugin`` (a :class:`~statebackends_hermes_testbed.hermes_plugins.HermesPlugin`) a mode named ``name``:
+        enabled for the mode, disabled (its settings put back) on :meth:`release`, judged from what it exports."""
+        self.plugins[name] = plugin
 
     def modes(self, include_loongsuite: bool = True) -> List[str]:
         """``none``, every backend, and ``loongsuite`` when installed."""
@@ -86,10 +93,14 @@ class Instrumentors:
         return modes
 
     def release(self) -> None:
-        """Uninstrument whichever instrumentor is active."""
-        for instrumentor in (self.ours, self.theirs, *self.foreign.values()):
-            if instrumentor is not None and instrumentor.is_instrumented_by_opentelemetry:
-                instrumentor.uninstrument()
+        """Uninstrument whichever instrumentor is active; disable any Hermes plugin enabled."""
+        try:
+            for instrumentor in (self.ours, self.theirs, *self.foreign.values()):
+                if instrumentor is not None and instrumentor.is_instrumented_by_opentelemetry:
+                    instrumentor.uninstrument()
+        finally:
+            for plugin in self.plugins.values():
+                plugin.disable()
         self.mode = NONE
 
     def set_mode(self, mode: Any, provider: Any) -> None:
@@ -97,7 +108,9 @@ class Instrumentors:
         self.release()
         if mode == NONE:
             return
-        if isinstance(mode, str) and mode in self.foreign:
+        if isinstance(mode, str) and mode in self.plugins:
+            self.plugins[mode].enable()
+        elif isinstance(mode, str) and mode in self.foreign:
             self.foreign[mode].instrument(tracer_provider=provider)
         elif mode == LOONGSUITE:
             if self.theirs is None:
@@ -110,6 +123,14 @@ class Instrumentors:
     @property
     def store(self) -> Optional[Any]:
         """Our instrumentation's state store while one of our modes is active, else None."""
-        if self.mode in (NONE, LOONGSUITE) or (isinstance(self.mode, str) and self.mode in self.foreign):
+        if self.mode in (NONE, LOONGSUITE) or (isinstance(self.mode, str) and (self.mode in self.foreign or self.mode in self.plugins)):
             return None
         return self.ours.store
+
+    @property
+    def source(self) -> Optional[Any]:
+        """The Hermes plugin whose exported spans are judged while its mode is active (its own exporter, its own
+        reading of spans), else None: the spans are on the bench's provider."""
+        if isinstance(self.mode, str) and self.mode in self.plugins:
+            return self.plugins[self.mode]
+        return None

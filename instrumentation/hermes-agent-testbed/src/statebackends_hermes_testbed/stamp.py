@@ -17,6 +17,9 @@ DISTRIBUTIONS = (
     "opentelemetry-instrumentation",
     "wrapt",
     "loongsuite-instrumentation-hermes-agent",
+    # Hermes plugins the matrix judges with --hermes-plugin (the bundled Langfuse plugin runs on the langfuse SDK).
+    "hermes-plugin-otel-tracing",
+    "langfuse",
 )
 """The distributions whose versions a stamp records (None for one not installed)."""
 
