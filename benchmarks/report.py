@@ -1,6 +1,7 @@
 """Run the quick benchmarks and write ``report.md``, ``overhead.png`` and ``report.json``.
 
-    python -m benchmarks.report [--quick] [--out docs/benchmarks]
+    python -m benchmarks.report [--quick]            # into benchmark-report/ (ignored by git)
+    python -m benchmarks.report --docs               # regenerates the dated figures in docs/benchmarks/
 
 Everything is measured in this one process: state operations per backend against the
 bare primitives, our wrappers alone on a stub (no Hermes) against the bare-SDK floor,
@@ -32,7 +33,14 @@ from . import stateops as so
 from . import stats as st
 from . import timing as tm
 
-DEFAULT_OUT = Path("docs") / "benchmarks"
+DEFAULT_OUT = Path("benchmark-report")
+"""Where a run writes unless told otherwise: untracked (.gitignore), so a run never rewrites the dated figures."""
+DOCS_OUT = Path("docs") / "benchmarks"
+"""The dated figures the README and the summary quote; written only with ``--docs`` (or ``--out`` naming it)."""
+TOO_WIDE = "too wide to read"
+READABLE_SPREAD = 4.0
+"""A ratio's 95% interval is read only when it lies above zero and its ends are within this factor of each other;
+otherwise (a loaded machine) the report prints :data:`TOO_WIDE` and the interval instead of a ratio."""
 
 SETTINGS: Dict[str, Any] = {
     # name: (quick, full)
@@ -73,10 +81,22 @@ def _ci_us(ci: Sequence[float]) -> str:
     return f"{_us(est)} [{_us(lo)}, {_us(hi)}]"
 
 
+def readable(ci: Sequence[float]) -> bool:
+    """Whether a ratio's ``(estimate, low, high)`` can be read: an interval above zero, ends within
+    :data:`READABLE_SPREAD` of each other (a ratio of two overheads that noise can make zero or negative means
+    nothing). An interval that could not be computed (NaN) is not judged here."""
+    est, lo, hi = ci
+    if any(math.isnan(v) for v in ci):
+        return True
+    return est > 0 and lo > 0 and hi / lo <= READABLE_SPREAD
+
+
 def _ci_x(ci: Sequence[float]) -> str:
     est, lo, hi = ci
     if any(math.isnan(v) for v in ci):
         return _x(est)
+    if not readable(ci):
+        return f"{TOO_WIDE} (95% CI {lo:.2f} to {hi:.2f})"
     return f"{est:.2f}x [{lo:.2f}, {hi:.2f}]"
 
 
@@ -85,6 +105,8 @@ def _verdict_upper(ci: Sequence[float], target: float) -> str:
     est, lo, hi = ci
     if math.isnan(est):
         return "n/a"
+    if not readable(ci):
+        return "not judged: the interval is " + TOO_WIDE
     if not math.isnan(hi) and hi <= target:
         return "**met**"
     if not math.isnan(lo) and lo > target:
@@ -434,6 +456,11 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add("")
     add("![per-call overhead against N](overhead.png)")
     add("")
+    unreadable = sum(line.count(TOO_WIDE + " (") for line in lines)
+    if unreadable:
+        lines[2:2] = [f"**{unreadable} ratio(s) below are {TOO_WIDE}**: their 95% intervals reach zero or span more "
+                      f"than a factor of {READABLE_SPREAD:g}, so the machine was too busy for them on this run. Run "
+                      "again on a quieter machine, or with more `--paired-repeats`.", ""]
     return "\n".join(lines)
 
 
@@ -488,22 +515,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Measure, then write report.md, overhead.png and report.json to ``--out``; 0 on success."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: about 2 minutes")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/benchmarks)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help=f"output folder (default {DEFAULT_OUT}/, which git ignores)")
+    where.add_argument("--docs", action="store_true",
+                       help=f"write the dated figures the README quotes, in {DOCS_OUT}/ (tracked by git)")
     parser.add_argument("--paired-repeats", type=int, default=None, help="override the paired-overhead repeats")
     parser.add_argument("--n-repeats", type=int, default=None, help="override the per-call-vs-N repeats")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    out: Path = DOCS_OUT if args.docs else (args.out or DEFAULT_OUT)
     command = "python -m benchmarks.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     command = command.strip()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     log = Log(args.quiet)
     data = run(args.quick, paired_repeats=args.paired_repeats, n_repeats=args.n_repeats, log=log)
     data["command"], data["stamp"] = command, stamp
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(render(data, command, stamp) + "\n", encoding="utf-8")
-    plot(data, args.out / "overhead.png", stamp, command)
-    (args.out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    log(f"wrote {args.out / 'report.md'}, {args.out / 'overhead.png'}, {args.out / 'report.json'}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = render(data, command, stamp)
+    (out / "report.md").write_text(text + "\n", encoding="utf-8")
+    plot(data, out / "overhead.png", stamp, command)
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    log(f"wrote {out / 'report.md'}, {out / 'overhead.png'}, {out / 'report.json'}")
+    unreadable = text.count(TOO_WIDE + " (")
+    if unreadable:
+        log(f"{unreadable} ratio(s) were {TOO_WIDE} on this run (a busy machine): see the note at the top of the report")
     return 0
 
 
