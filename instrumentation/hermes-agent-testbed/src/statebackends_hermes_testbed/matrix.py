@@ -50,6 +50,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from statebackends import available
 
+from statebackends_hermes_agent.config import DEFAULT_HERMES_BACKEND
+
+from .legend import legend
 from .stamp import stamp_line, version_stamp
 
 UNEXPECTED = "✗ unexpected"
@@ -166,13 +169,16 @@ def markdown(cells: Sequence[Cell], backends: Sequence[str], scenarios: Sequence
     if n_na:
         tail += f" ({n_na} n/a)"
     if judged:
+        declared_bad = sum(1 for c in judged if c.as_expected and not c.ok)
         tail += (
-            f"; {n_exp}/{len(judged)} as expected from the backends' declarations"
+            f"; {n_exp}/{len(judged)} as their backends declare"
+            f"{f', {declared_bad} of them not ok where declared' if declared_bad else ''}"
             f"{'' if n_exp == len(judged) else f' ({len(judged) - n_exp} {UNEXPECTED})'}"
         )
     if len(judged) < len(run):
         tail += f"; {len(run) - len(judged)} cells of a foreign instrumentor: observed, no expectation"
     lines += ["", f"{tail}; {wall:.0f} s"]
+    lines += legend(cells, scenarios, DEFAULT_HERMES_BACKEND, UNEXPECTED)
     return "\n".join(lines)
 
 
