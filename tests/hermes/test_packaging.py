@@ -271,3 +271,39 @@ def test_bad_backend_kwarg_raises_value_error_from_instrument(tmp_path: Path, ho
     if value == "exploding":
         assert "the exploding backend cannot be built" in line, "the cause is named"
     assert "instrumented False" in out.stdout
+
+
+# -- Python versions: the README's claims are the distributions' requires-python ----------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECTS = {
+    "`statebackends/`": ROOT / "pyproject.toml",
+    "`instrumentation/hermes-agent/`": ROOT / "instrumentation" / "hermes-agent" / "pyproject.toml",
+    "`instrumentation/hermes-agent-testbed/`": ROOT / "instrumentation" / "hermes-agent-testbed" / "pyproject.toml",
+}
+
+
+def _oldest_python(pyproject: Path) -> str:
+    """The lowest Python ``requires-python`` admits, as ``3.N``."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["requires-python"])
+    return next(f"3.{n}" for n in range(0, 30) if f"3.{n}.999" in spec)
+
+
+def test_the_readmes_python_claims_are_the_distributions_requires_python() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    oldest = {folder: _oldest_python(path) for folder, path in PYPROJECTS.items()}
+    # The set-up commands install all three distributions: they need the highest of the three minimums, and
+    # .ci/run runs them with exactly that Python (it reads the claim from the README).
+    claim = re.search(r"Python \(>= (3\.\d+)\)", readme)
+    assert claim is not None and claim.group(1) == max(oldest.values(), key=lambda v: int(v.split(".")[1])), oldest
+    assert "grep -o -m1 'Python (>= 3" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    # Each distribution's row of the layout table names its own minimum.
+    for folder, version in oldest.items():
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| {folder} |")]
+        assert f"Python >= {version} " in row, (folder, version, row)
