@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +19,7 @@ import pytest
 
 from statebackends_hermes_testbed.driver import truth_of
 from statebackends_hermes_testbed.fakellm import FakeLLMServer, Script
-from statebackends_hermes_testbed.langfuse_plugin import OTLPSink
+from statebackends_hermes_testbed.otlp import OTLPSink
 from statebackends_hermes_testbed.traces import CALLER_PREFIX, CallTruth, judge
 
 APP = Path(__file__).resolve().parents[2] / "docs" / "examples" / "hermes-app" / "app.py"

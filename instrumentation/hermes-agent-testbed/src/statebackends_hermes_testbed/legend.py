@@ -18,6 +18,8 @@ REQUIRES: dict[Concurrency, str] = {
     C.THREADS: "turns overlap on one shared agent, each in a thread of its own (a threaded web server)",
     C.ASYNC_TASKS: "turns overlap as asyncio tasks on one event loop",
     C.COPIED_CONTEXT: "work hops to a pool thread that copies the context (Hermes's own tool pool, asyncio.to_thread)",
+    C.LATE_WORK: "work a turn started (a callback, a job on a worker thread) runs after that turn ended, where "
+                 "another turn is open; it must not see that other turn",
     C.RAW_THREAD: "work hops to a thread that copies nothing (a plain Thread, executor.submit); only the agent or "
                   "the task id goes along",
     C.PROPAGATE: "work hops to a thread that copies nothing, wrapped by the backend's propagate() (a delegate_task "
