@@ -7,7 +7,6 @@ registered in the ``statebackends`` entry-point group) is one small module.
 """
 
 from ._store import NO_SCOPE, Concurrency, Scope, StateStore, at_fork_in_child, first_open, log_safely
-from .version import __version__
 from .registry import (
     DEFAULT_BACKEND,
     DEPRECATED_ENV_STATE_BACKEND,
@@ -18,17 +17,18 @@ from .registry import (
     invalidate_caches,
     store_from_config,
 )
+from .version import __version__
 
 __all__ = [
-    "Concurrency",
-    "NO_SCOPE",
     "DEFAULT_BACKEND",
     "DEPRECATED_ENV_STATE_BACKEND",
     "ENTRY_POINT_GROUP",
     "ENV_STATE_BACKEND",
+    "NO_SCOPE",
+    "Concurrency",
     "Scope",
-    "__version__",
     "StateStore",
+    "__version__",
     "at_fork_in_child",
     "available",
     "first_open",

@@ -7,11 +7,12 @@ import enum
 import inspect
 import logging
 import os
+import sys
 import threading
 import weakref
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-import sys
-from typing import Any, Callable, ClassVar, Generic, Hashable, Iterator, ParamSpec
+from typing import Any, ClassVar, Generic, ParamSpec
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -62,15 +63,20 @@ class Concurrency(str, enum.Enum):
     RAW_THREAD = "raw_thread"
     """Work handed to another thread with nothing copied (a plain ``Thread`` or ``executor.submit``)."""
     PROPAGATE = "propagate"
-    """Work wrapped with :meth:`StateStore.propagate` before a raw hop, including a nested invocation on another owner there."""
+    """Work wrapped with :meth:`StateStore.propagate` before a raw hop, including a nested invocation on another owner
+    there."""
     NESTED = "nested"
     """An invocation nested inside another on the same thread gets the outer state back when it ends."""
     SHARED_ID = "shared_id"
-    """Overlapping invocations that carry the SAME invocation id (two turns of one Hermes session), each in its own thread or task."""
+    """Overlapping invocations that carry the SAME invocation id (two turns of one Hermes session), each in its own
+    thread or task."""
     SHARED_ID_RAW_THREAD = "shared_id_raw_thread"
-    """A raw thread hop carrying only an id that several open invocations on one owner share: which one is meant cannot be told."""
+    """A raw thread hop carrying only an id that several open invocations on one owner share: which one is meant
+    cannot be told."""
     GREENLETS = "greenlets"
-    """Invocations in gevent greenlets under ``gevent.monkey.patch_all()`` sharing one owner, including a greenlet spawned during an invocation (which starts with an empty ``contextvars`` context and its own ``threading.local``) and handed only the owner and the id."""
+    """Invocations in gevent greenlets under ``gevent.monkey.patch_all()`` sharing one owner, including a greenlet
+    spawned during an invocation (which starts with an empty ``contextvars`` context and its own ``threading.local``)
+    and handed only the owner and the id."""
 
     @property
     def description(self) -> str:
@@ -103,7 +109,7 @@ class Scope(Generic[S, T]):
     instrumentation may mark the call incomplete).
     """
 
-    __slots__ = ("state", "owner", "invocation_id", "token", "ended", "previous", "evicted", "_epoch", "__weakref__")
+    __slots__ = ("__weakref__", "_epoch", "ended", "evicted", "invocation_id", "owner", "previous", "state", "token")
 
     token: T
 
@@ -123,10 +129,11 @@ class Scope(Generic[S, T]):
 _fork_epoch = 0  # bumped in a forked child: scopes begun before the fork do not count in its live()
 
 NO_SCOPE: Scope[Any, Any] = Scope.__new__(Scope)  # made by hand: Scope() links every new scope to it
-"""The bottom of every ``previous`` chain: never ended, its state is None (what ``current()`` gives outside any invocation)."""
+"""The bottom of every ``previous`` chain: never ended, its state is None (what ``current()`` gives outside any
+invocation)."""
 NO_SCOPE.state = NO_SCOPE.owner = NO_SCOPE.invocation_id = NO_SCOPE.token = None
 NO_SCOPE.ended = NO_SCOPE.evicted = False
-NO_SCOPE.previous, NO_SCOPE._epoch = NO_SCOPE, 0
+NO_SCOPE.previous, NO_SCOPE._epoch = NO_SCOPE, 0  # noqa: SLF001 - Scope's own module
 
 
 def first_open(scope: Scope[S, T]) -> Scope[S, T]:
@@ -218,7 +225,7 @@ class StateStore(abc.ABC, Generic[S, T]):
                 again = scope.ended
                 scope.ended = True
                 if not again:
-                    if scope._epoch == _fork_epoch:  # begun before a fork: not counted in this process
+                    if scope._epoch == _fork_epoch:  # noqa: SLF001 - Scope's own module; begun before a fork: not counted
                         self._live -= 1
                     self._closed(scope)
             if again:
@@ -276,7 +283,7 @@ class StateStore(abc.ABC, Generic[S, T]):
         """Book ``scope`` as ended, under the store's lock, at its first ``end`` (before ``_exit``)."""
 
     def _after_fork_in_child(self) -> None:
-        """Re-create locks and per-process bookkeeping in a forked child (one thread only runs; see the class docstring)."""
+        """Re-create locks and per-process bookkeeping in a forked child (one thread runs; see the class docstring)."""
         self._lock = threading.Lock()
         self._live = 0
 
@@ -310,7 +317,7 @@ def _after_fork_in_child() -> None:
     _fork_epoch += 1
     for store in list(_stores):
         try:
-            store._after_fork_in_child()
+            store._after_fork_in_child()  # noqa: SLF001 - the hook StateStore defines in this module
         except KeyboardInterrupt:
             raise
         except BaseException:  # noqa: BLE001 - a fork must never fail because of a store

@@ -6,7 +6,8 @@ import contextvars
 import functools
 import itertools
 import logging
-from typing import Any, Callable, Hashable, Optional, ParamSpec, TypeAlias, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, Optional, ParamSpec, TypeAlias, TypeVar
 
 from . import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Hashable, ParamSpec, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeVar
 
 from . import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 

@@ -9,7 +9,8 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, ParamSpec, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeVar
 
 from . import NO_SCOPE, Concurrency, Scope, first_open, log_safely
 from .contextvar import ContextVarStore, VarToken

@@ -6,7 +6,8 @@ import contextvars
 import functools
 import itertools
 import logging
-from typing import Any, Callable, Hashable, Optional, ParamSpec, TypeAlias, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
@@ -27,7 +28,7 @@ Cell: TypeAlias = "list[Scope[Any, Any]]"
 Never the scope itself: a ``Context`` is immutable, so an ``end`` that cannot detach yet (a
 foreign attach on top) lets go of the scope's state by putting a husk in the cell instead.
 """
-ContextToken: TypeAlias = "Optional[tuple[Context, contextvars.Token[Context], contextvars.Token[None], Cell]]"
+ContextToken: TypeAlias = "tuple[Context, contextvars.Token[Context], contextvars.Token[None], Cell] | None"
 """The token of an ``otel_context`` scope: the ``Context`` it attached, the tokens to undo that, and its cell;
 None once detached."""
 _NO_CELL: Cell = [NO_SCOPE]
@@ -83,9 +84,9 @@ class OtelContextStore(StateStore[S, ContextToken]):
         self._probe: contextvars.ContextVar[None] = contextvars.ContextVar(f"statebackends_otel_probe_{n}")
 
     def _here(self, context: Context | None = None) -> Scope[S, ContextToken]:
-        """The scope (or husk) ``context`` (the current one by default) holds under this store's key, else ``NO_SCOPE``."""
-        cell: Cell = (otel_context.get_current() if context is None else context).get(  # type: ignore[assignment]
-            self._key, _NO_CELL)  # only this store writes its private key: always a Cell
+        """The scope (or husk) ``context`` (by default the current one) holds under this store's key, or NO_SCOPE."""
+        here = otel_context.get_current() if context is None else context
+        cell: Cell = here.get(self._key, _NO_CELL)  # type: ignore[assignment]  # only we write our key: a Cell
         return cell[0]
 
     def _enter(self, scope: Scope[S, ContextToken]) -> ContextToken:
@@ -135,7 +136,8 @@ class OtelContextStore(StateStore[S, ContextToken]):
         return True
 
     def current(self, owner: Any = None, invocation_id: Hashable | None = None) -> S | None:
-        cell: Cell = otel_context.get_current().get(self._key, _NO_CELL)  # type: ignore[assignment]  # _here(), inlined
+        # _here(), inlined (the hot path). A Context holds objects; only this store writes its key: a Cell.
+        cell: Cell = otel_context.get_current().get(self._key, _NO_CELL)  # type: ignore[assignment]
         scope: Scope[S, ContextToken] = cell[0]
         if not scope.ended:
             return scope.state

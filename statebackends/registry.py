@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ._store import StateStore, log_safely
 
@@ -118,7 +119,8 @@ def _find(mapping: Mapping[str, Any], name: str) -> str | None:
 
 
 def available() -> dict[str, Callable[..., StateStore[Any]]]:
-    """Every backend that resolves by name (case-insensitively), under its registered spelling: the built-ins and the loadable entry points."""
+    """Every backend that resolves by name (case-insensitively), under its registered spelling: the built-ins and
+    the loadable entry points."""
     return dict(sorted(_backends()[0].items()))
 
 
@@ -161,7 +163,7 @@ def get_store(name_or_store: str | StateStore[S], factory: Callable[[], S]) -> S
         store = make(factory)
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # noqa: BLE001 - a plugin's failure (even SystemExit) is reported, not propagated raw
+    except BaseException as exc:  # a plugin's failure (even SystemExit) is reported, not propagated raw
         raise ValueError(
             f"state backend {name!r} could not be created ({type(exc).__name__}: {exc}); valid names: {_valid()}"
         ) from exc
@@ -199,15 +201,18 @@ def store_from_config(
         if not raw:
             continue
         if var == DEPRECATED_ENV_STATE_BACKEND:
-            log_safely(_logger, logging.WARNING, "statebackends: %s is deprecated; set %s=%r instead", var, ENV_STATE_BACKEND, raw)
+            log_safely(_logger, logging.WARNING, "statebackends: %s is deprecated; set %s=%r instead",
+                       var, ENV_STATE_BACKEND, raw)
         try:
             store = get_store(raw, factory)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
-            log_safely(_logger, logging.ERROR, "statebackends: %s=%r is not usable (%s); using %r", var, raw, exc, default)
+            log_safely(_logger, logging.ERROR, "statebackends: %s=%r is not usable (%s); using %r",
+                       var, raw, exc, default)
             break
-        log_safely(_logger, logging.DEBUG, "statebackends: backend %r chosen by %s", getattr(store, "name", "") or raw, var)
+        log_safely(_logger, logging.DEBUG, "statebackends: backend %r chosen by %s",
+                   getattr(store, "name", "") or raw, var)
         return store
     return get_store(default, factory)
 

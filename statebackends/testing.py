@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import gc
 import importlib
 import importlib.util
@@ -40,12 +41,13 @@ import sys
 import threading
 import uuid
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from ._store import Concurrency, Scope, StateStore
 
-__all__ = ["BackendContract", "Failure", "Observation", "RULES", "check_backend", "check_rule", "observe"]
+__all__ = ["RULES", "BackendContract", "Failure", "Observation", "check_backend", "check_rule", "observe"]
 
 TIMEOUT = 10.0
 """Seconds any single wait of the kit lasts at most (a hang is reported, not waited out)."""
@@ -78,7 +80,7 @@ class _Owner:
     """An instrumented object: accepts attributes, like an agent instance."""
 
 
-class _Problems(list):  # type: ignore[type-arg]
+class _Problems(list[str]):
     def expect(self, ok: bool, message: str) -> None:
         if not ok:
             self.append(message)
@@ -201,7 +203,7 @@ def _bystander(store: StateStore[Any], invocation_id: Any = None) -> Iterator[An
 
     Yields its state; it has ended when the block is left.
     """
-    owner, box = _Owner(), {}  # type: ignore[var-annotated]
+    owner, box = _Owner(), dict[str, Any]()
     opened, release, ended = threading.Event(), threading.Event(), threading.Event()
 
     def run() -> None:
@@ -236,6 +238,10 @@ def _bystander(store: StateStore[Any], invocation_id: Any = None) -> Iterator[An
             raise box["error"]
 
 
+_LOST_OR_ANOTHERS = {"None": "nothing", "another invocation's state": "another's state"}
+"""What ``_count`` reports of an open invocation that should see its own state."""
+
+
 def _count(results: list[Any], what: str, index: int, messages: dict[str, str]) -> list[str]:
     out = []
     for value, text in messages.items():
@@ -253,10 +259,11 @@ def _rule_begin_current_end(make: Make) -> list[str]:
     p.expect(store.current(owner) is None, "current() before any begin() is not None")
     scope = store.begin(owner)
     p.expect(isinstance(scope, Scope), f"begin() returned {scope!r}, not a Scope")
-    p.expect(store.current(owner, scope.invocation_id) is scope.state, "current(owner, id) in the invocation is not its state")
+    p.expect(store.current(owner, scope.invocation_id) is scope.state,
+             "current(owner, id) in the invocation is not its state")
     p.expect(store.current(owner) is scope.state, "current(owner) in the invocation is not its state")
     p.expect(store.live() in (1, None), f"live() is {store.live()!r} with one invocation open")
-    with _bystander(store) as other:
+    with _bystander(store):
         store.end(scope)
         p.expect(scope.ended, "the scope is not marked ended after end()")
         seen = store.current(owner)
@@ -318,7 +325,8 @@ def _rule_end_from_another_thread(make: Make) -> list[str]:
     with _bystander(store):
         seen = store.current(owner), store.current(owner, scope.invocation_id)
     p.expect(seen == (None, None), f"after the end() in another thread, the thread of begin() gets "
-             f"{_describe(seen[0], None, [scope.state])} / with the id {_describe(seen[1], None, [scope.state])}, not None")
+             f"{_describe(seen[0], None, [scope.state])} / with the id "
+             f"{_describe(seen[1], None, [scope.state])}, not None")
     with store.invocation(owner) as state:
         p.expect(store.current(owner) is state, "a later invocation in the thread of begin() does not see its state")
     p.expect(store.current(owner) is None, "current() after the later invocation is not None")
@@ -349,7 +357,11 @@ def _rule_never_raise(make: Make) -> list[str]:
     fn = attempt("propagate() outside any invocation", store.propagate, lambda: store.current(owner))
     if fn is not None:
         attempt("a propagated call outside any invocation", _raw_hop, fn)
-    _, errors = _threads(2, lambda i: [store.end(store.begin(owner)) for _ in range(50)])
+    def churn(i: int) -> None:
+        for _ in range(50):
+            store.end(store.begin(owner))
+
+    _, errors = _threads(2, churn)
     p.extend(f"begin()/end() in threads raised {e!r}" for e in errors)
     return p
 
@@ -359,11 +371,14 @@ def _rule_live_returns_to_zero(make: Make) -> list[str]:
 
     def call() -> None:
         owner = _Owner()
-        with store.invocation(owner):
-            with store.invocation(owner):
-                store.current(owner)
+        with store.invocation(owner), store.invocation(owner):
+            store.current(owner)
 
-    _, errors = _threads(8, lambda i: [call() for _ in range(25)])
+    def calls(i: int) -> None:
+        for _ in range(25):
+            call()
+
+    _, errors = _threads(8, calls)
     p.extend(f"begin()/end() in threads raised {e!r}" for e in errors[:1])
 
     async def task() -> None:
@@ -382,7 +397,7 @@ def _rule_live_returns_to_zero(make: Make) -> list[str]:
 def _rule_no_ended_state_in_copied_context(make: Make) -> list[str]:
     p, store, owner = _Problems(), make(), _Owner()
     sid = f"ended-{uuid.uuid4()}"
-    with _bystander(store, sid) as other:  # open on another owner with the same id throughout
+    with _bystander(store, sid):  # open on another owner with the same id throughout
         scope = store.begin(owner, sid)
         ended = scope.state
         ctx = contextvars.copy_context()
@@ -427,7 +442,8 @@ def _rule_no_ended_state_in_copied_context(make: Make) -> list[str]:
         store.end(outer)
         seen_outer = _raw_hop(ctx.run, store.current, owner)
         p.expect(seen_outer is None,
-                 f"that copied context gives {_describe(seen_outer, None, [inner.state, outer.state])} after both ended")
+                 f"that copied context gives {_describe(seen_outer, None, [inner.state, outer.state])} "
+                 "after both ended")
     return p
 
 
@@ -440,7 +456,7 @@ def _rule_ends_in_any_order(make: Make) -> list[str]:
 
     p, store, owner = _Problems(), make(), _Owner()
     before = _context_snapshot()
-    with _bystander(store) as other:  # open on another owner throughout: never anyone's answer here
+    with _bystander(store):  # open on another owner throughout: never anyone's answer here
         base = store.live()
         for order in itertools.permutations(range(3)):
             scopes = [store.begin(owner) for _ in range(3)]
@@ -450,10 +466,11 @@ def _rule_ends_in_any_order(make: Make) -> list[str]:
                 store.end(scopes[i])
                 open_.remove(i)
                 want = states[open_[-1]] if open_ else None
+                ended_states = [x for k, x in enumerate(states) if k not in open_]
                 seen = store.current(owner)
                 if seen is not want:
                     p.append(f"ending in order {order}: after ending #{i} current() is "
-                             f"{_describe(seen, want, [x for k, x in enumerate(states) if k not in open_])}, "
+                             f"{_describe(seen, want, ended_states)}, "
                              "not the innermost open invocation's" + ("" if open_ else " (None)"))
                     break
                 for j in range(3):
@@ -462,7 +479,7 @@ def _rule_ends_in_any_order(make: Make) -> list[str]:
                     if not any(got is x for x in fine):
                         p.append(f"ending in order {order}: after ending #{i}, current(owner, id of "
                                  f"{'open' if j in open_ else 'ended'} #{j}) gives "
-                                 f"{_describe(got, states[j] if j in open_ else None, [x for k, x in enumerate(states) if k not in open_])}")
+                                 f"{_describe(got, states[j] if j in open_ else None, ended_states)}")
                         break
                 if p:
                     break
@@ -472,9 +489,11 @@ def _rule_ends_in_any_order(make: Make) -> list[str]:
             refs = [weakref.ref(s) for s in scopes]
             del scopes, states
             gc.collect()
-            kept = sum(1 for r in refs if r() is not None)
-            p.expect(not kept, f"after ending in order {order}, {kept} ended scope(s) are still kept alive "
-                     f"(by {sorted({type(x).__name__ for r in refs if r() is not None for x in gc.get_referrers(r())})})")
+            alive = [r() for r in refs if r() is not None]
+            holders = sorted({type(x).__name__ for scope in alive for x in gc.get_referrers(scope)})
+            p.expect(not alive, f"after ending in order {order}, {len(alive)} ended scope(s) are still kept alive "
+                     f"(by {holders})")
+            del alive
             if p:
                 break
     p.expect(store.live() in (0, None), f"live() is {store.live()!r} after every invocation ended")
@@ -492,10 +511,12 @@ def _rule_shared_id_same_context(make: Make) -> list[str]:
     p.expect(store.current(owner, sid) is first.state, "current(owner, id) in the first invocation is not its state")
     second = store.begin(owner, sid)
     seen = store.current(owner, sid)
-    p.expect(seen is second.state, f"a nested invocation with the same id gets {_describe(seen, second.state, [first.state])}")
+    p.expect(seen is second.state,
+             f"a nested invocation with the same id gets {_describe(seen, second.state, [first.state])}")
     store.end(second)
     seen = store.current(owner, sid)
-    p.expect(seen is first.state, f"after it ended, the same id gives {_describe(seen, first.state, [second.state])}, not the outer state")
+    p.expect(seen is first.state,
+             f"after it ended, the same id gives {_describe(seen, first.state, [second.state])}, not the outer state")
     with _bystander(store, sid):  # the same id, open on another owner in another thread
         store.end(first)
         seen = store.current(owner, sid)
@@ -559,8 +580,8 @@ def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> li
 
     results, errors = _threads(n, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
-    out += _count(results, "threads got, with current(owner, id),", 0, {"None": "nothing", "another invocation's state": "another's state"})
-    out += _count(results, "threads got, with current(owner),", 1, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "threads got, with current(owner, id),", 0, _LOST_OR_ANOTHERS)
+    out += _count(results, "threads got, with current(owner),", 1, _LOST_OR_ANOTHERS)
     out += _count(results, "threads got, right after their own end (others open),", 2,
                   {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"})
     out += _count(results, "threads got, after all ended,", 3, {"another invocation's state": "a state"})
@@ -572,7 +593,8 @@ def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> li
 
 
 def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
-    """Tasks on one owner (the first two sharing an id), each with late work: a task created during it, run after it ended."""
+    """Tasks on one owner (the first two sharing an id), each with late work: a task created during it, run after it
+    ended."""
     store, owner, sid = make(), _Owner(), f"shared-{uuid.uuid4()}"
 
     async def call(i: int, gate: asyncio.Event, started: list[int], done: list[asyncio.Event]) -> tuple[str, ...]:
@@ -603,13 +625,13 @@ def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
                 _describe(late_seen[0], None, [scope.state]), _describe(late_seen[1], None, [scope.state]))
 
     async def main() -> list[tuple[str, ...]]:
-        gate, started, done = asyncio.Event(), [], [asyncio.Event() for _ in range(n)]  # type: ignore[var-annotated]
+        gate, started, done = asyncio.Event(), list[int](), [asyncio.Event() for _ in range(n)]
         return list(await asyncio.gather(*(call(i, gate, started, done) for i in range(n))))
 
     results = asyncio.run(main())
     late = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
-    out = _count(results, "tasks got, with current(owner),", 0, {"None": "nothing", "another invocation's state": "another's state"})
-    out += _count(results, "tasks got, with current(owner, id),", 1, {"None": "nothing", "another invocation's state": "another's state"})
+    out = _count(results, "tasks got, with current(owner),", 0, _LOST_OR_ANOTHERS)
+    out += _count(results, "tasks got, with current(owner, id),", 1, _LOST_OR_ANOTHERS)
     out += _count(results, "tasks got, right after their own end,", 2, {"another invocation's state": "a state"})
     out += _count(results, "tasks created during an invocation and run after it ended (others open) got", 3, late)
     out += _count(results, "tasks created during an invocation and run after it ended (others open) got, "
@@ -654,8 +676,8 @@ def _observe_late_work(make: Make) -> list[str]:
             seen = late.run(lambda: (store.current(owner), store.current(owner, sid)))
             p.expect(all(s is None for s in seen),
                      f"late work of an ended invocation, run on its thread while {where} is open there, gets "
-                     f"{_describe(seen[0], None, [ended.state])} / with the id {_describe(seen[1], None, [ended.state])}"
-                     ", not None")
+                     f"{_describe(seen[0], None, [ended.state])} / with the id "
+                     f"{_describe(seen[1], None, [ended.state])}, not None")
 
         scope = store.begin(owner, sid)
         looks("the next invocation on its owner, with its id,")
@@ -709,10 +731,14 @@ def _observe_raw_thread(make: Make) -> list[str]:
         results, errors = _threads(2, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
     after = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
-    out += _count(results, "raw hops (owner and id carried) got", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "raw hops (owner and id carried) got", 0, _LOST_OR_ANOTHERS)
     out += _count(results, "raw hops (owner and id carried) after the end got", 1, after)
     out += _count(results, "raw hops (owner carried) after the end got", 2, after)
     return out
+
+
+def _nothing() -> None:
+    """A job that does nothing (run through ``propagate`` to see what it leaves behind)."""
 
 
 def _observe_propagate(make: Make) -> list[str]:
@@ -730,13 +756,13 @@ def _observe_propagate(make: Make) -> list[str]:
              f"{_describe(before, scope.state)} before its own begin(), not its parent's")
     p.expect(inside, "the subagent's invocation there does not see its own state")
     p.expect(back is scope.state, f"after the subagent ended the hop gets {_describe(back, scope.state)}")
-    seen = _raw_hop(store.propagate(lambda: store.current(parent)))
+    seen = _raw_hop(store.propagate(functools.partial(store.current, parent)))
     p.expect(seen is scope.state, f"a propagated call gets {_describe(seen, scope.state)} on the parent owner")
     with _bystander(store):
         store.end(scope)
         worker = _Worker()
         try:
-            worker.call(store.propagate(lambda: None))
+            worker.call(store.propagate(_nothing))
             left = worker.call(store.current, parent, scope.invocation_id)
         finally:
             worker.close()
@@ -750,12 +776,15 @@ def _observe_nested(make: Make) -> list[str]:
     outer = store.begin(owner)
     inner = store.begin(owner)
     p.expect(store.current(owner) is inner.state, "the nested invocation does not see its own state")
-    p.expect(store.current(owner, inner.invocation_id) is inner.state, "current(owner, id) in the nested invocation is not its state")
+    p.expect(store.current(owner, inner.invocation_id) is inner.state,
+             "current(owner, id) in the nested invocation is not its state")
     store.end(inner)
     seen = store.current(owner)
-    p.expect(seen is outer.state, f"after the nested end the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
+    p.expect(seen is outer.state,
+             f"after the nested end the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
     seen = store.current(owner, outer.invocation_id)
-    p.expect(seen is outer.state, f"with its id, the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
+    p.expect(seen is outer.state,
+             f"with its id, the outer invocation gets {_describe(seen, outer.state, [inner.state])}")
     with _bystander(store):
         store.end(outer)
         left = store.current(owner)
@@ -836,9 +865,9 @@ def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
     out = [f"a greenlet raised {g.exception!r}" for g in greenlets if g.exception is not None][:1]
     if any(not g.ready() for g in greenlets):
         out.append("a greenlet did not finish (hung)")
-    out += _count(results, "greenlets got, with current(owner, id),", 0, {"None": "nothing", "another invocation's state": "another's state"})
+    out += _count(results, "greenlets got, with current(owner, id),", 0, _LOST_OR_ANOTHERS)
     out += _count(results, "greenlets spawned during an invocation (owner and id handed over) got", 1,
-                  {"None": "nothing", "another invocation's state": "another's state"})
+                  _LOST_OR_ANOTHERS)
     out += _count(results, "greenlets spawned during an invocation and running after it ended got", 2,
                   {"an ended invocation's state": "the ended state", "another invocation's state": "a state"})
     out += _count(results, "greenlets got after their own end", 3, {"an ended invocation's state": "the ended state"})
@@ -858,14 +887,18 @@ def _import_path(obj: Any) -> str | None:
     return f"{module}:{qualname}"
 
 
-def _observe_greenlets_in_subprocess(store_class: type, factory: Callable[[], Any], kwargs: dict[str, Any]) -> list[str]:
+def _observe_greenlets_in_subprocess(
+    store_class: type, factory: Callable[[], Any], kwargs: dict[str, Any]
+) -> list[str]:
     if not _gevent_available():
         return ["could not be observed: gevent is not installed (pip install gevent)"]
     cls_path = _import_path(store_class)
     if cls_path is None:
         return [f"could not be observed: {store_class!r} cannot be imported by name in a subprocess"]
     try:
-        spec = json.dumps({"store_class": cls_path, "factory": _import_path(factory) or "builtins:dict", "kwargs": kwargs})
+        spec = json.dumps(
+            {"store_class": cls_path, "factory": _import_path(factory) or "builtins:dict", "kwargs": kwargs}
+        )
     except TypeError as exc:
         return [f"could not be observed: the store's keyword arguments are not JSON ({exc})"]
     env = dict(os.environ)
@@ -954,7 +987,7 @@ def _sorted_models(models: Any) -> list[Concurrency]:
 
 def _declaration(store_class: type[StateStore[Any]]) -> tuple[list[Concurrency], str | None]:
     """(the ``Concurrency`` members ``store_class.isolates`` declares, in order; what is wrong with it, or None)."""
-    declared = getattr(store_class, "isolates", frozenset())
+    declared: object = getattr(store_class, "isolates", frozenset())
     if not isinstance(declared, (set, frozenset)):
         return [], f"isolates must be a frozenset of Concurrency members, got {declared!r}"
     bad = [m for m in declared if not isinstance(m, Concurrency)]
@@ -968,7 +1001,8 @@ def _declaration(store_class: type[StateStore[Any]]) -> tuple[list[Concurrency],
 def check_backend(
     store_class: type[StateStore[Any]], factory: Callable[[], Any] = dict, **store_kwargs: Any
 ) -> list[Failure]:
-    """Every failure of ``store_class``: the contract rules, then each declared model observed; empty when it conforms."""
+    """Every failure of ``store_class``: the contract rules, then each declared model observed; empty when it
+    conforms."""
     failures: list[Failure] = []
     models, wrong = _declaration(store_class)
     if wrong is not None:
@@ -1002,8 +1036,8 @@ class BackendContract:
 
     @classmethod
     def declared_models(cls) -> list[Concurrency]:
-        """The :class:`Concurrency` members in ``store_class.isolates`` (anything else there fails the declaration test)."""
-        return _declaration(cls.store_class)[0]  # type: ignore[arg-type]
+        """The :class:`Concurrency` members in ``store_class.isolates`` (anything else fails the declaration test)."""
+        return [] if cls.store_class is None else _declaration(cls.store_class)[0]
 
     def pytest_generate_tests(self, metafunc: Any) -> None:
         cls = metafunc.cls
@@ -1024,7 +1058,8 @@ class BackendContract:
         assert not failures, "\n".join(map(str, failures))
 
     def test_declaration(self) -> None:
-        """``isolates`` is a (frozen)set of :class:`Concurrency` members: anything else is named, with the valid values."""
+        """``isolates`` is a (frozen)set of :class:`Concurrency` members: anything else is named, with the valid
+        values."""
         wrong = _declaration(self._store_class())[1]
         assert wrong is None, f"{self._store_class().__name__}.{wrong}"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, Hashable, ParamSpec, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeVar
 
 from . import NO_SCOPE, Concurrency, Scope, StateStore, first_open, log_safely
 
@@ -49,8 +50,8 @@ class ThreadLocalStore(StateStore[S, None]):
     def _exit(self, scope: Scope[S, None]) -> None:
         local = self._local
         if getattr(local, "scope", None) is not scope:
-            log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared later",
-                        self.name, scope.invocation_id)
+            log_safely(_logger, logging.DEBUG, "%s: invocation %r ended out of order or in another thread; cleared "
+                       "later", self.name, scope.invocation_id)
             return
         uncovered = first_open(scope.previous)
         if uncovered is NO_SCOPE:

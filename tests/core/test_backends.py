@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -411,13 +412,12 @@ def test_shared_id_raw_hop_on_one_owner_is_none_counted_and_warned_once(caplog: 
 def test_ambient_invocation_wins_over_an_id_lookup() -> None:
     store = InvocationIdStore(dict)
     owner, other = Owner(), Owner()
-    with open_elsewhere(store, other, "session-1"):
-        with store.invocation(owner, "session-1") as mine:
-            assert store.current(owner, "session-1") is mine
-            assert store.current(other, "session-1") is mine  # this context's invocation, whatever the owner
-            with store.invocation(owner, "child-7") as child:  # nested, another id
-                assert store.current(owner) is child
-                assert store.current(owner, "session-1") is mine  # an outer invocation of this context
+    with open_elsewhere(store, other, "session-1"), store.invocation(owner, "session-1") as mine:
+        assert store.current(owner, "session-1") is mine
+        assert store.current(other, "session-1") is mine  # this context's invocation, whatever the owner
+        with store.invocation(owner, "child-7") as child:  # nested, another id
+            assert store.current(owner) is child
+            assert store.current(owner, "session-1") is mine  # an outer invocation of this context
 
 
 # -- invocation_id: eviction -----------------------------------------------------------
@@ -585,33 +585,33 @@ def test_invocation_id_raw_hop_never_gets_an_invocation_of_another_owner_sharing
     assert store.live() == 0 and store._by_id == {}
 
 
-def test_invocation_id_late_work_of_an_ended_turn_never_gets_the_next_turn_sharing_its_id() -> None:
-    for name in ("invocation_id", "contextvar"):
-        store = get_store(name, dict)
-        agent = Owner()
+@pytest.mark.parametrize("name", ["invocation_id", "contextvar"])
+def test_invocation_id_late_work_of_an_ended_turn_never_gets_the_next_turn_sharing_its_id(name: str) -> None:
+    store = get_store(name, dict)
+    agent = Owner()
 
-        async def main() -> tuple[Any, Any, Any]:
-            a = store.begin(agent, "s")
+    async def main() -> tuple[Any, Any, Any]:
+        a = store.begin(agent, "s")
 
-            async def late() -> tuple[Any, Any]:
-                await asyncio.sleep(0.01)
-                return store.current(agent, "s"), store.current(agent)
+        async def late() -> tuple[Any, Any]:
+            await asyncio.sleep(0.01)
+            return store.current(agent, "s"), store.current(agent)
 
-            task = asyncio.ensure_future(late())  # a callback task of turn A, created during it
-            copied = contextvars.copy_context()
-            store.end(a)
-            b = store.begin(agent, "s")  # the next turn of the session, concurrent with A's late work
-            seen = await task
-            in_pool = raw_hop(copied.run, store.current, agent, "s")
-            mine = store.current(agent, "s") is b.state
-            store.end(b)
-            return seen, in_pool, mine
+        task = asyncio.ensure_future(late())  # a callback task of turn A, created during it
+        copied = contextvars.copy_context()
+        store.end(a)
+        b = store.begin(agent, "s")  # the next turn of the session, concurrent with A's late work
+        seen = await task
+        in_pool = raw_hop(copied.run, store.current, agent, "s")
+        mine = store.current(agent, "s") is b.state
+        store.end(b)
+        return seen, in_pool, mine
 
-        seen, in_pool, mine = asyncio.run(main())
-        assert seen == (None, None), name
-        assert in_pool is None, name
-        assert mine, name
-        assert store.live() == 0
+    seen, in_pool, mine = asyncio.run(main())
+    assert seen == (None, None), name
+    assert in_pool is None, name
+    assert mine, name
+    assert store.live() == 0
 
 
 def test_invocation_id_index_adds_and_removes_in_constant_time_for_a_shared_id() -> None:
@@ -894,7 +894,7 @@ def test_otel_context_never_changes_a_context_it_attached() -> None:
 
 
 def in_forked_child(fn: Any, timeout: float = 10) -> Any:
-    """``fn()`` run in a forked child; its result (or ``repr`` of what it raised, as ``("raised", text)``) comes back pickled."""
+    """``fn()`` run in a forked child; its result (or ``("raised", repr)`` of what it raised) comes back pickled."""
     import pickle
 
     read, write = os.pipe()
@@ -1047,12 +1047,13 @@ def _private_reaches(path: Any) -> list[str]:
                     found.append(f"line {node.lineno}: imports the private name {alias.name!r}")
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
             dunder = node.attr.startswith("__") and node.attr.endswith("__")
-            on_self = (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) or (
-                isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name) and node.value.func.id == "super")
+            base = node.value
+            on_self = (isinstance(base, ast.Name) and base.id in ("self", "cls")) or (
+                isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super")
             if dunder and node.attr in _BYPASSING_DUNDERS and isinstance(node.value, ast.Name):
                 found.append(f"line {node.lineno}: {node.value.id}.{node.attr} bypasses an object's own {node.attr}")
             elif not dunder and not on_self:
-                found.append(f"line {node.lineno}: reads the private attribute .{node.attr} of {ast.unparse(node.value)}")
+                found.append(f"line {node.lineno}: reads the private attribute .{node.attr} of {ast.unparse(base)}")
     return found
 
 

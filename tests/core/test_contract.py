@@ -9,7 +9,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -49,7 +49,7 @@ class TestInvocationIdSmallBound(BackendContract):
     """The bound is no excuse: with room for only four open invocations the contract still holds."""
 
     store_class = InvocationIdStore
-    store_kwargs = {"max_entries": 4}
+    store_kwargs: ClassVar[dict[str, Any]] = {"max_entries": 4}
 
 
 def test_every_registered_builtin_is_checked_here() -> None:
@@ -87,7 +87,9 @@ def test_declarations(store_class: type[StateStore[Any]]) -> None:
 
 
 @pytest.mark.parametrize("store_class", [ThreadLocalStore, InstanceStore], ids=lambda c: c.name)
-def test_late_work_is_observed_broken_where_the_slot_is_the_threads_or_the_owners(store_class: type[StateStore[Any]]) -> None:
+def test_late_work_is_observed_broken_where_the_slot_is_the_threads_or_the_owners(
+    store_class: type[StateStore[Any]],
+) -> None:
     seen = observe(store_class, Concurrency.LATE_WORK)
     assert not seen.isolated and "while the next invocation on its owner" in seen.detail
     assert "another invocation's state" in seen.detail and "ended invocation's" not in seen.detail
@@ -394,7 +396,8 @@ def test_backend_contract_collects_one_test_per_rule_and_declared_model_and_fail
 
 
 def test_backend_contract_names_a_declaration_the_kit_cannot_read(tmp_path: Path) -> None:
-    """A string in ``isolates`` (or no set at all) fails with the bad value and the valid ones, not a collection error."""
+    """A string in ``isolates`` (or no set at all) fails with the bad value and the valid ones, not a collection
+    error."""
     (tmp_path / "test_typo.py").write_text(textwrap.dedent(
         """
         from statebackends import Concurrency
@@ -452,7 +455,8 @@ def test_check_backend_reports_a_declaration_it_cannot_read_as_a_failure() -> No
 
 
 def test_the_kit_imports_without_pytest() -> None:
-    code = "import sys; sys.modules['pytest'] = None; import statebackends.testing as t; print(t.BackendContract.__name__)"
+    code = ("import sys; sys.modules['pytest'] = None; import statebackends.testing as t; "
+            "print(t.BackendContract.__name__)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "BackendContract", run.stderr
 
