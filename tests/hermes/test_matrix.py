@@ -103,6 +103,86 @@ def test_new_rows_are_in_the_matrix_with_their_expectations() -> None:
     assert not expected_ok(BY_ID["raw_thread"], "otel_context")
 
 
+def _http_trace(*, http_parent: str, traceparent: str = "own", response_id: str = "chatcmpl-t1-1") -> Any:
+    """One judged call whose LLM request's HTTP span hangs under ``http_parent`` (chat, step, agent, none); the
+    request the fake LLM got carries ``traceparent`` (own: the HTTP span's, other: another trace's, none)."""
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from statebackends_hermes_testbed.traces import CallTruth, LLMRequest, judge
+
+    op = "gen_ai.operation.name"
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    http_attrs = {"http.request.method": "POST", "url.full": "http://127.0.0.1:1/v1/chat/completions"}
+    with tracer.start_as_current_span("other call") as other:
+        pass
+    with tracer.start_as_current_span("call t1"):
+        with tracer.start_as_current_span("invoke_agent hermes", attributes={op: "invoke_agent"}) as agent_span:
+            agent_span.set_attributes({"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 2})
+            with tracer.start_as_current_span("react step") as step:
+                with tracer.start_as_current_span("chat m", attributes={op: "chat", "gen_ai.response.id": response_id}) as chat:
+                    parent = {"chat": chat, "step": step, "agent": agent_span}.get(http_parent)
+                    ctx = trace.set_span_in_context(parent) if parent is not None else Context()  # a root
+                    http = tracer.start_span("POST", context=ctx, kind=SpanKind.CLIENT, attributes=http_attrs)
+                    http.end()
+    source = {"own": http, "other": other}.get(traceparent)
+    header = None
+    if source is not None:
+        sc = source.get_span_context()
+        header = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+    truth = CallTruth(tag="t1", steps=1, chats=1, tools=0, input_tokens=10, output_tokens=2,
+                      requests=[LLMRequest(header, "chatcmpl-t1-1")])
+    return judge(exporter.get_finished_spans(), [truth])
+
+
+@pytest.mark.parametrize(
+    ("http_parent", "traceparent", "response_id", "ok"),
+    [
+        ("chat", "own", "chatcmpl-t1-1", True),
+        ("agent", "own", "chatcmpl-t1-1", False),  # the threading instrumentation alone, before the fix
+        ("none", "own", "chatcmpl-t1-1", False),  # the httpx instrumentation alone: a trace of its own
+        ("chat", "other", "chatcmpl-t1-1", False),
+        ("chat", "none", "chatcmpl-t1-1", False),
+        ("chat", "own", "chatcmpl-t1-2", False),  # under a chat of the call, but another request's
+    ],
+)
+def test_judge_counts_llm_requests_off_their_chat(http_parent: str, traceparent: str, response_id: str, ok: bool) -> None:
+    verdict = _http_trace(http_parent=http_parent, traceparent=traceparent, response_id=response_id)
+    assert verdict.ok is ok, verdict.as_dict()
+    assert verdict.requests_off_chat == (0 if ok else 1)
+    if not ok:
+        assert verdict.broken == ["t1"] and "LLM request" in verdict.notes[-1]
+
+
+def test_fake_llm_records_the_traceparent_of_every_request() -> None:
+    import urllib.error
+    import urllib.request
+
+    from statebackends_hermes_testbed.fakellm import FakeLLMServer
+
+    header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with FakeLLMServer() as server:
+        for user, traceparent in (("[conv:tp] hi", header), ("[conv:tp] [llm_error] hi", None)):
+            body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": user}]}).encode()
+            request = urllib.request.Request(f"{server.base_url}/chat/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            if traceparent:
+                request.add_header("traceparent", traceparent)
+            try:
+                urllib.request.urlopen(request, timeout=10).read()
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 400
+        assert server.requests("tp") == [(header, "chatcmpl-tp-1"), (None, None)]
+        assert [e.traceparent for e in server.log("tp")] == [header]
+
+
 def run_matrix_cli(*args: str, timeout: float = 300) -> dict[str, Any]:
     """``python -m statebackends_hermes_testbed.matrix ARGS --json`` in a subprocess: its exit code must be 0; its JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

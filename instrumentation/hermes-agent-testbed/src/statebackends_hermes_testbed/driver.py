@@ -18,7 +18,7 @@ from statebackends import StateStore
 from .fakellm import FakeLLMServer, ScriptRecords
 from .hermes_harness import hermes_home, make_agent, wait_for_delegations
 from .modes import Instrumentors
-from .traces import CALLER_PREFIX, CallTruth, OpenSpanTracker, Verdict, judge, state_left
+from .traces import CALLER_PREFIX, CallTruth, LLMRequest, OpenSpanTracker, Verdict, judge, state_left
 
 N_CALLERS = 8
 """Concurrent callers in the overlapping scenarios (threads, tasks) by default; the matrix allows 2..16."""
@@ -88,8 +88,13 @@ def truth_of(
     error: bool = False,
     tokens: bool = True,
     late: int = 0,
+    requests: bool = False,
 ) -> CallTruth:
-    """The truth of one call from what a fake LLM (the server or the in-process one) actually sent for ``tag``."""
+    """The truth of one call from what a fake LLM (the server or the in-process one) actually sent for ``tag``.
+
+    ``requests``: also the chat requests it received (``traceparent`` and response id), for the judge to check
+    that each one's HTTP span hangs under its own chat in the call's trace.
+    """
     chats = len(records.log(tag)) + records.errors(tag)
     input_tokens, output_tokens = records.totals(tag)
     return CallTruth(
@@ -102,6 +107,7 @@ def truth_of(
         children=children,
         error=error,
         late=late,
+        requests=[LLMRequest(*r) for r in records.requests(tag)] if requests else None,
     )
 
 
@@ -118,6 +124,8 @@ class HermesBench:
         self._agents: dict[tuple, Any] = {}
         self.instrumentors = Instrumentors()
         self.instrumentor = self.instrumentors.ours
+        self.judge_requests = False
+        """Whether :meth:`truth` lists the LLM requests received, for the judge to check their HTTP spans."""
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -176,7 +184,8 @@ class HermesBench:
             return agent.run_conversation(message)
 
     def truth(self, tag: str, **kwargs: Any) -> CallTruth:
-        """:func:`truth_of` the fake server's records for ``tag``."""
+        """:func:`truth_of` the fake server's records for ``tag`` (with its requests when :attr:`judge_requests`)."""
+        kwargs.setdefault("requests", self.judge_requests)
         return truth_of(self.server, tag, **kwargs)
 
     def verdict(self, calls: Sequence[CallTruth], *, owners: Iterable[Any] = (), live_before: int = 0) -> Verdict:

@@ -56,6 +56,9 @@ Usage is deterministic: the k-th response of a conversation has
 ``prompt_tokens = 100*k + 7`` and ``completion_tokens = 10*k + 3``.
 Each sent response is recorded as a :class:`LogEntry`; ``log(tag)``,
 ``totals(tag)``, ``errors(tag)``, ``tags()`` and ``reset()`` read/clear them.
+The W3C ``traceparent`` header of every chat request (answered or not; None
+when absent) is recorded too: ``requests(tag)`` lists ``(traceparent, response
+id or None)`` per request, and each :class:`LogEntry` has its own.
 """
 
 from __future__ import annotations
@@ -234,6 +237,8 @@ class LogEntry:
     completion_tokens: int
     finish_reason: str
     stream: bool
+    traceparent: Optional[str] = None
+    """The request's W3C ``traceparent`` header (None: none was sent, or the request came in process)."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,7 @@ class _ConvState:
     count: int = 0
     errors: int = 0
     entries: List[LogEntry] = field(default_factory=list)
+    requests: List[Tuple[Optional[str], Optional[str]]] = field(default_factory=list)
 
 
 class Script:
@@ -358,8 +364,8 @@ class Script:
         """Answer a request whose directives are not all valid (:func:`directive_problems`) with HTTP 400."""
 
     # -- planning -----------------------------------------------------------
-    def plan(self, request: Mapping[str, Any]) -> Reply:
-        """Plan (and record) the reply to one chat-completions request."""
+    def plan(self, request: Mapping[str, Any], traceparent: Optional[str] = None) -> Reply:
+        """Plan (and record) the reply to one chat-completions request, which carried the header ``traceparent``."""
         messages = request.get("messages") or []
         text = first_user_text(messages)
         d = parse_directives(text)
@@ -371,7 +377,9 @@ class Script:
                          status=ERROR_STATUS, finish_reason="error")
         if d.llm_error:
             with self._lock:
-                self._convs.setdefault(d.conv, _ConvState()).errors += 1
+                st = self._convs.setdefault(d.conv, _ConvState())
+                st.errors += 1
+                st.requests.append((traceparent, None))
             return Reply(tag=d.conv, model=model, stream=stream, delay_ms=d.delay_ms,
                          error=f"fake llm_error requested for conversation {d.conv}",
                          status=ERROR_STATUS, finish_reason="error")
@@ -410,8 +418,9 @@ class Script:
             st = self._convs.setdefault(d.conv, _ConvState())
             st.count += 1
             k = st.count
-            entry = LogEntry(f"chatcmpl-{d.conv}-{k}", 100 * k + 7, 10 * k + 3, finish, stream)
+            entry = LogEntry(f"chatcmpl-{d.conv}-{k}", 100 * k + 7, 10 * k + 3, finish, stream, traceparent)
             st.entries.append(entry)
+            st.requests.append((traceparent, entry.response_id))
         return Reply(tag=d.conv, model=model, stream=stream, delay_ms=d.delay_ms,
                      response_id=entry.response_id, created=int(time.time()),
                      content=content, tool_calls=calls, finish_reason=finish,
@@ -434,6 +443,13 @@ class Script:
         with self._lock:
             st = self._convs.get(tag)
             return st.errors if st else 0
+
+    def requests(self, tag: str) -> List[Tuple[Optional[str], Optional[str]]]:
+        """``(traceparent header, response id)`` of every chat request for ``tag``, in order: the header None where
+        absent, the id None for a request answered with an error."""
+        with self._lock:
+            st = self._convs.get(tag)
+            return list(st.requests) if st else []
 
     def tags(self) -> List[str]:
         """All conversation tags seen since the last reset, sorted."""
@@ -494,7 +510,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send_json(400, {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
             return
-        reply = self.server.owner.script.plan(request)
+        reply = self.server.owner.script.plan(request, self.headers.get("traceparent"))
         if reply.delay_ms:
             time.sleep(reply.delay_ms / 1000.0)
         if reply.error is not None:
@@ -539,6 +555,10 @@ class ScriptRecords:
     def errors(self, tag: str) -> int:
         """See :meth:`Script.errors`."""
         return self.script.errors(tag)
+
+    def requests(self, tag: str) -> List[Tuple[Optional[str], Optional[str]]]:
+        """See :meth:`Script.requests`."""
+        return self.script.requests(tag)
 
     def tags(self) -> List[str]:
         """See :meth:`Script.tags`."""

@@ -86,8 +86,8 @@ class _Announcing(Script):
         self._quiet = quiet
         self._print_lock = threading.Lock()
 
-    def plan(self, request: Mapping[str, Any]) -> Reply:
-        reply = super().plan(request)
+    def plan(self, request: Mapping[str, Any], traceparent: Optional[str] = None) -> Reply:
+        reply = super().plan(request, traceparent)
         if not self._quiet or reply.error is not None:
             with self._print_lock:
                 print(_describe(reply), file=sys.stderr, flush=True)

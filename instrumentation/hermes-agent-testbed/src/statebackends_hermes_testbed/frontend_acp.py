@@ -70,7 +70,7 @@ class TurnScript(Script):
     newest prompt) is planned from.
     """
 
-    def plan(self, request: Mapping[str, Any]) -> Reply:
+    def plan(self, request: Mapping[str, Any], traceparent: Optional[str] = None) -> Reply:
         messages = list(request.get("messages") or [])
         last_user = max((i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"),
                         default=None)
@@ -81,7 +81,7 @@ class TurnScript(Script):
             if cut > 0:
                 turn = [{**turn[0], "content": text[cut:]}] + turn[1:]
             request = {**request, "messages": turn}
-        return super().plan(request)
+        return super().plan(request, traceparent)
 
 
 def acp_config_text(base_url: str, *, model: str = MODEL, api_key: str = API_KEY) -> str:

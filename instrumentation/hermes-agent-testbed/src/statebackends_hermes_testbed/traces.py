@@ -5,7 +5,10 @@ own span, made in the calling thread), so the truth about which invocation a
 span belongs to never comes from the instrumentation under test: a span
 belongs to the call whose caller span is at the root of its parent chain.
 Identifiers the fake LLM puts in its replies (response ids ``chatcmpl-<tag>-<k>``
-and tool call ids ``call_<tag>_<i>``) then expose cross-talk.
+and tool call ids ``call_<tag>_<i>``) then expose cross-talk. Where a call's truth
+lists the LLM requests the fake received (:attr:`CallTruth.requests`), each one's
+``traceparent`` must name the call's trace and an HTTP client span that hangs under
+one of the call's own ``chat`` spans (the one that got that response).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import SpanKind
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
 CALLER_PREFIX = "call "
@@ -203,6 +207,36 @@ class OpenSpanTracker(SpanProcessorBase):
             self._open.clear()
 
 
+@dataclass(frozen=True)
+class LLMRequest:
+    """One chat request the fake LLM received: its ``traceparent`` header and the id of the response it got."""
+
+    traceparent: Optional[str]
+    response_id: Optional[str] = None
+    """None for a request answered with an error."""
+
+
+def is_llm_request(span: ReadableSpan) -> bool:
+    """Whether ``span`` is an HTTP client span of a chat-completions request (as the httpx instrumentation makes)."""
+    attrs = span.attributes or {}
+    url = attrs.get("url.full") or attrs.get("http.url")  # stable or old HTTP semantic conventions
+    return span.kind is SpanKind.CLIENT and isinstance(url, str) and "/chat/completions" in url
+
+
+def parse_traceparent(value: Any) -> Optional[tuple[int, int]]:
+    """(trace id, parent span id) of a W3C ``traceparent`` header, None when it is missing or malformed."""
+    if not isinstance(value, str):
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None
+    return (trace_id, span_id) if trace_id and span_id else None
+
+
 @dataclass
 class CallTruth:
     """What one driven call should have produced."""
@@ -220,6 +254,9 @@ class CallTruth:
     None leaves them unchecked. Kinds not named are expected to have none."""
     late: int = 0
     """Late-work spans (:data:`LATE_TOOL`) this call's tools started and that ran after it returned."""
+    requests: Optional[Sequence[LLMRequest]] = None
+    """The chat requests the fake LLM received for this call's tag (not its children's), to judge each one's HTTP
+    span and ``traceparent``; None leaves them unjudged."""
 
     def all_tags(self) -> set[str]:
         """This call's tag and its children's, all the way down."""
@@ -252,6 +289,9 @@ class Verdict:
     """How far memory grew past the bound a run allows (KiB), 0 when within it."""
     broken: list[str] = field(default_factory=list)
     """Tags of the calls whose own tree is wrong (counts, parents, ids, tokens or status)."""
+    requests_off_chat: int = 0
+    """LLM requests whose ``traceparent`` is missing, names another trace, or names an HTTP span that is not under
+    the call's own chat span for that request (judged only where :attr:`CallTruth.requests` is given)."""
 
     @property
     def ok(self) -> bool:
@@ -264,6 +304,7 @@ class Verdict:
             or self.wrong_error
             or self.leaked
             or self.memory_over_kib
+            or self.requests_off_chat
         )
 
     def summary(self) -> str:
@@ -282,6 +323,7 @@ class Verdict:
             ("wrong status", self.wrong_error),
             ("leaked", self.leaked),
             ("memory over bound KiB", self.memory_over_kib),
+            ("LLM requests off their chat", self.requests_off_chat),
         ):
             if value:
                 parts.append(f"{label} {value}")
@@ -301,6 +343,7 @@ class Verdict:
             "wrong_error": self.wrong_error,
             "leaked": self.leaked,
             "memory_over_kib": self.memory_over_kib,
+            "requests_off_chat": self.requests_off_chat,
             "broken": self.broken,
             "notes": self.notes,
         }
@@ -541,8 +584,58 @@ def judge(
     if detached:
         names = ", ".join(f"{n} x{detached.count(n)}" for n in sorted(set(detached)))
         verdict.notes.append(f"{len(detached)} span(s) with no caller span at their root: {names}")
+    _judge_requests(verdict, calls, by_id, root_call, broken)
     verdict.broken = sorted(broken)
     return verdict
+
+
+_REQUEST_NOTES = 6
+"""Notes written about LLM requests off their chat, at most (the count has them all)."""
+
+
+def _judge_requests(
+    verdict: Verdict,
+    calls: Sequence[CallTruth],
+    by_id: Mapping[int, ReadableSpan],
+    root_call: Any,
+    broken: set[str],
+) -> None:
+    """Count the LLM requests of ``calls`` (and their children) whose ``traceparent`` is not under their own chat."""
+    traces = {s.name[len(CALLER_PREFIX):]: s.context.trace_id for s in by_id.values() if s.name.startswith(CALLER_PREFIX)}
+
+    def problem(request: LLMRequest, owner: str) -> Optional[str]:
+        ids = parse_traceparent(request.traceparent)
+        if ids is None:
+            return f"sent no valid traceparent ({request.traceparent!r})"
+        trace_id, span_id = ids
+        if trace_id != traces.get(owner):
+            return "sent the traceparent of another trace"
+        http = by_id.get(span_id)
+        if http is None or not is_llm_request(http):
+            return f"sent a traceparent whose span is {'not exported' if http is None else repr(http.name)}, not its HTTP span"
+        chat = by_id.get(http.parent.span_id) if http.parent is not None else None
+        if chat is None or kind_of(chat) != "chat":
+            return f"has its HTTP span under {chat.name if chat is not None else 'no exported span'!r}, not a chat"
+        if root_call(chat) != owner:
+            return "has its HTTP span under another call's chat"
+        chat_id = (chat.attributes or {}).get(GenAI.GEN_AI_RESPONSE_ID)
+        if request.response_id and chat_id and chat_id != request.response_id:
+            return f"got {request.response_id} but its HTTP span is under the chat of {chat_id}"
+        return None
+
+    def visit(call: CallTruth, owner: str) -> None:
+        for request in call.requests or ():
+            found = problem(request, owner)
+            if found is not None:
+                verdict.requests_off_chat += 1
+                broken.add(owner)
+                if verdict.requests_off_chat <= _REQUEST_NOTES:
+                    verdict.notes.append(f"{call.tag}: an LLM request {found}")
+        for child in call.children:
+            visit(child, owner)
+
+    for call in calls:
+        visit(call, call.tag)
 
 
 class StreamingJudge(SpanProcessorBase):
