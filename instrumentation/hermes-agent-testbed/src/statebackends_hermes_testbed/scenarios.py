@@ -716,6 +716,37 @@ def with_threading(run: Callable[[HermesBench, str], Verdict]) -> Callable[[Herm
     return variant
 
 
+# -- the LLM's HTTP request under its chat (opentelemetry-instrumentation-httpx) -----------------------------------
+
+
+@contextlib.contextmanager
+def httpx_instrumentation(bench: HermesBench) -> Iterator[None]:
+    """``HTTPXClientInstrumentor`` on the bench's provider for the block, and every call's LLM requests judged: each
+    ``traceparent`` the fake LLM received must name the call's trace and an HTTP span under that request's own chat."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    instrumentor = HTTPXClientInstrumentor()
+    instrumentor.instrument(tracer_provider=bench.provider)
+    bench.judge_requests = True
+    try:
+        yield
+    finally:
+        bench.judge_requests = False
+        instrumentor.uninstrument()
+
+
+def with_httpx(run: Callable[[HermesBench, str], Verdict]) -> Callable[[HermesBench, str], Verdict]:
+    """``run`` with :func:`httpx_instrumentation` active around it."""
+
+    def variant(bench: HermesBench, backend: str) -> Verdict:
+        with httpx_instrumentation(bench):
+            return run(bench, backend)
+
+    variant.__doc__ = (f"{(run.__doc__ or '').strip()} With opentelemetry-instrumentation-httpx: every LLM request's "
+                       "HTTP span and traceparent under its own chat.")
+    return variant
+
+
 OTEL_BRIDGED = frozenset({"otel_context"})
 """Backends expected to cross a raw thread hop once opentelemetry-instrumentation-threading carries OpenTelemetry's
 context over it. ``otel_context`` keeps the state under a key of OpenTelemetry's ``Context`` and documents that it

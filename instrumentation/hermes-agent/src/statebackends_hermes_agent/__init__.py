@@ -21,6 +21,7 @@ can use) is :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry`, avai
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Collection, Optional
 
 from opentelemetry import metrics, trace
@@ -95,6 +96,9 @@ class HermesAgentInstrumentor(BaseInstrumentor):
 
         for module, name, method in _WRAPPED:
             wrap_function_wrapper(module, name, getattr(wrappers, method))
+        # Hermes makes each LLM request in a thread built inside the chat call: carry the chat's context into it.
+        # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel ours.
+        wrap_function_wrapper(threading.Thread, "__init__", wrappers.thread_init)
         _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -111,6 +115,9 @@ class HermesAgentInstrumentor(BaseInstrumentor):
             if not _take_out(owner, attribute, wrappers):
                 _logger.debug("hermes-agent instrumentation: our wrapper on %s.%s is out of reach (another "
                               "instrumentation's patch on top, or its unwrap took ours); it stays, inert", module, name)
+        if not _take_out(threading.Thread, "__init__", wrappers):
+            _logger.debug("hermes-agent instrumentation: our wrapper on threading.Thread.__init__ is out of reach; "
+                          "it stays, inert")
         self.store = self.state_backend = None
 
 

@@ -13,6 +13,9 @@ import logging
 from contextvars import ContextVar
 from typing import Any, Callable, Optional
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
     AGENT_NAME,
     EVICTED_ATTRIBUTE,
@@ -34,6 +37,15 @@ _logger = logging.getLogger(__name__)
 # (same thread, synchronous), because ``handle_function_call`` is not given the agent.
 _tool_owner: ContextVar[Any] = ContextVar("statebackends_hermes_tool_owner", default=None)
 _tool_call_id: ContextVar[Optional[str]] = ContextVar("statebackends_hermes_tool_call_id", default=None)
+# True on the thread (or greenlet, or copied context) where one of our chat wrappers is running the LLM call: a
+# ``threading.Thread`` built there carries OpenTelemetry's current context (the chat span's) into its ``run``.
+_in_chat: ContextVar[bool] = ContextVar("statebackends_hermes_in_chat", default=False)
+_THREADING_CONTEXT = "_otel_context"
+"""Where opentelemetry-instrumentation-threading keeps the context its ``Thread.start`` wrapper captured."""
+_get_current = otel_context.get_current
+_attach = otel_context.attach
+_detach = otel_context.detach
+_set_span_in_context = trace.set_span_in_context
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -52,6 +64,50 @@ def _call(operation: Any, wrapped: Callable[..., Any], args: tuple, kwargs: dict
         raise
     operation.stop(result)
     return result
+
+
+def _call_current(call: ChatCall, wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """:func:`_call` with the chat's span current here, and carried into the threads built under it (see
+    :meth:`HermesWrappers.thread_init`); what the wrapped call returns or raises passes unchanged."""
+    span = call.span
+    if span is None:  # nothing to make current (or the plain call inside a streaming one: its chat already is)
+        return _call(call, wrapped, args, kwargs)
+    token = gate = None
+    try:
+        token = _attach(_set_span_in_context(span))
+        gate = _in_chat.set(True)
+    except Exception:  # noqa: BLE001 - the call runs, its chat is just not current
+        _logger.exception("hermes-agent instrumentation: could not make the chat span current")
+    try:
+        return _call(call, wrapped, args, kwargs)
+    finally:
+        if gate is not None:
+            _in_chat.reset(gate)
+        if token is not None:
+            _detach(token)  # OpenTelemetry's detach logs its own failures, never raises
+
+
+def _carried_run(thread: Any, context: Any) -> Callable[[], Any]:
+    """``thread``'s own ``run``, run with OpenTelemetry's ``context`` attached (unless the threading instrumentation
+    carries one itself); set as the thread's instance attribute ``run``, removed when it returns."""
+    run = thread.run  # the class's (or another instrumentation's) bound run
+
+    def carried_run() -> Any:
+        token = None
+        if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
+            try:
+                token = _attach(context)
+            except Exception:  # noqa: BLE001
+                _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
+        try:
+            return run()
+        finally:
+            if token is not None:
+                _detach(token)
+            thread.__dict__.pop("run", None)  # no reference cycle through the thread's own attribute
+
+    return carried_run
+
 
 class HermesWrappers(HermesTelemetry):
     """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
@@ -113,7 +169,7 @@ class HermesWrappers(HermesTelemetry):
         if not self.active:
             return wrapped(*args, **kwargs)
         call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
-        return _call(call, wrapped, args, kwargs)
+        return _call_current(call, wrapped, args, kwargs)
 
     def streaming_api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
@@ -122,7 +178,21 @@ class HermesWrappers(HermesTelemetry):
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
-        return _call(call, wrapped, args, kwargs)
+        return _call_current(call, wrapped, args, kwargs)
+
+    def thread_init(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> None:
+        """``threading.Thread.__init__``: a thread built while one of our chat calls runs here (Hermes's request
+        worker) runs with OpenTelemetry's current context, the chat span's, attached.
+
+        Only OpenTelemetry's context is carried, as opentelemetry-instrumentation-threading carries it (which,
+        when active, carries it alone): the thread runs in its own ``contextvars`` context, as Hermes made it.
+        """
+        wrapped(*args, **kwargs)
+        if _in_chat.get() and self.active:
+            try:
+                instance.run = _carried_run(instance, _get_current())
+            except Exception:  # noqa: BLE001 - the thread runs as it would, uncarried
+                _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
 
     # -- execute_tool --------------------------------------------------------------------------
 
