@@ -18,7 +18,14 @@ from typing import Any, Iterator
 import pytest
 
 from statebackends_hermes_testbed.matrix import run_cell
-from statebackends_hermes_testbed.scenarios import BY_ID, OTEL_BRIDGED, SCENARIOS, THREADING_VARIANTS, expected_ok
+from statebackends_hermes_testbed.scenarios import (
+    BY_ID,
+    HTTPX_VARIANTS,
+    OTEL_BRIDGED,
+    SCENARIOS,
+    THREADING_VARIANTS,
+    expected_ok,
+)
 from statebackends import Concurrency, available
 from statebackends_hermes_testbed.table import isolation_table
 
@@ -55,10 +62,15 @@ def test_cell(matrix_bench: Any, scenario: Any, backend: str) -> None:
         matrix_bench.uninstrument()  # leave the shared bench as the other tests expect it
         matrix_bench.reset()
     assert cell.error is None, f"{scenario.id} x {backend} raised: {cell.error}"
-    if scenario in THREADING_VARIANTS:
+    if scenario in THREADING_VARIANTS or "+threading" in scenario.id:
         from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 
         assert not ThreadingInstrumentor().is_instrumented_by_opentelemetry, "the threading instrumentation leaked"
+    if scenario in HTTPX_VARIANTS:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        assert not HTTPXClientInstrumentor().is_instrumented_by_opentelemetry, "the httpx instrumentation leaked"
+        assert not matrix_bench.judge_requests
     verdict = cell.verdict
     requires = ", ".join(sorted(c.value for c in scenario.requires)) or "nothing"
     if cell.expected:
@@ -101,6 +113,24 @@ def test_new_rows_are_in_the_matrix_with_their_expectations() -> None:
     assert OTEL_BRIDGED == {"otel_context"}
     # Without the threading instrumentation the raw-hop row stays a failure for otel_context.
     assert not expected_ok(BY_ID["raw_thread"], "otel_context")
+
+
+def test_the_httpx_rows_judge_the_llm_requests_with_their_plain_rows_expectations() -> None:
+    """Every ``+httpx`` row judges the LLM requests too, and is expected ok exactly where its plain row is: carrying
+    the chat's context into Hermes's request thread does not depend on the state backend."""
+    plain_of = {
+        "threads_tool_pool+httpx": "threads_tool_pool",
+        "shared_task_id+httpx": "shared_task_id",
+        "delegate_batch+httpx": "delegate_batch",
+        "greenlets+httpx": "greenlets",
+        "threads_tool_pool+httpx+threading": "threads_tool_pool",
+    }
+    assert {s.id for s in HTTPX_VARIANTS} == {*plain_of, "streaming+httpx", "streaming+httpx+threading"}
+    for sid, plain in plain_of.items():
+        assert {b for b in BACKENDS if expected_ok(BY_ID[sid], b)} == {b for b in BACKENDS if expected_ok(BY_ID[plain], b)}
+    for sid in ("streaming+httpx", "streaming+httpx+threading"):  # two agents, one turn each, pooled tools
+        assert {b for b in BACKENDS if expected_ok(BY_ID[sid], b)} == {"contextvar", "instance", "invocation_id", "otel_context"}
+    assert all(s in SCENARIOS for s in HTTPX_VARIANTS)
 
 
 def _http_trace(*, http_parent: str, traceparent: str = "own", response_id: str = "chatcmpl-t1-1") -> Any:
@@ -233,6 +263,7 @@ def test_readme_embeds_the_current_isolation_table() -> None:
 def _late_trace(parent_kind: str | None) -> Any:
     """One finished call (``late``: one step, one tool) and a late-work span under ``parent_kind`` (None: a root)."""
     from opentelemetry import trace
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

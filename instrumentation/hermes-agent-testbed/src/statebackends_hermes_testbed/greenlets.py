@@ -1,6 +1,6 @@
 """The ``greenlets`` matrix cell, run in a SUBPROCESS under ``gevent.monkey.patch_all()``; prints one JSON verdict.
 
-    python -m statebackends_hermes_testbed.greenlets --backend invocation_id [--callers 8] [--agent real|stub]
+    python -m statebackends_hermes_testbed.greenlets --backend invocation_id [--callers 8] [--agent real|stub] [--http]
 
 Monkey patching must come before anything imports ``threading`` or ``ssl``, so this module
 patches first, and the matrix runs it in a fresh interpreter (:func:`run_in_subprocess`).
@@ -12,6 +12,10 @@ greenlets it spawns during the invocation; ``propagate_context_to_thread`` is pa
 (as in the ``raw_thread`` row), so a worker starts with an empty ``contextvars`` context and its own
 greenlet-local ``threading.local`` and knows only the invocation id (``task_id``). Its
 ``execute_tool`` span finds its parent only through what the store finds for that id.
+
+``--http`` has the real agent reach the fake LLM over HTTP (served in greenlets of this process)
+with opentelemetry-instrumentation-httpx, and judges every request: its ``traceparent`` must name
+an HTTP span under that request's own ``chat`` span, in the call's trace.
 
 ``--agent stub`` runs :class:`GreenletStubAgent` instead, a small greenlet agent driving our
 instrumentation's PUBLIC lifecycle (``HermesAgentInstrumentor().telemetry``: ``start_invocation``,
@@ -35,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional, Sequence
 
 GREENLET_DIRECTIVES = "[tools:2] [delay_ms:15]"
@@ -143,12 +148,13 @@ def max_overlap(spans: Sequence[Any]) -> int:
     return best
 
 
-def run(backend: str, callers: int, agent_kind: str = "real") -> dict[str, Any]:
+def run(backend: str, callers: int, agent_kind: str = "real", http: bool = False) -> dict[str, Any]:
     """Run ``callers`` greenlet invocations on one shared agent under ``backend``; the verdict as JSON-able data.
 
     ``agent_kind`` ``real``: the real Hermes ``AIAgent`` (in-process fake LLM), its tool pool hopping raw
     (``propagate_context_to_thread`` patched to identity), so each tool runs in a greenlet the pool spawns
-    during the invocation with only the id; ``stub``: :class:`GreenletStubAgent`.
+    during the invocation with only the id; ``stub``: :class:`GreenletStubAgent`. ``http`` (real agent only): the LLM
+    over HTTP with the httpx instrumentation, its requests judged.
     """
     import gevent
 
@@ -170,14 +176,22 @@ def run(backend: str, callers: int, agent_kind: str = "real") -> dict[str, Any]:
         if agent_kind == "real":
             from .scenarios import raw_tool_pool
 
-            server = FakeLLMServer().start()  # answers the model probes of the agent's construction only
+            server = FakeLLMServer().start()  # answers the model probes of the agent's construction (and, http, the LLM)
             stack.callback(server.stop)
             agent: Any = make_agent(server.base_url, toolsets=(BENCH_TOOLSET,))
-            llm = InProcessLLM()
-            llm.install(agent)
+            if http:
+                from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+                httpx_instrumentor = HTTPXClientInstrumentor()
+                httpx_instrumentor.instrument(tracer_provider=recorder.provider)
+                stack.callback(httpx_instrumentor.uninstrument)
+                records: Any = server
+                note = f"{REAL_NOTE}; LLM over HTTP, httpx instrumented"
+            else:
+                llm = InProcessLLM()
+                llm.install(agent)
+                records, note = llm, REAL_NOTE
             stack.enter_context(raw_tool_pool())
-            records: Any = llm
-            note = REAL_NOTE
         else:
             script = Script()
             agent = GreenletStubAgent(instrumentor.telemetry, script, MODEL)
@@ -192,7 +206,7 @@ def run(backend: str, callers: int, agent_kind: str = "real") -> dict[str, Any]:
         gevent.joinall(greenlets, timeout=60)
         errors = [repr(g.exception) if g.ready() else "a greenlet did not finish" for g in greenlets
                   if g.exception is not None or not g.ready()]
-        verdict = recorder.verdict([truth_of(records, t, tools=2) for t in tags], store=store, owners=[agent])
+        verdict = recorder.verdict([truth_of(records, t, tools=2, requests=http) for t in tags], store=store, owners=[agent])
         overlap = max_overlap(recorder.exporter.get_finished_spans())
     verdict.notes.insert(0, f"{note}; at most {overlap} invocations open at once")
     verdict.notes.extend(f"greenlet raised {e}" for e in errors)
@@ -216,13 +230,16 @@ def _patched() -> bool:
 
 
 def run_in_subprocess(
-    backend: str, callers: int, agent_kind: str = "real", timeout: float = SUBPROCESS_TIMEOUT
+    backend: str, callers: int, agent_kind: str = "real", timeout: float = SUBPROCESS_TIMEOUT, *, http: bool = False
 ) -> dict[str, Any]:
     """Run :func:`run` in a fresh interpreter (monkey patching comes first there); its JSON verdict, or RuntimeError."""
     cmd = [sys.executable, "-m", "statebackends_hermes_testbed.greenlets", "--backend", backend,
-           "--callers", str(callers), "--agent", agent_kind]
+           "--callers", str(callers), "--agent", agent_kind, *(["--http"] if http else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("HERMES_HOME",)}  # the child makes a private home
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # Run outside any git work tree: Hermes's system prompt probes the working directory with `git` subprocesses,
+    # which a monkey-patched fork makes slow (about 3 s per turn in this repository's checkout, the turns queued).
+    with tempfile.TemporaryDirectory(prefix="statebackends-greenlets-") as cwd:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"greenlet subprocess exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
@@ -235,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backend", required=True)
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--agent", choices=("real", "stub"), default="real")
+    parser.add_argument("--http", action="store_true", help="real agent: the LLM over HTTP, httpx instrumented, requests judged")
     args = parser.parse_args(argv)
     if not _patched():
         print("statebackends_hermes_testbed.greenlets: gevent monkey patching is not active", file=sys.stderr)
@@ -242,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = sys.stdout
     sys.stdout = sys.stderr  # Hermes's or anything else's console output stays off the JSON line
     try:
-        data = run(args.backend, args.callers, args.agent)
+        data = run(args.backend, args.callers, args.agent, args.http)
     finally:
         sys.stdout = out
     print(json.dumps(data), flush=True)

@@ -200,6 +200,7 @@ class _Agents:
         self.main = self._build()
         self.delegating = bench.agent(delegation=True)
         self._twin: Any = None
+        self._streamers: tuple[Any, ...] = ()
 
     def _build(self) -> Any:
         # Built with the session id its shared-id turns pass as task_id, as Hermes's CLI, ACP adapter and API server
@@ -212,6 +213,15 @@ class _Agents:
         if self._twin is None:
             self._twin = self._build()
         return self._twin
+
+    @property
+    def streamers(self) -> tuple[Any, ...]:
+        """Two streaming agents (Hermes's default), built on first use: one open turn each at a time."""
+        if not self._streamers:
+            self._streamers = tuple(
+                make_agent(self._url, streaming=True, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET)) for _ in range(2)
+            )
+        return self._streamers
 
 
 _agents: "weakref.WeakKeyDictionary[HermesBench, _Agents]" = weakref.WeakKeyDictionary()
@@ -556,6 +566,15 @@ def run_worker_reuse(bench: HermesBench, backend: str) -> Verdict:
     return _found(_explain(bench, bench.verdict([bench.truth(t, tools=1) for t in tags], owners=[agent])), seen)
 
 
+# -- streaming ---------------------------------------------------------------------------------------------------
+
+
+def run_streaming(bench: HermesBench, backend: str) -> Verdict:
+    """Streaming turns (Hermes's default) overlapping on two agents, one open turn per agent (rounds of two), two pooled
+    tools each: Hermes opens and reads each stream in a worker thread of its own (one agent cannot serve two streams)."""
+    return _threads(bench, backend, "[tools:2] [delay_ms:20]", 2, "stm", owners=list(agents(bench).streamers), rounds=2)
+
+
 # -- 11. errors ---------------------------------------------------------------------------------------------------
 
 
@@ -667,9 +686,14 @@ def run_greenlets(bench: HermesBench, backend: str) -> Verdict:
     """N invocations as gevent greenlets on ONE real Hermes agent under ``monkey.patch_all()``, two tools each run in
     greenlets Hermes's tool pool spawns during the invocation, hopping raw (only the id travels); run in a subprocess
     (patching must come first) by :mod:`statebackends_hermes_testbed.greenlets`, whose JSON verdict makes the cell."""
+    return _greenlet_verdict(backend, bench.callers)
+
+
+def _greenlet_verdict(backend: str, callers: int, *, http: bool = False) -> Verdict:
+    """The verdict of the greenlet subprocess (``http``: the LLM over HTTP, the httpx instrumentation and its requests judged)."""
     from .greenlets import run_in_subprocess
 
-    data = run_in_subprocess(backend, bench.callers)
+    data = run_in_subprocess(backend, callers, http=http)
     fields = {f.name for f in dataclasses.fields(Verdict)}
     verdict = Verdict(**{k: v for k, v in data.items() if k in fields})
     if not data.get("monkey_patched"):
@@ -747,6 +771,12 @@ def with_httpx(run: Callable[[HermesBench, str], Verdict]) -> Callable[[HermesBe
     return variant
 
 
+def run_greenlets_httpx(bench: HermesBench, backend: str) -> Verdict:
+    """As ``greenlets``, the LLM over HTTP with opentelemetry-instrumentation-httpx in the subprocess: every request's
+    HTTP span (in the greenlet Hermes's request worker runs in) and traceparent under its own chat."""
+    return _greenlet_verdict(backend, bench.callers, http=True)
+
+
 OTEL_BRIDGED = frozenset({"otel_context"})
 """Backends expected to cross a raw thread hop once opentelemetry-instrumentation-threading carries OpenTelemetry's
 context over it. ``otel_context`` keeps the state under a key of OpenTelemetry's ``Context`` and documents that it
@@ -817,5 +847,27 @@ THREADING_VARIANTS: list[Scenario] = [
 """The raw-hop rows with opentelemetry-instrumentation-threading enabled (ids ending ``+threading``); in the default run."""
 
 SCENARIOS.extend(THREADING_VARIANTS)
+
+HTTPX_VARIANTS: list[Scenario] = [
+    # Rows judged also from the LLM's side: every request's HTTP client span (opentelemetry-instrumentation-httpx) must
+    # hang under its own chat span, and the traceparent the fake LLM received must name it, in the turn's trace.
+    _s("threads_tool_pool+httpx", "threads on one agent, pooled tools; LLM requests under their chat",
+       {C.THREADS, C.COPIED_CONTEXT}, with_httpx(run_threads_tool_pool)),
+    _s("shared_task_id+httpx", "turns of one session overlap on one agent; LLM requests under their chat",
+       {C.THREADS, C.COPIED_CONTEXT, C.SHARED_ID}, with_httpx(run_shared_task_id)),
+    _s("delegate_batch+httpx", "delegate_task batch of two subagents; LLM requests under their chat",
+       {C.PROPAGATE}, with_httpx(run_delegate_batch)),
+    _s("streaming+httpx", "streaming turns overlapping on two agents; LLM requests under their chat",
+       {C.COPIED_CONTEXT}, with_httpx(run_streaming)),
+    _s("greenlets+httpx", "gevent greenlets on one agent, LLM over HTTP; requests under their chat (subprocess)",
+       {C.GREENLETS}, run_greenlets_httpx, native=True),
+    _s("threads_tool_pool+httpx+threading", "threads on one agent, pooled tools; LLM requests under their chat, "
+       "with threading instrumentation", {C.THREADS, C.COPIED_CONTEXT}, with_threading(with_httpx(run_threads_tool_pool))),
+    _s("streaming+httpx+threading", "streaming turns overlapping on two agents; LLM requests under their chat, "
+       "with threading instrumentation", {C.COPIED_CONTEXT}, with_threading(with_httpx(run_streaming))),
+]
+"""Rows that also judge the LLM's HTTP requests (ids with ``+httpx``); in the default run."""
+
+SCENARIOS.extend(HTTPX_VARIANTS)
 
 BY_ID: dict[str, Scenario] = {s.id: s for s in SCENARIOS}
