@@ -4,8 +4,9 @@
 (:class:`~benchmarks.replay.WrapperReplay`, blocks interleaved, order rotated), our
 instrumentation's wrappers, loongsuite's when installed, the floor (6 bare SDK spans), and
 *minimal* ``wrapt`` wrappers that make exactly our 6 spans (names, kinds, the attributes
-recorded from a real call, set at start or at end as ours are), attach the same two
-contexts and keep the per-call state in the same ``invocation_id`` store, with nothing
+recorded from a real call, set at start or at end as ours are), attach the same three
+contexts (the chat's carried into its request thread as ours carries it) and keep the
+per-call state in the same ``invocation_id`` store, with nothing
 else: no guard around any OpenTelemetry or store call, no lifecycle objects, no metrics or
 content switches, no subagent or Hermes-failure handling. Not an instrumentation anyone
 should run: a lower bound for any that keeps our span tree and our store.
@@ -13,6 +14,11 @@ should run: a lower bound for any that keeps our span tree and our store.
 ``python -m benchmarks.lower_bound --paths [repeats]`` swaps one of our three wrapper paths at a time
 (``invoke_agent``, ``chat``, ``execute_tool``) for the minimal one, on one shared store, to show what
 each path costs beyond the minimum (:func:`path_costs`).
+
+``python -m benchmarks.lower_bound --carry [repeats]`` times ours beside ours with the chat wrapper of
+the release before (the chat span not made current, nothing carried into the request thread, no
+hook on ``threading.Thread.__init__``): what making the chat current and carrying it costs
+(:func:`carry_cost`).
 """
 
 from __future__ import annotations
@@ -54,9 +60,10 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None)
     tool_keys = tuple(tool_plan.attributes)
     tracer = trace.get_tracer(MINIMAL, "0", provider if provider is not None else bench.provider)
     start_span, set_in = tracer.start_span, trace.set_span_in_context
-    attach, detach = otel_context.attach, otel_context.detach
+    attach, detach, get_current = otel_context.attach, otel_context.detach, otel_context.get_current
     store = store if store is not None else resolve_store("invocation_id", InvocationState)
     owner: ContextVar[Any] = ContextVar("minimal_tool_owner", default=None)
+    in_chat: ContextVar[bool] = ContextVar("minimal_in_chat", default=False)
 
     def run_conversation(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         scope = store.begin(instance, invocation_id="minimal")
@@ -84,7 +91,12 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None)
                               attributes={"gen_ai.react.round": state.round})
             state.step_span, state.step_ctx = step, set_in(step, state.agent_ctx)
         span = start_span(chat_plan.name, context=state.step_ctx, kind=chat_plan.kind, attributes=chat_attributes)
-        response = wrapped(*args, **kwargs)
+        token, gate = attach(set_in(span)), in_chat.set(True)
+        try:
+            response = wrapped(*args, **kwargs)
+        finally:
+            in_chat.reset(gate)
+            detach(token)
         usage, choice = response.usage, response.choices[0]
         state.input_tokens += usage.prompt_tokens
         state.output_tokens += usage.completion_tokens
@@ -125,8 +137,24 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None)
             span.end()
             detach(token)
 
+    def thread_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
+        wrapped(*args, **kwargs)
+        if in_chat.get():
+            run, context = instance.run, get_current()
+
+            def carried_run() -> None:
+                token = attach(context)
+                try:
+                    run()
+                finally:
+                    detach(token)
+                    del instance.run
+
+            instance.run = carried_run
+
     return {"run_conversation": run_conversation, "_interruptible_api_call": api_call,
-            "_execute_tool_calls": execute_tool_calls, "handle_function_call": handle_function_call}
+            "_execute_tool_calls": execute_tool_calls, "handle_function_call": handle_function_call,
+            "Thread.__init__": thread_init}
 
 
 def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str = "invocation_id") -> Dict[str, List[float]]:
@@ -190,16 +218,84 @@ def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
     return interleaved(bench, replays, repeats=repeats, calls=calls)
 
 
+UNCARRIED = "ours, chat not current"
+"""The label of ours with the chat wrapper of the release before (:func:`carry_cost`)."""
+
+
+def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
+    """``ours`` with the chat wrapper of the release before: the chat span is started and ended, never made current,
+    and nothing is carried into the request thread (no hook on ``threading.Thread.__init__``)."""
+    from statebackends_hermes_agent.wrappers import _call
+
+    telemetry = ours["_interruptible_api_call"].__self__
+
+    def api_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = telemetry.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
+        return _call(call, wrapped, args, kwargs)
+
+    out = {**ours, "_interruptible_api_call": api_call}
+    out.pop("Thread.__init__", None)
+    return out
+
+
+def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
+    """Seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without making the chat current
+    and carrying it (:func:`uncarried_wrappers`), and of the floor; the stub's two chats each build, start and join
+    their request thread in both. Ours minus the other, halved, is the cost per chat."""
+    from .replay import _installed_wrappers
+
+    responses = replay_responses(bench)
+    bench.record_plan()
+    previous = bench.mode
+    bench.set_mode("invocation_id")
+    try:
+        ours = _installed_wrappers()
+    finally:
+        bench.set_mode(previous)
+    if "Thread.__init__" not in ours:
+        raise RuntimeError("our instrumentation installed no hook on threading.Thread.__init__")
+    replays = {"ours": WrapperReplay(bench, "ours", responses, wrappers=ours),
+               UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours))}
+    for label, replay in replays.items():  # warm-up; both must make our span count
+        for _ in range(20):
+            replay.call()
+            replay.bare_call()
+        ended = bench.spans_ended()
+        replay.call()
+        if bench.spans_ended() - ended != bench.plan_spans:
+            raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    return interleaved(bench, replays, repeats=repeats, calls=calls)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    paths = "--paths" in argv
-    argv = [a for a in argv if a != "--paths"]
+    paths, carry = "--paths" in argv, "--carry" in argv
+    argv = [a for a in argv if a not in ("--paths", "--carry")]
     repeats = int(argv[0]) if argv else 20
     bench = AgentBench()
     try:
-        out = path_costs(bench, repeats=repeats) if paths else measure(bench, repeats=repeats)
+        if carry:
+            out = carry_cost(bench, repeats=repeats)
+        elif paths:
+            out = path_costs(bench, repeats=repeats)
+        else:
+            out = measure(bench, repeats=repeats)
     finally:
         bench.close()
+    if carry:
+        from .stats import bootstrap_ci, mean
+
+        us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
+        diffs = [(a - b) * 1e6 / 2 for a, b in zip(out["ours"], out[UNCARRIED])]
+        est, lo, hi = bootstrap_ci(diffs, trimmed_mean)
+        print(f"making the chat current and carrying it into its request thread, {repeats} interleaved blocks of "
+              "200 calls (2 chats each), 20%-trimmed mean")
+        print("| wrappers | us per call | / floor |")
+        print("|---|---:|---:|")
+        for name, value in us.items():
+            print(f"| {name} | {value:.1f} | {value / us[FLOOR]:.3f}x |")
+        print(f"per chat: {est:+.2f} us [{lo:+.2f}, {hi:+.2f}] (95% bootstrap; paired blocks; mean {mean(diffs):+.2f})")
+        return 0
     if paths:
         us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
         print(f"our wrapper paths beyond the minimum, {repeats} interleaved blocks of 200 calls, 20%-trimmed mean")

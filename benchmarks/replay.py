@@ -23,6 +23,9 @@ _STUB_TARGETS = (
     ("run_agent", None, "handle_function_call"),
 )
 """What one sequential ``[tools:1]`` conversation calls, in this order of nesting."""
+_THREAD_INIT = "Thread.__init__"
+"""Our hook on ``threading.Thread.__init__`` (carries a chat's context into the request thread built under it), by
+this name among the installed wrappers when the instrumentation has one."""
 
 
 def _installed_wrappers() -> Dict[str, Any]:
@@ -38,6 +41,12 @@ def _installed_wrappers() -> Dict[str, Any]:
         wrapper = getattr(attribute, "_self_wrapper", None)
         if wrapper is not None:
             found[name] = wrapper
+    import threading
+
+    init = vars(threading.Thread).get("__init__")
+    wrapper = getattr(init, "_self_wrapper", None)
+    if wrapper is not None:
+        found[_THREAD_INIT] = wrapper
     return found
 
 
@@ -49,7 +58,12 @@ class WrapperReplay:
     ``_execute_tool_calls`` and ``run_agent.handle_function_call`` (ours or loongsuite's),
     and wraps them with ``wrapt.FunctionWrapper`` around a stub that calls them in the
     order of one ``[tools:1]`` conversation (LLM asks for a tool, the tool, final LLM
-    answer) with the real ``ChatCompletion`` objects of the in-process fake LLM. Every
+    answer) with the real ``ChatCompletion`` objects of the in-process fake LLM. As
+    Hermes does, each LLM call builds a ``threading.Thread`` for its request inside
+    ``_interruptible_api_call`` (an instrumentation's hook on ``threading.Thread.__init__``,
+    ours, wraps that thread class's ``__init__``, so it runs as on the real agent) and
+    runs it: in place (``thread.run()``), since starting and joining an OS thread is
+    Hermes's own cost, tens of µs that vary far more than any instrumentation's. Every
     other attribute the wrappers read on the instance (model, provider, session id,
     platform, the ``base_url`` property...) is the real agent's, read at the real
     agent's cost: the stub is an instance of a subclass of the agent's class holding a
@@ -65,6 +79,8 @@ class WrapperReplay:
         responses: Optional[Sequence[Any]] = None,
         wrappers: Optional[Dict[str, Any]] = None,
     ) -> None:
+        import threading
+
         import wrapt
 
         first, final = responses if responses is not None else replay_responses(bench)
@@ -97,6 +113,12 @@ class WrapperReplay:
         def make(wrapped: bool) -> Any:
             hfc = wrapt.FunctionWrapper(handle_function_call, installed["handle_function_call"]) if wrapped \
                 else handle_function_call
+            request_thread: Any = threading.Thread
+            if wrapped and installed.get(_THREAD_INIT) is not None:
+                class RequestThread(threading.Thread):  # what the hook on threading.Thread.__init__ sees
+                    __init__ = wrapt.FunctionWrapper(threading.Thread.__init__, installed[_THREAD_INIT])
+
+                request_thread = RequestThread
 
             class StubAgent(type(real)):  # type: ignore[misc]  # the real class's properties and class attributes
                 def run_conversation(self, user_message: str, system_message: Any = None,
@@ -113,7 +135,12 @@ class WrapperReplay:
                             "messages": messages, "api_calls": 2}
 
                 def _interruptible_api_call(self, api_kwargs: dict) -> Any:
-                    return final if len(api_kwargs["messages"]) > 1 else first
+                    # Hermes's interruptible_api_call builds the request's thread here; run in place (see above).
+                    got: List[Any] = []
+                    thread = request_thread(target=got.append, args=(final if len(api_kwargs["messages"]) > 1 else first,),
+                                            daemon=True)
+                    thread.run()
+                    return got[0]
 
                 def _execute_tool_calls(self, assistant_message: Any, messages: list, effective_task_id: str,
                                         api_call_count: int = 0) -> None:

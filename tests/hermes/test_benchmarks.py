@@ -254,3 +254,35 @@ def test_path_costs_swap_one_path_on_one_shared_store(agent_bench: Any) -> None:
     assert set(out) == {"ours", "minimal", "minimal invoke_agent", "minimal chat", "minimal execute_tool", "floor"}
     assert all(len(times) == 1 for times in out.values()) and out["floor"][0] > 0
     assert agent_bench.mode == NONE
+
+
+def test_the_replay_builds_each_chats_request_thread_under_our_hook(agent_bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrappers-alone stub builds a request thread inside each chat as Hermes does: our hook on
+    ``threading.Thread.__init__`` carries the chat's context into both; the release-before variant carries none."""
+    from benchmarks import lower_bound
+    from statebackends_hermes_agent import wrappers as hermes_wrappers
+
+    carried: list[str] = []
+    real = hermes_wrappers._carried_run
+
+    def spy(thread: Any, context: Any) -> Any:
+        from opentelemetry import trace
+
+        carried.append(trace.get_current_span(context).name)
+        return real(thread, context)
+
+    monkeypatch.setattr(hermes_wrappers, "_carried_run", spy)
+    agent_bench.set_mode("invocation_id")
+    try:
+        ours = rp._installed_wrappers()
+    finally:
+        agent_bench.set_mode(NONE)
+    assert "Thread.__init__" in ours
+    assert rp.WrapperReplay(agent_bench, "x", wrappers=ours).call()["final_response"] == "done stub"
+    assert carried == ["chat fake-model", "chat fake-model"]
+    carried.clear()
+    uncarried = lower_bound.uncarried_wrappers(ours)
+    assert rp.WrapperReplay(agent_bench, "y", wrappers=uncarried).call()["final_response"] == "done stub"
+    assert carried == []
+    out = lower_bound.carry_cost(agent_bench, repeats=1, calls=2)
+    assert set(out) == {"ours", lower_bound.UNCARRIED, "floor"} and agent_bench.mode == NONE
