@@ -93,8 +93,8 @@ def readable(ci: Sequence[float]) -> bool:
 
 def _ci_x(ci: Sequence[float]) -> str:
     est, lo, hi = ci
-    if any(math.isnan(v) for v in ci):
-        return _x(est)
+    if any(math.isnan(v) for v in ci):  # one repeat: no interval; a ratio of overheads at or below zero means nothing
+        return _x(est) if math.isnan(est) or est > 0 else f"{TOO_WIDE} (one repeat: {est:.2f})"
     if not readable(ci):
         return f"{TOO_WIDE} (95% CI {lo:.2f} to {hi:.2f})"
     return f"{est:.2f}x [{lo:.2f}, {hi:.2f}]"

@@ -71,6 +71,7 @@ def test_docs_and_out_together_is_a_usage_error(in_tmp: Path, capsys: pytest.Cap
         ((0.4, -0.1, 0.9), "too wide to read (95% CI -0.10 to 0.90)"),
         ((1.0, 0.2, 4.5), "too wide to read (95% CI 0.20 to 4.50)"),
         ((0.5, math.nan, math.nan), "0.50x"),
+        ((-1.2, math.nan, math.nan), "too wide to read (one repeat: -1.20)"),  # one noisy block, no interval
     ],
 )
 def test_a_ratio_is_printed_only_when_its_interval_can_be_read(ci: tuple[float, float, float], text: str) -> None:
