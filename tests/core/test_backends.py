@@ -268,6 +268,22 @@ def test_begin_whose_enter_raises_leaves_nothing_half_done() -> None:
     assert store.live() == 0 and store.current(Owner()) is None
 
 
+def test_begin_whose_opened_hook_raises_undoes_enter_and_counts_nothing() -> None:
+    """The bookkeeping hook runs after ``_enter``: if it raises, ``begin`` undoes ``_enter`` before re-raising."""
+
+    class IndexFails(InvocationIdStore[Any]):
+        def _opened(self, scope: Scope[Any, Any]) -> Any:
+            raise MemoryError("no room in the index")
+
+    store = IndexFails(dict)
+    owner = Owner()
+    before = dict(contextvars.copy_context().items())
+    with pytest.raises(MemoryError):
+        store.begin(owner, "x")
+    assert store.live() == 0 and store.current(owner) is None and store.current(owner, "x") is None
+    assert dict(contextvars.copy_context().items()) == before and not store._open and store._by_id == {}
+
+
 def test_invocation_id_begin_with_an_unhashable_id_leaves_nothing_behind() -> None:
     store = InvocationIdStore(dict)
     with pytest.raises(TypeError):
