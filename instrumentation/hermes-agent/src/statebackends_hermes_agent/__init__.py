@@ -84,8 +84,9 @@ class HermesAgentInstrumentor(BaseInstrumentor):
 
     def _instrument(self, **kwargs: Any) -> None:
         store = resolve_store(kwargs.get("state_backend"), InvocationState)
-        tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"))
-        meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"))
+        # The instrumentation's version and the schema of the semantic-conventions release it follows, as contrib does.
+        tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"), schema_url=genai.SCHEMA_URL)
+        meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=genai.SCHEMA_URL)
         mode = capture_mode()
         # The Logs API logger is made only when content goes to events: capturing nothing costs nothing.
         logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None

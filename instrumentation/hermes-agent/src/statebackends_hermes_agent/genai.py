@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 _logger = logging.getLogger(__name__)
@@ -28,7 +29,11 @@ ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 """``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means ``SPAN_ONLY``."""
 
 SEMCONV_VERSION = "1.37.0"
-"""The semantic-conventions release whose message shapes this module writes."""
+"""The semantic-conventions release this instrumentation follows: its attribute names (``gen_ai.provider.name``,
+``gen_ai.input.messages``, ...), message shapes, metrics and event are those of 1.37.0."""
+SCHEMA_URL: str = Schemas.V1_37_0.value
+"""The schema URL of :data:`SEMCONV_VERSION`, given with the tracer, meter and logger (``opentelemetry-semantic-conventions``
+0.58b0, the oldest release admitted, lists it)."""
 
 # -- content capture ----------------------------------------------------------------------------
 
@@ -192,10 +197,11 @@ INFERENCE_DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 
 
 def event_logger(logger_provider: Any = None, version: str = "") -> Any:
-    """A Logs API ``Logger`` of this instrumentation on ``logger_provider`` (the global one when None)."""
+    """A Logs API ``Logger`` of this instrumentation on ``logger_provider`` (the global one when None), with
+    :data:`SCHEMA_URL`."""
     from opentelemetry import _logs
 
-    return _logs.get_logger(__name__.rsplit(".", 1)[0], version, logger_provider)
+    return _logs.get_logger(__name__.rsplit(".", 1)[0], version, logger_provider, schema_url=SCHEMA_URL)
 
 
 def emit_details(logger: Any, attributes: Mapping[str, Any], context: Any = None) -> None:

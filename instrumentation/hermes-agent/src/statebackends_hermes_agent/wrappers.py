@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
     AGENT_NAME,
@@ -26,6 +27,7 @@ from .lifecycle import (  # noqa: F401 - re-exported: the public span and attrib
     AgentInvocation,
     ChatCall,
     HermesTelemetry,
+    PendingSubagent,
     ToolCall,
 )
 
@@ -109,12 +111,32 @@ def _carried_run(thread: Any, context: Any) -> Callable[[], Any]:
     return carried_run
 
 
+def _carry_only(wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The wrapped chat call under ``suppress_instrumentation()``: no span, but the (suppressed) context is carried into
+    the request thread, so the instrumentations there (an HTTP client's) see the suppression too."""
+    gate = _in_chat.set(True)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _in_chat.reset(gate)
+
+
+class _SuppressedSubagent(PendingSubagent):
+    """A child agent built under ``suppress_instrumentation()``: ``parent`` is that suppressed context, attached around
+    the child's run in its worker (which copies no context), so the child traces nothing either."""
+
+    __slots__ = ()
+
+
 class HermesWrappers(HermesTelemetry):
     """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
 
     Each wrapper returns what the wrapped Hermes method returns and raises what it raises. Once
     ``active`` is False (``uninstrument()``), each only calls the wrapped method: a wrapper that could
-    not be taken out (another instrumentation's patch on top of it) traces nothing.
+    not be taken out (another instrumentation's patch on top of it) traces nothing. Inside
+    ``opentelemetry.instrumentation.utils.suppress_instrumentation()`` each only calls the wrapped method
+    too (no span, metric or event), and the suppression reaches the threads Hermes starts for the call's
+    LLM requests and subagents.
     """
 
     active = True
@@ -123,11 +145,17 @@ class HermesWrappers(HermesTelemetry):
 
     def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
-        if not self.active:
+        if not self.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         parent = None
         if self._pending_data:  # only subagents are registered: most calls skip the look-up
             pending = self.take_subagent(instance)
+            if type(pending) is _SuppressedSubagent:  # built under suppress_instrumentation(): run it suppressed
+                token = _attach(pending.parent)
+                try:
+                    return wrapped(*args, **kwargs)
+                finally:
+                    _detach(token)
             if pending is not None:  # a subagent: hang under its parent's delegate_task span
                 parent = pending.parent
         task_id = args[3] if len(args) > 3 else kwargs.get("task_id")
@@ -149,7 +177,7 @@ class HermesWrappers(HermesTelemetry):
 
     def execute_tool_calls(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._execute_tool_calls``: names the agent for the tools it runs, then ends the react step."""
-        if not self.active:
+        if not self.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         token = _tool_owner.set(instance)
         error: Optional[BaseException] = None
@@ -168,6 +196,8 @@ class HermesWrappers(HermesTelemetry):
         """``AIAgent._interruptible_api_call``: one ``chat`` span."""
         if not self.active:
             return wrapped(*args, **kwargs)
+        if not is_instrumentation_enabled():
+            return _carry_only(wrapped, args, kwargs)
         call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
         return _call_current(call, wrapped, args, kwargs)
 
@@ -175,6 +205,8 @@ class HermesWrappers(HermesTelemetry):
         """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
         if not self.active:
             return wrapped(*args, **kwargs)
+        if not is_instrumentation_enabled():
+            return _carry_only(wrapped, args, kwargs)
         call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
@@ -198,7 +230,7 @@ class HermesWrappers(HermesTelemetry):
 
     def invoke_tool(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._invoke_tool``: names the agent and the tool call id for ``handle_function_call``."""
-        if not self.active:
+        if not self.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         owner = _tool_owner.set(instance)
         call_id = _tool_call_id.set(_arg(args, kwargs, 3, "tool_call_id"))
@@ -210,7 +242,7 @@ class HermesWrappers(HermesTelemetry):
 
     def handle_function_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``run_agent.handle_function_call``: one ``execute_tool`` span."""
-        if not self.active:
+        if not self.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         n = len(args)  # handle_function_call(function_name, function_args, task_id=None, tool_call_id=None, ...)
         call = self.start_tool(
@@ -224,7 +256,7 @@ class HermesWrappers(HermesTelemetry):
 
     def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
-        if not self.active:
+        if not self.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         call = self.start_tool(
             instance, "delegate_task", _arg(args, kwargs, 0, "function_args"), tool_call_id=_tool_call_id.get()
@@ -239,5 +271,12 @@ class HermesWrappers(HermesTelemetry):
             return wrapped(*args, **kwargs)
         child = wrapped(*args, **kwargs)
         # Built in the parent's tool thread; run later in a worker that copies no context.
-        self.prepare_subagent(child)
+        if is_instrumentation_enabled():
+            self.prepare_subagent(child)
+        else:
+            try:
+                with self._pending_lock:
+                    self._pending[child] = _SuppressedSubagent(_get_current())
+            except Exception:  # noqa: BLE001 - an unhashable child: it runs unsuppressed, a trace of its own
+                _logger.exception("hermes-agent instrumentation: a subagent built under suppression runs traced")
         return child
