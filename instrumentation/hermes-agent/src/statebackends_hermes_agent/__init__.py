@@ -21,6 +21,7 @@ can use) is :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry`, avai
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Collection, Optional
 
@@ -59,6 +60,43 @@ _WRAPPED = (
     ("run_agent", "handle_function_call", "handle_function_call"),
     ("tools.delegate_tool", "_build_child_agent", "build_child_agent"),
 )
+_MODULES = tuple(dict.fromkeys(module for module, _, _ in _WRAPPED))
+
+
+class _WrapOnImport:
+    """A ``wrapt`` post-import hook: wraps the methods of one Hermes module when Hermes imports it (at once if it
+    already has), unless its instrumentation was uninstrumented meanwhile. Never raises: an exception in a post-import
+    hook would fail Hermes's own import."""
+
+    def __init__(self, module: str, wrappers: HermesWrappers) -> None:
+        self.module = module
+        self.wrappers = wrappers
+
+    def __call__(self, module: Any) -> None:
+        wrappers = self.wrappers
+        if not wrappers.active:  # uninstrumented before the import: neutralised
+            return
+        for owner, name, method in _WRAPPED:
+            if owner != self.module:
+                continue
+            try:
+                wrap_function_wrapper(module, name, getattr(wrappers, method))
+            except Exception:  # noqa: BLE001 - Hermes must import whatever happens here
+                _logger.exception("hermes-agent instrumentation: could not wrap %s.%s; it runs untraced", owner, name)
+
+    def forget(self) -> None:
+        """Take this hook out of wrapt's registry if it has not fired (best effort: it is neutralised anyway)."""
+        try:
+            from wrapt import importer
+
+            with importer._post_import_hooks_lock:  # noqa: SLF001 - wrapt has no public way to unregister
+                hooks = importer._post_import_hooks.get(self.module)  # noqa: SLF001
+                if hooks:
+                    hooks[:] = [hook for hook in hooks if hook is not self]
+                    if not hooks:
+                        del importer._post_import_hooks[self.module]  # noqa: SLF001
+        except Exception:  # noqa: BLE001
+            _logger.debug("hermes-agent instrumentation: post-import hook on %s left, inert", self.module, exc_info=True)
 
 
 class HermesAgentInstrumentor(BaseInstrumentor):
@@ -73,6 +111,7 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     state_backend: Optional[str] = None
     store: Optional[StateStore[InvocationState]] = None
     _wrappers: Optional[HermesWrappers] = None
+    _hooks: tuple[_WrapOnImport, ...] = ()
 
     @property
     def telemetry(self) -> Optional[HermesTelemetry]:
@@ -92,24 +131,27 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None
         wrappers = HermesWrappers(tracer, store, meter=meter, capture_content=mode, event_logger=logger)
         self.store, self.state_backend, self._wrappers = store, store.name, wrappers
-        import run_agent  # noqa: F401 - the instrumented module
-        import tools.delegate_tool  # noqa: F401
-
-        for module, name, method in _WRAPPED:
-            wrap_function_wrapper(module, name, getattr(wrappers, method))
+        # Nothing of Hermes is imported here: its modules are wrapped when Hermes imports them (at once if it has),
+        # so its first import stays its own, after its CLI applied `-p PROFILE` (its import-time paths follow it).
+        self._hooks = tuple(_WrapOnImport(module, wrappers) for module in _MODULES)
+        for hook in self._hooks:
+            wrapt.register_post_import_hook(hook, hook.module)
         # Hermes makes each LLM request in a thread built inside the chat call: carry the chat's context into it.
         # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel ours.
         wrap_function_wrapper(threading.Thread, "__init__", wrappers.thread_init)
         _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        import importlib
-
         wrappers = self._wrappers
         if wrappers is not None:
             wrappers.active = False  # whatever cannot be taken out below only passes calls through from now on
+        for hook in self._hooks:  # those not fired yet never will (and are inert if wrapt keeps them)
+            hook.forget()
+        self._hooks = ()
         for module, name, _ in _WRAPPED:
-            owner: Any = importlib.import_module(module)
+            owner: Any = sys.modules.get(module)
+            if owner is None:  # never imported: nothing was wrapped
+                continue
             *path, attribute = name.split(".")
             for part in path:
                 owner = getattr(owner, part)

@@ -1,0 +1,179 @@
+"""``instrument()`` imports nothing of Hermes: Hermes's modules are wrapped when Hermes imports them.
+
+Hermes's CLI applies ``-p PROFILE`` (it sets ``HERMES_HOME``) when ``hermes_cli.main`` is imported, "before any
+hermes module import": modules such as ``tools.skills_tool`` and ``tools.process_registry`` fix their home paths
+when first imported. Under ``opentelemetry-instrument`` our ``instrument()`` runs before the program; had it imported
+``run_agent`` there, those paths would point at the root home, not at the profile. Each test runs a fresh
+interpreter (subprocess), with ``HOME`` in a temporary folder and nothing reachable beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROFILE = "work"
+
+# Hermes's own entry: the `hermes` command is hermes_cli.main:main, and importing that module applies -p.
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+    imported_before = sorted(m for m in ("run_agent", "tools.delegate_tool", "tools.skills_tool") if m in sys.modules)
+    from statebackends_hermes_testbed.hermes_harness import loopback_only
+    with loopback_only() as guard:
+        sys.argv = ["hermes", "-p", %(profile)r, "config", "path"]
+        from hermes_cli.main import main
+        try:
+            main()
+        except SystemExit:
+            pass
+        import tools.process_registry, tools.skills_tool
+        import run_agent
+    wrapper = getattr(run_agent.AIAgent.__dict__["run_conversation"], "_self_wrapper", None)
+    print("PROBE " + json.dumps({
+        "imported_before": imported_before,
+        "skills_home": str(tools.skills_tool.HERMES_HOME),
+        "checkpoint_path": str(tools.process_registry.CHECKPOINT_PATH),
+        "ours_on_run_conversation": type(getattr(wrapper, "__self__", None)).__name__ == "HermesWrappers",
+        "blocked": [list(b) for b in guard.blocked],
+    }))
+    """
+) % {"profile": PROFILE}
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HERMES_", "OTEL_"))}
+    env.update(HOME=str(home), OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+    return env
+
+
+def _run(cmd: list[str], home: Path, cwd: Path) -> dict[str, Any]:
+    proc = subprocess.run(cmd, env=_env(home), cwd=cwd, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+def test_hermes_profile_reaches_its_import_time_paths_under_opentelemetry_instrument(tmp_path: Path) -> None:
+    """`hermes -p work` through Hermes's entry, plain and under opentelemetry-instrument: the same profile paths, and
+    under opentelemetry-instrument nothing of Hermes was imported before Hermes's own import, which got wrapped."""
+    home = tmp_path / "home"
+    profile = home / ".hermes" / "profiles" / PROFILE
+    profile.mkdir(parents=True)
+    (tmp_path / "probe.py").write_text(PROBE)
+    instrument = Path(sys.executable).with_name("opentelemetry-instrument")
+    plain = _run([sys.executable, "probe.py"], home, tmp_path)
+    traced = _run([str(instrument), sys.executable, "probe.py"], home, tmp_path)
+    assert plain["skills_home"] == str(profile) and plain["checkpoint_path"] == str(profile / "processes.json")
+    assert (traced["skills_home"], traced["checkpoint_path"]) == (plain["skills_home"], plain["checkpoint_path"])
+    assert traced["imported_before"] == [] and traced["ours_on_run_conversation"] is True
+    assert plain["ours_on_run_conversation"] is False
+    assert plain["blocked"] == traced["blocked"] == []
+
+
+HOOKS = textwrap.dedent(
+    """
+    import json, logging, sys
+    from wrapt import importer
+    import statebackends_hermes_agent as sha
+    from statebackends_hermes_agent import HermesAgentInstrumentor
+    from statebackends_hermes_agent.wrappers import HermesWrappers
+
+    TARGETS = [(m, n) for m, n, _ in sha._WRAPPED]
+
+    def ours(module, name):
+        owner = sys.modules[module]
+        *path, attribute = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        node, count = vars(owner)[attribute], 0
+        while hasattr(node, "_self_wrapper"):
+            count += isinstance(getattr(node._self_wrapper, "__self__", None), HermesWrappers)
+            node = node.__wrapped__
+        return count
+
+    def pending():
+        return sum(isinstance(h, sha._WrapOnImport) for hooks in importer._post_import_hooks.values() for h in hooks or ())
+
+    out = {}
+    inst = HermesAgentInstrumentor()
+    if sys.argv[1] == "twice":  # instrument, uninstrument, instrument, then Hermes imports its modules
+        inst.instrument(state_backend="contextvar")
+        out["imported_after_instrument"] = [m for m in ("run_agent", "tools.delegate_tool") if m in sys.modules]
+        inst.uninstrument()
+        out["pending_after_uninstrument"] = pending()
+        inst.instrument(state_backend="contextvar")
+        out["pending_after_reinstrument"] = pending()
+        import run_agent, tools.delegate_tool
+        out["ours"] = [ours(m, n) for m, n in TARGETS]
+        out["pending_after_import"] = pending()
+        inst.uninstrument()
+        out["ours_after_uninstrument"] = [ours(m, n) for m, n in TARGETS]
+    elif sys.argv[1] == "never":  # instrument, uninstrument, then the import: nothing wrapped
+        inst.instrument(state_backend="contextvar")
+        inst.uninstrument()
+        import run_agent, tools.delegate_tool
+        out["ours"] = [ours(m, n) for m, n in TARGETS]
+    elif sys.argv[1] == "already":  # Hermes imported first: wrapped at once
+        import run_agent, tools.delegate_tool
+        inst.instrument(state_backend="contextvar")
+        out["ours"] = [ours(m, n) for m, n in TARGETS]
+        out["pending"] = pending()
+    elif sys.argv[1] == "failing":  # a wrap that raises inside the hook: Hermes's import still succeeds
+        records = []
+        logging.getLogger("statebackends_hermes_agent").addHandler(type("H", (logging.Handler,), {
+            "emit": lambda self, record: records.append(record.getMessage())})())
+        real = sha.wrap_function_wrapper
+        def broken(module, *args, **kwargs):  # breaks on Hermes's modules only (threading's hook is installed at once)
+            if getattr(module, "__name__", module) in sha._MODULES:
+                raise RuntimeError("broken wrapt")
+            return real(module, *args, **kwargs)
+        sha.wrap_function_wrapper = broken
+        inst.instrument(state_backend="contextvar")
+        import run_agent, tools.delegate_tool
+        out["imported"] = hasattr(run_agent, "AIAgent") and hasattr(tools.delegate_tool, "_build_child_agent")
+        out["logged"] = sum("could not wrap" in r for r in records)
+    print("HOOKS " + json.dumps(out))
+    """
+)
+
+
+def _hooks(case: str, tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "hooks.py").write_text(HOOKS)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "hooks.py", case], env=_env(tmp_path / "home"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("HOOKS ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("HOOKS "):])
+
+
+def test_instrument_uninstrument_instrument_before_the_import_leaves_one_live_wrapping(tmp_path: Path) -> None:
+    out = _hooks("twice", tmp_path)
+    assert out["imported_after_instrument"] == []
+    assert out["pending_after_uninstrument"] == 0, "uninstrument left a post-import hook registered"
+    assert out["pending_after_reinstrument"] == 2  # one per module: run_agent, tools.delegate_tool
+    assert out["ours"] == [1] * len(out["ours"]) and out["pending_after_import"] == 0
+    assert out["ours_after_uninstrument"] == [0] * len(out["ours"])
+
+
+@pytest.mark.parametrize(("case", "expected"), [("never", 0), ("already", 1)])
+def test_hooks_wrap_only_while_instrumented_and_at_once_when_hermes_is_imported(
+    tmp_path: Path, case: str, expected: int
+) -> None:
+    out = _hooks(case, tmp_path)
+    assert out["ours"] == [expected] * len(out["ours"])
+    if case == "already":
+        assert out["pending"] == 0
+
+
+def test_a_wrap_that_fails_in_the_hook_never_fails_hermess_import(tmp_path: Path) -> None:
+    out = _hooks("failing", tmp_path)
+    assert out["imported"] is True and out["logged"] == 8
