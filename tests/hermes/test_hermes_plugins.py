@@ -174,7 +174,7 @@ def _globals() -> tuple[Any, ...]:
     from opentelemetry.metrics import _internal as metrics
 
     return (trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE._done, metrics._METER_PROVIDER,
-            metrics._METER_PROVIDER_SET_ONCE._done)
+            metrics._METER_PROVIDER_SET_ONCE._done, metrics._PROXY_METER_PROVIDER._real_meter_provider)
 
 
 def _config_text() -> str | None:

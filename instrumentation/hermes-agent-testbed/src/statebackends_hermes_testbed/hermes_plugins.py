@@ -278,20 +278,27 @@ def plugins_found() -> list[str]:
     return sorted(found)
 
 
-def _providers() -> tuple[Any, bool, Any, bool]:
+def _providers() -> tuple[Any, ...]:
+    """OpenTelemetry's global tracer and meter providers, whether each was set, and what the proxy meter provider
+    (handed out before any was set) forwards to."""
     from opentelemetry import trace
     from opentelemetry.metrics import _internal as metrics
 
     return (trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE._done,
-            metrics._METER_PROVIDER, metrics._METER_PROVIDER_SET_ONCE._done)
+            metrics._METER_PROVIDER, metrics._METER_PROVIDER_SET_ONCE._done,
+            getattr(metrics._PROXY_METER_PROVIDER, "_real_meter_provider", None))
 
 
-def _set_providers(saved: tuple[Any, bool, Any, bool]) -> None:
+def _set_providers(saved: tuple[Any, ...]) -> None:
     from opentelemetry import trace
     from opentelemetry.metrics import _internal as metrics
 
     trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE._done = saved[0], bool(saved[1])
     metrics._METER_PROVIDER, metrics._METER_PROVIDER_SET_ONCE._done = saved[2], bool(saved[3])
+    if hasattr(metrics._PROXY_METER_PROVIDER, "_real_meter_provider"):
+        # A meter provider set globally becomes the proxy's for good: a meter asked for later would come from the
+        # plugin's provider, shut down by then.
+        metrics._PROXY_METER_PROVIDER._real_meter_provider = saved[4]
 
 
 class HermesPlugin:
@@ -314,7 +321,7 @@ class HermesPlugin:
         self.tracker = OpenSpanTracker()
         self._provider: Any = None
         self._saved_env: dict[str, Optional[str]] = {}
-        self._saved_providers: Optional[tuple[Any, bool, Any, bool]] = None
+        self._saved_providers: Optional[tuple[Any, ...]] = None
         self._config = contextlib.ExitStack()
 
     @property
@@ -333,7 +340,7 @@ class HermesPlugin:
         self.tracker.clear()
         self._saved_providers = _providers()
         if self.fresh_globals:
-            _set_providers((None, False, None, False))
+            _set_providers((None, False, None, False, None))
         settings = dict(self.spec.env(self.sink.base_url))
         self._saved_env = {name: os.environ.get(name) for name in settings}
         for name, value in settings.items():
