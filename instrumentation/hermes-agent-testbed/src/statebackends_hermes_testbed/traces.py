@@ -584,7 +584,7 @@ def judge(
     if detached:
         names = ", ".join(f"{n} x{detached.count(n)}" for n in sorted(set(detached)))
         verdict.notes.append(f"{len(detached)} span(s) with no caller span at their root: {names}")
-    _judge_requests(verdict, calls, by_id, root_call, broken)
+    _judge_requests(verdict, calls, by_id, lambda span: owner_of(span)[0], broken, kind=kind, same_trace=reading.under_caller)
     verdict.broken = sorted(broken)
     return verdict
 
@@ -599,8 +599,14 @@ def _judge_requests(
     by_id: Mapping[int, ReadableSpan],
     root_call: Any,
     broken: set[str],
+    *,
+    kind: Callable[[Optional[ReadableSpan]], Optional[str]] = kind_of,
+    same_trace: bool = True,
 ) -> None:
-    """Count the LLM requests of ``calls`` (and their children) whose ``traceparent`` is not under their own chat."""
+    """Count the LLM requests of ``calls`` (and their children) whose ``traceparent`` is not under their own chat.
+
+    ``root_call(span)``: the call a span belongs to; ``kind``: a span's kind (the integration's reading);
+    ``same_trace``: the request must be in the caller's trace (False where each turn is a trace of its own)."""
     traces = {s.name[len(CALLER_PREFIX):]: s.context.trace_id for s in by_id.values() if s.name.startswith(CALLER_PREFIX)}
 
     def problem(request: LLMRequest, owner: str) -> Optional[str]:
@@ -608,13 +614,13 @@ def _judge_requests(
         if ids is None:
             return f"sent no valid traceparent ({request.traceparent!r})"
         trace_id, span_id = ids
-        if trace_id != traces.get(owner):
+        if same_trace and trace_id != traces.get(owner):
             return "sent the traceparent of another trace"
         http = by_id.get(span_id)
         if http is None or not is_llm_request(http):
             return f"sent a traceparent whose span is {'not exported' if http is None else repr(http.name)}, not its HTTP span"
         chat = by_id.get(http.parent.span_id) if http.parent is not None else None
-        if chat is None or kind_of(chat) != "chat":
+        if chat is None or kind(chat) != "chat":
             return f"has its HTTP span under {chat.name if chat is not None else 'no exported span'!r}, not a chat"
         if root_call(chat) != owner:
             return "has its HTTP span under another call's chat"
