@@ -348,10 +348,13 @@ def _loongsuite_installed() -> bool:
 
 @pytest.mark.skipif(not _loongsuite_installed(), reason="loongsuite 0.9.0 is in the compare set only (CI runs it there)")
 def test_loongsuite_column_as_measured_in_docs() -> None:
-    """loongsuite 0.9.0 judged from its spans: right on overlapping calls, its subagents start traces of their own."""
-    data = run_matrix_cli("--instrumentor", LOONGSUITE_SPEC, "--scenario", "threads", "--scenario", "delegate", timeout=600)
+    """loongsuite 0.9.0 judged from its spans: right in the control and on overlapping calls (turns of one session
+    included), its subagents start traces of their own (docs/matrix-loongsuite.md, matrix-hermes-integrations.md)."""
+    data = run_matrix_cli("--instrumentor", LOONGSUITE_SPEC, "--scenario", "sequential", "--scenario", "threads",
+                          "--scenario", "shared_task_id", "--scenario", "delegate", timeout=600)
     cells = {c["scenario"]: c for c in data["cells"]}
-    assert cells["threads"]["ok"] is True, cells["threads"]["verdict"]
+    for ok in ("sequential", "threads", "shared_task_id"):
+        assert cells[ok]["ok"] is True, cells[ok]["verdict"]
     delegate = cells["delegate"]
     assert delegate["ok"] is False and delegate["verdict"]["orphans"] > 0, delegate["verdict"]
 
