@@ -16,7 +16,8 @@ Observed and pinned (asserted, so a change in either shows up here):
   (``CROSS_EDGES``): ours first, our ``invoke_agent`` hangs under loongsuite's ``invoke_agent Hermes``
   (below its ``enter_ai_application_system``) and its ``react step`` spans hang under OUR
   ``invoke_agent`` instead of its own; loongsuite first, its ``invoke_agent Hermes`` hangs under ours
-  (and it opens no entry span, since a GenAI span is current) and its ``execute_tool`` under OUR
+  (and it opens no entry span, since a GenAI span is current), its ``react step`` spans under OUR
+  ``chat`` (current for the LLM call it wraps inside ours) and its ``execute_tool`` under OUR
   ``execute_tool``. Our step, chat and tool spans never have one of theirs as parent.
 - In between (one removed, the other still on): OpenTelemetry's ``unwrap`` peels the OUTERMOST wrapper,
   whoever asks; our ``_uninstrument`` takes out OUR wrapper wherever it sits, never another's, and a
@@ -57,6 +58,7 @@ CROSS_EDGES = {
     "ours_first": {("ours", "invoke_agent hermes", "theirs", "invoke_agent Hermes"): 1,
                    ("theirs", "react step", "ours", "invoke_agent hermes"): 2},
     "theirs_first": {("theirs", "invoke_agent Hermes", "ours", "invoke_agent hermes"): 1,
+                     ("theirs", "react step", "ours", "chat fake-model"): 2,  # our chat is current for the call
                      ("theirs", "execute_tool sb_echo", "ours", "execute_tool sb_echo"): 1},
 }
 # The span each call's caller span is the parent of: the outermost wrapper's first span.
