@@ -28,6 +28,7 @@ from opentelemetry.trace import StatusCode
 
 from statebackends_hermes_agent import genai
 from statebackends_hermes_testbed.driver import HermesBench
+from statebackends_hermes_testbed.hermes_harness import hermes_version
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND")
@@ -293,7 +294,9 @@ def test_capture_mode_vocabulary() -> None:
 def test_a_failed_run_is_never_an_assistant_message(tel: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
     _with_mode(tel, monkeypatch, "SPAN_AND_EVENT")
     result = tel.run(tel.bench.agent(), "cv-fail", "[llm_error]")
-    assert result.get("failed") is True and result.get("final_response"), "Hermes reports the error as final_response"
+    assert result.get("failed") is True
+    if hermes_version() >= (0, 18):  # before 0.18 Hermes leaves final_response None on a non-retryable error
+        assert result.get("final_response"), "Hermes reports the error as final_response"
     (agent_span,) = tel.of("invoke_agent")
     assert agent_span.status.status_code is StatusCode.ERROR
     assert OUTPUT not in agent_span.attributes
@@ -598,11 +601,19 @@ def test_a_reply_cut_short_by_an_interrupt_is_the_turns_assistant_message(
         result = agent.run_conversation("what is the answer?")
     finally:
         endpoint.close()
-    assert result["interrupted"] is True and result["final_response"] == _StallingStream.TEXT, result["final_response"]
-    assert "".join(shown) == _StallingStream.TEXT
-    assert result["messages"][-1] == {"role": "assistant", "content": _StallingStream.TEXT}, "Hermes keeps the text"
     (turn,) = tel.of("invoke_agent")
     assert turn.attributes["hermes.interrupted"] is True and turn.status.status_code is StatusCode.UNSET
+    if hermes_version() < (0, 18):  # Hermes returns its own notice then, which is never an assistant message
+        assert result["interrupted"] is True and result["final_response"].startswith("Operation interrupted")
+        assert OUTPUT not in turn.attributes
+        assert tel.bench.instrumentor.store.live() == 0
+        return
+    assert result["interrupted"] is True and result["final_response"] == _StallingStream.TEXT, result["final_response"]
+    if hermes_version() >= (0, 19):
+        assert "".join(shown) == _StallingStream.TEXT
+    else:  # 0.18.2 hands the callback the rest of the interrupted stream once the endpoint sends it, after the turn
+        assert "".join(shown).startswith(_StallingStream.TEXT)
+    assert result["messages"][-1] == {"role": "assistant", "content": _StallingStream.TEXT}, "Hermes keeps the text"
     (answer,) = valid_outputs(turn.attributes[OUTPUT])
     assert answer == {"role": "assistant", "parts": [{"type": "text", "content": _StallingStream.TEXT}], "finish_reason": "error"}
     (chat,) = tel.of("chat ")

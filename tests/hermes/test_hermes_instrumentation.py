@@ -198,14 +198,19 @@ class UserError(Exception):
 
 def test_users_exception_passes_through_unchanged(bench: HermesBench, monkeypatch: pytest.MonkeyPatch) -> None:
     store = bench.instrument("contextvar")
-    import agent.conversation_loop as loop
-
     boom = UserError("from the agent")
 
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise boom
 
-    monkeypatch.setattr(loop, "run_conversation", explode)
+    try:
+        import agent.conversation_loop as loop
+    except ImportError:  # hermes-agent < 0.15: the loop is AIAgent.run_conversation itself, which starts here
+        import run_agent
+
+        monkeypatch.setattr(run_agent.AIAgent, "_ensure_db_session", explode)
+    else:
+        monkeypatch.setattr(loop, "run_conversation", explode)
     before = contextvars.copy_context()
     with pytest.raises(UserError) as info:
         bench.call(bench.agent(), "raise")

@@ -43,6 +43,7 @@ __all__ = [
     "DELEGATION_TOOLSET",
     "API_KEY",
     "MODEL",
+    "hermes_version",
     "minimal_config_text",
     "hermes_home",
     "register_bench_tools",
@@ -66,6 +67,13 @@ API_KEY = "sk-local-test"
 MODEL = "fake-model"
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def hermes_version() -> Tuple[int, ...]:
+    """The installed hermes-agent's version as numbers, ``(0, 19, 0)``: where its behaviour differs by release."""
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("hermes-agent").split(".")[:3] if part.isdigit())
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +238,10 @@ def register_bench_tools(parallel_safe: Iterable[str] = ("sb_echo", "sb_fail")) 
     frozenset read on every batch by ``_plan_tool_batch_segments``), which is
     Hermes's only non-MCP notion of a parallel-safe tool.  Idempotent.
     """
-    import agent.tool_dispatch_helpers as tdh
+    try:
+        import agent.tool_dispatch_helpers as tdh
+    except ImportError:  # hermes-agent before 0.15 keeps the set in run_agent itself
+        import run_agent as tdh
 
     register_tool("sb_echo", BENCH_TOOLSET, _sb_echo, "Benchmark tool: returns its text argument.", sleep=True)
     register_tool("sb_fail", BENCH_TOOLSET, _sb_fail, "Benchmark tool: always raises RuntimeError.", sleep=True)
