@@ -135,11 +135,11 @@ def hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def old_hermes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder whose only content is the metadata of a hermes-agent 0.18.0 (outside our range)."""
+    """A folder whose only content is the metadata of a hermes-agent 0.12.0 (outside our range)."""
     folder = tmp_path_factory.mktemp("oldhermes")
-    info = folder / "hermes_agent-0.18.0.dist-info"
+    info = folder / "hermes_agent-0.12.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hermes-agent\nVersion: 0.18.0\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hermes-agent\nVersion: 0.12.0\n")
     return folder
 
 
@@ -184,7 +184,7 @@ def log_lines(out: subprocess.CompletedProcess[str], level: str) -> list[str]:
 
 
 def test_the_hooks_work_and_the_instrumentor_is_applied(tmp_path: Path, hooks: Path) -> None:
-    """The control: with hermes-agent 0.19 visible, ``opentelemetry-instrument`` applies ours with the default backend."""
+    """The control: with the installed hermes-agent visible, ``opentelemetry-instrument`` applies ours with the default backend."""
     out = run_instrumented(tmp_path, hooks)
     assert "wrapped True" in out.stdout and "backend invocation_id" in out.stdout, out.stdout + out.stderr[-2000:]
     assert any(f"Instrumented {ENTRY_POINT}" in line for line in log_lines(out, "DEBUG")), out.stderr[-2000:]
@@ -218,9 +218,9 @@ def test_skipped_when_hermes_agent_is_outside_the_range(tmp_path: Path, hooks: P
     assert "wrapped False" in out.stdout and "backend None" in out.stdout, out.stdout
     message = (
         f'{ENTRY_POINT} only instruments "{instruments_requirement()}", but currently installed version '
-        '("hermes-agent 0.18.0") falls outside of that range, so nothing can be instrumented.'
+        '("hermes-agent 0.12.0") falls outside of that range, so nothing can be instrumented.'
     )
-    older = f'Skipping instrumentation {ENTRY_POINT}: DependencyConflict: requested: "{instruments_requirement()}" but found: "hermes-agent 0.18.0"'
+    older = f'Skipping instrumentation {ENTRY_POINT}: DependencyConflict: requested: "{instruments_requirement()}" but found: "hermes-agent 0.12.0"'
     assert [line for line in log_lines(out, "ERROR") + log_lines(out, "DEBUG") if message in line or older in line], out.stderr[-3000:]
 
 
