@@ -20,9 +20,11 @@ can use) is :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry`, avai
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import threading
+from importlib.metadata import version
 from typing import Any, Collection, Optional
 
 from opentelemetry import metrics, trace
@@ -63,6 +65,25 @@ _WRAPPED = (
 _MODULES = tuple(dict.fromkeys(module for module, _, _ in _WRAPPED))
 
 
+def _has_path(module: Any, path: str) -> bool:
+    """Whether ``module`` has the dotted attribute ``path`` (``AIAgent.run_conversation``)."""
+    owner: Any = module
+    for part in path.split("."):
+        try:
+            owner = inspect.getattr_static(owner, part)
+        except AttributeError:
+            return False
+    return True
+
+
+def _hermes_version() -> str:
+    """The installed hermes-agent's version, for log lines."""
+    try:
+        return version("hermes-agent")
+    except Exception:  # noqa: BLE001 - only ever named in a message
+        return "(version unknown)"
+
+
 class _WrapOnImport:
     """A ``wrapt`` post-import hook: wraps the methods of one Hermes module when Hermes imports it (at once if it
     already has), unless its instrumentation was uninstrumented meanwhile. Never raises: an exception in a post-import
@@ -78,6 +99,11 @@ class _WrapOnImport:
             return
         for owner, name, method in _WRAPPED:
             if owner != self.module:
+                continue
+            if not _has_path(module, name):  # a Hermes release without it: one line, the rest still traced
+                _logger.warning("hermes-agent instrumentation: hermes-agent %s has no %s.%s, so what it does runs "
+                                "untraced; every wrapped method is in %s", _hermes_version(), owner, name,
+                                ", ".join(_instruments))
                 continue
             try:
                 wrap_function_wrapper(module, name, getattr(wrappers, method))
