@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from statebackends_hermes_testbed.agentbench import AgentBench
 from statebackends_hermes_testbed.modes import LOONGSUITE
 
-from .replay import WrapperReplay, interleaved, replay_responses
+from .replay import THREAD_INIT_ENABLED, WrapperReplay, interleaved, replay_responses
 from .stats import trimmed_mean
 from .timing import FLOOR
 
@@ -38,11 +38,12 @@ MINIMAL = "minimal"
 END_KEYS = ("gen_ai.usage.", "gen_ai.response.")  # what ours sets when the call ends, not at span start
 
 
-def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None) -> Dict[str, Any]:
-    """The four minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc).
+def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None, *, carry: bool = True) -> Dict[str, Any]:
+    """The minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc).
 
     ``store``: the ``invocation_id`` store to keep the state in (default a new one), so that they can share
-    one with our wrappers (:func:`path_costs`).
+    one with our wrappers (:func:`path_costs`). ``carry=False``: the chat is not made current nor carried into its
+    request thread (no hook on ``threading.Thread.__init__``), as before this release (:func:`carry_cost`).
     """
     from opentelemetry import context as otel_context
     from opentelemetry import trace
@@ -91,12 +92,15 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None)
                               attributes={"gen_ai.react.round": state.round})
             state.step_span, state.step_ctx = step, set_in(step, state.agent_ctx)
         span = start_span(chat_plan.name, context=state.step_ctx, kind=chat_plan.kind, attributes=chat_attributes)
-        token, gate = attach(set_in(span)), in_chat.set(True)
-        try:
+        if carry:
+            token, gate = attach(set_in(span)), in_chat.set(True)
+            try:
+                response = wrapped(*args, **kwargs)
+            finally:
+                in_chat.reset(gate)
+                detach(token)
+        else:
             response = wrapped(*args, **kwargs)
-        finally:
-            in_chat.reset(gate)
-            detach(token)
         usage, choice = response.usage, response.choices[0]
         state.input_tokens += usage.prompt_tokens
         state.output_tokens += usage.completion_tokens
@@ -152,9 +156,11 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None)
 
             instance.run = carried_run
 
-    return {"run_conversation": run_conversation, "_interruptible_api_call": api_call,
-            "_execute_tool_calls": execute_tool_calls, "handle_function_call": handle_function_call,
-            "Thread.__init__": thread_init}
+    out = {"run_conversation": run_conversation, "_interruptible_api_call": api_call,
+           "_execute_tool_calls": execute_tool_calls, "handle_function_call": handle_function_call}
+    if carry:
+        out["Thread.__init__"] = thread_init
+    return out
 
 
 def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str = "invocation_id") -> Dict[str, List[float]]:
@@ -220,6 +226,8 @@ def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
 
 UNCARRIED = "ours, chat not current"
 """The label of ours with the chat wrapper of the release before (:func:`carry_cost`)."""
+MINIMAL_UNCARRIED = "minimal, chat not current"
+"""The label of the minimal wrappers without making the chat current or carrying it (:func:`carry_cost`)."""
 
 
 def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
@@ -235,14 +243,17 @@ def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
 
     out = {**ours, "_interruptible_api_call": api_call}
     out.pop("Thread.__init__", None)
+    out.pop(THREAD_INIT_ENABLED, None)
     return out
 
 
 def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
-    """Seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without making the chat current
-    and carrying it (:func:`uncarried_wrappers`), and of the floor; the stub's two chats each build, start and join
-    their request thread in both. Ours minus the other, halved, is the cost per chat."""
-    from .replay import _installed_wrappers
+    """CPU seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without making the chat
+    current and carrying it (:func:`uncarried_wrappers`), of the minimal wrappers with and without the same mechanism
+    (what it costs with nothing around it), and of the floor; the stub's two chats each build and run their request
+    thread in all of them. Ours minus the other, halved, is the cost per chat. Timed in this thread's CPU time
+    (:func:`~benchmarks.replay.cpu_block`): on a shared machine other processes' turns would swamp a microsecond."""
+    from .replay import _installed_wrappers, cpu_block
 
     responses = replay_responses(bench)
     bench.record_plan()
@@ -254,8 +265,13 @@ def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
         bench.set_mode(previous)
     if "Thread.__init__" not in ours:
         raise RuntimeError("our instrumentation installed no hook on threading.Thread.__init__")
+    store = next(iter(ours.values())).__self__.store
+    minimal = minimal_wrappers(bench, store=store)
     replays = {"ours": WrapperReplay(bench, "ours", responses, wrappers=ours),
-               UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours))}
+               UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours)),
+               MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal),
+               MINIMAL_UNCARRIED: WrapperReplay(bench, MINIMAL_UNCARRIED, responses,
+                                                wrappers=minimal_wrappers(bench, store=store, carry=False))}
     for label, replay in replays.items():  # warm-up; both must make our span count
         for _ in range(20):
             replay.call()
@@ -264,7 +280,7 @@ def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
         replay.call()
         if bench.spans_ended() - ended != bench.plan_spans:
             raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
-    return interleaved(bench, replays, repeats=repeats, calls=calls)
+    return interleaved(bench, replays, repeats=repeats, calls=calls, block=cpu_block)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -286,15 +302,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .stats import bootstrap_ci, mean
 
         us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
-        diffs = [(a - b) * 1e6 / 2 for a, b in zip(out["ours"], out[UNCARRIED])]
-        est, lo, hi = bootstrap_ci(diffs, trimmed_mean)
         print(f"making the chat current and carrying it into its request thread, {repeats} interleaved blocks of "
-              "200 calls (2 chats each), 20%-trimmed mean")
+              "200 calls (2 chats each), this thread's CPU time, 20%-trimmed mean")
         print("| wrappers | us per call | / floor |")
         print("|---|---:|---:|")
         for name, value in us.items():
             print(f"| {name} | {value:.1f} | {value / us[FLOOR]:.3f}x |")
-        print(f"per chat: {est:+.2f} us [{lo:+.2f}, {hi:+.2f}] (95% bootstrap; paired blocks; mean {mean(diffs):+.2f})")
+        for with_it, without in (("ours", UNCARRIED), (MINIMAL, MINIMAL_UNCARRIED)):
+            diffs = [(a - b) * 1e6 / 2 for a, b in zip(out[with_it], out[without])]
+            est, lo, hi = bootstrap_ci(diffs, trimmed_mean)
+            print(f"{with_it}: {est:+.2f} us per chat [{lo:+.2f}, {hi:+.2f}] (95% bootstrap over the paired blocks; "
+                  f"mean {mean(diffs):+.2f})")
         return 0
     if paths:
         us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}

@@ -7,7 +7,8 @@ measured without the noise of Hermes's own 8 ms of work around it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from statebackends_hermes_testbed.modes import NONE
 
@@ -26,6 +27,8 @@ _STUB_TARGETS = (
 _THREAD_INIT = "Thread.__init__"
 """Our hook on ``threading.Thread.__init__`` (carries a chat's context into the request thread built under it), by
 this name among the installed wrappers when the instrumentation has one."""
+THREAD_INIT_ENABLED = "Thread.__init__ enabled"
+"""The ``enabled`` switch that hook was installed with (wrapt skips the hook when it returns False), if any."""
 
 
 def _installed_wrappers() -> Dict[str, Any]:
@@ -47,6 +50,7 @@ def _installed_wrappers() -> Dict[str, Any]:
     wrapper = getattr(init, "_self_wrapper", None)
     if wrapper is not None:
         found[_THREAD_INIT] = wrapper
+        found[THREAD_INIT_ENABLED] = getattr(init, "_self_enabled", None)
     return found
 
 
@@ -116,7 +120,8 @@ class WrapperReplay:
             request_thread: Any = threading.Thread
             if wrapped and installed.get(_THREAD_INIT) is not None:
                 class RequestThread(threading.Thread):  # what the hook on threading.Thread.__init__ sees
-                    __init__ = wrapt.FunctionWrapper(threading.Thread.__init__, installed[_THREAD_INIT])
+                    __init__ = wrapt.FunctionWrapper(threading.Thread.__init__, installed[_THREAD_INIT],
+                                                     enabled=installed.get(THREAD_INIT_ENABLED))
 
                 request_thread = RequestThread
 
@@ -218,12 +223,31 @@ def isolated_overhead(
     return out
 
 
-def interleaved(bench: AgentBench, replays: Dict[str, WrapperReplay], *, repeats: int, calls: int) -> Dict[str, List[float]]:
+def cpu_block(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds of this thread's CPU time per call of ``calls`` sequential calls of ``fn`` (time this thread was not
+    running, such as other processes' turns on a shared machine, does not count; the stubs run on this thread)."""
+    t0 = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - t0) / calls
+
+
+def interleaved(
+    bench: AgentBench,
+    replays: Dict[str, WrapperReplay],
+    *,
+    repeats: int,
+    calls: int,
+    block: Optional[Callable[[Callable[[], Any], int], float]] = None,
+) -> Dict[str, List[float]]:
     """Seconds per call, one per repeat, of each replay (instrumented stub minus bare stub) and of the floor.
 
     Blocks of ``calls`` calls, every replay and the floor in each repeat, the order rotated by one each repeat.
+    ``block`` times one block (default: wall time, ``agentbench.timed_block``; :func:`cpu_block` for CPU time).
     """
-    from statebackends_hermes_testbed.agentbench import timed_block
+    from statebackends_hermes_testbed.agentbench import timed_block as wall_block
+
+    timed_block = block or wall_block
 
     out: Dict[str, List[float]] = {name: [] for name in [*replays, FLOOR]}
     items = list(out)

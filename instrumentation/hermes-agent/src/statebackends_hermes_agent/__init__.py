@@ -40,7 +40,7 @@ from .package import _instruments
 from .state import InvocationState
 from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
 from .version import __version__
-from .wrappers import HermesWrappers
+from .wrappers import HermesWrappers, _in_chat
 
 __all__ = ["AgentInvocation", "ChatCall", "HermesAgentInstrumentor", "HermesTelemetry", "ToolCall"]
 
@@ -164,7 +164,8 @@ class HermesAgentInstrumentor(BaseInstrumentor):
             wrapt.register_post_import_hook(hook, hook.module)
         # Hermes makes each LLM request in a thread built inside the chat call: carry the chat's context into it.
         # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel ours.
-        wrap_function_wrapper(threading.Thread, "__init__", wrappers.thread_init)
+        # wrapt calls the hook only while the gate is set (enabled=): other threads pay one C-level check.
+        wrapt.wrap_object(threading.Thread, "__init__", wrapt.FunctionWrapper, (wrappers.thread_init, _in_chat.get))
         _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
@@ -89,26 +90,22 @@ def _call_current(call: ChatCall, wrapped: Callable[..., Any], args: tuple, kwar
             _detach(token)  # OpenTelemetry's detach logs its own failures, never raises
 
 
-def _carried_run(thread: Any, context: Any) -> Callable[[], Any]:
-    """``thread``'s own ``run``, run with OpenTelemetry's ``context`` attached (unless the threading instrumentation
-    carries one itself); set as the thread's instance attribute ``run``, removed when it returns."""
-    run = thread.run  # the class's (or another instrumentation's) bound run
-
-    def carried_run() -> Any:
-        token = None
-        if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
-            try:
-                token = _attach(context)
-            except Exception:  # noqa: BLE001
-                _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
+def _run_carried(thread: Any, context: Any) -> Any:
+    """``thread``'s own ``run`` (its class's), with OpenTelemetry's ``context`` attached unless the threading
+    instrumentation carries one itself; set, bound by ``functools.partial``, as the thread's instance attribute
+    ``run`` by :meth:`HermesWrappers.thread_init`, and removed when it returns (no reference cycle left)."""
+    token = None
+    if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
         try:
-            return run()
-        finally:
-            if token is not None:
-                _detach(token)
-            thread.__dict__.pop("run", None)  # no reference cycle through the thread's own attribute
-
-    return carried_run
+            token = _attach(context)
+        except Exception:  # noqa: BLE001
+            _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
+    try:
+        return type(thread).run(thread)
+    finally:
+        if token is not None:
+            _detach(token)
+        thread.__dict__.pop("run", None)
 
 
 def _carry_only(wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -220,9 +217,11 @@ class HermesWrappers(HermesTelemetry):
         when active, carries it alone): the thread runs in its own ``contextvars`` context, as Hermes made it.
         """
         wrapped(*args, **kwargs)
+        # Installed with enabled=_in_chat.get, wrapt calls this only where the gate is set; checked again for any
+        # other installation (the benchmarks' stub, a copy of the wrapper).
         if _in_chat.get() and self.active:
             try:
-                instance.run = _carried_run(instance, _get_current())
+                instance.run = partial(_run_carried, instance, _get_current())
             except Exception:  # noqa: BLE001 - the thread runs as it would, uncarried
                 _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
 
