@@ -226,18 +226,25 @@ def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
 
 UNCARRIED = "ours, chat not current"
 """The label of ours with the chat wrapper of the release before (:func:`carry_cost`)."""
+CURRENT_ONLY = "ours, chat current, not carried"
+"""The label of ours without the hook on ``threading.Thread.__init__``: the chat made current, nothing carried."""
 MINIMAL_UNCARRIED = "minimal, chat not current"
 """The label of the minimal wrappers without making the chat current or carrying it (:func:`carry_cost`)."""
 
 
 def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
     """``ours`` with the chat wrapper of the release before: the chat span is started and ended, never made current,
-    and nothing is carried into the request thread (no hook on ``threading.Thread.__init__``)."""
+    and nothing is carried into the request thread (no hook on ``threading.Thread.__init__``); the suppression check
+    of this release is kept, so that only making the chat current and carrying it differ."""
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
     from statebackends_hermes_agent.wrappers import _call
 
     telemetry = ours["_interruptible_api_call"].__self__
 
     def api_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
         call = telemetry.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
         return _call(call, wrapped, args, kwargs)
 
@@ -248,8 +255,9 @@ def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
-    """CPU seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without making the chat
-    current and carrying it (:func:`uncarried_wrappers`), of the minimal wrappers with and without the same mechanism
+    """CPU seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without the thread hook
+    (the chat made current, nothing carried), of the same without making the chat current or carrying it
+    (:func:`uncarried_wrappers`), of the minimal wrappers with and without the same mechanism
     (what it costs with nothing around it), and of the floor; the stub's two chats each build and run their request
     thread in all of them. Ours minus the other, halved, is the cost per chat. Timed in this thread's CPU time
     (:func:`~benchmarks.replay.cpu_block`): on a shared machine other processes' turns would swamp a microsecond."""
@@ -268,6 +276,8 @@ def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
     store = next(iter(ours.values())).__self__.store
     minimal = minimal_wrappers(bench, store=store)
     replays = {"ours": WrapperReplay(bench, "ours", responses, wrappers=ours),
+               CURRENT_ONLY: WrapperReplay(bench, CURRENT_ONLY, responses, wrappers={
+                   k: v for k, v in ours.items() if k not in ("Thread.__init__", THREAD_INIT_ENABLED)}),
                UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours)),
                MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal),
                MINIMAL_UNCARRIED: WrapperReplay(bench, MINIMAL_UNCARRIED, responses,
@@ -308,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("|---|---:|---:|")
         for name, value in us.items():
             print(f"| {name} | {value:.1f} | {value / us[FLOOR]:.3f}x |")
-        for with_it, without in (("ours", UNCARRIED), (MINIMAL, MINIMAL_UNCARRIED)):
+        for with_it, without in (("ours", UNCARRIED), (CURRENT_ONLY, UNCARRIED), (MINIMAL, MINIMAL_UNCARRIED)):
             diffs = [(a - b) * 1e6 / 2 for a, b in zip(out[with_it], out[without])]
             est, lo, hi = bootstrap_ci(diffs, trimmed_mean)
             print(f"{with_it}: {est:+.2f} us per chat [{lo:+.2f}, {hi:+.2f}] (95% bootstrap over the paired blocks; "

@@ -285,5 +285,6 @@ def test_the_replay_builds_each_chats_request_thread_under_our_hook(agent_bench:
     assert rp.WrapperReplay(agent_bench, "y", wrappers=uncarried).call()["final_response"] == "done stub"
     assert carried == []
     out = lower_bound.carry_cost(agent_bench, repeats=1, calls=2)
-    assert set(out) == {"ours", lower_bound.UNCARRIED, lower_bound.MINIMAL, lower_bound.MINIMAL_UNCARRIED, "floor"}
+    assert set(out) == {"ours", lower_bound.CURRENT_ONLY, lower_bound.UNCARRIED, lower_bound.MINIMAL,
+                        lower_bound.MINIMAL_UNCARRIED, "floor"}
     assert agent_bench.mode == NONE
