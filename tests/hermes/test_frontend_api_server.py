@@ -34,9 +34,11 @@ proven by ``sb_meet``, a tool waiting at a barrier that every turn's tool calls 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Iterator
 
 import pytest
+from opentelemetry import propagate, trace
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
 from statebackends import Concurrency, available
@@ -275,4 +277,93 @@ def test_a_turn_hangs_under_its_request_span_only_with_threading_instrumentation
         assert tree.root.context.trace_id != request.context.trace_id
     direct, adopted = verdict_of(bench, [bench.truth("one", tools=1)])
     assert (direct if mode == "threading" else adopted).ok, (direct.as_dict(), adopted.as_dict())
+    assert store.live() == 0
+
+
+# -- 5. incoming trace context: a request's traceparent, continued by the aiohttp server instrumentation --------------
+
+
+@pytest.fixture(scope="module")
+def traced_api(api: ApiServer, hermes_bench: HermesBench) -> Iterator[ApiServer]:
+    """A second API server, built while ``opentelemetry-instrumentation-aiohttp-server`` was on (on the bench's
+    provider), as ``opentelemetry-instrument`` builds one: its app carries the instrumentation's middleware, which
+    opens a SERVER span continuing each request's W3C ``traceparent``. (``api`` holds the config.yaml it reads.)"""
+    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+
+    instrumentor = AioHttpServerInstrumentor()
+    instrumentor.instrument(tracer_provider=hermes_bench.provider)
+    module = sys.modules[AioHttpServerInstrumentor.__module__]
+    if getattr(module, "create_instrumented_application", None) is None:
+        # Older releases (the compare set's 0.60b1) ignore tracer_provider: their middleware reads a module-level
+        # tracer made from the global provider when instrument() runs. Point it at the bench's provider.
+        module.tracer = hermes_bench.provider.get_tracer(module.__name__)
+    try:
+        server = ApiServer().start()
+    finally:
+        instrumentor.uninstrument()  # the app built keeps its middleware; later apps are left alone
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def httpx_spans(bench: HermesBench) -> Iterator[None]:
+    """opentelemetry-instrumentation-httpx (Hermes's LLM client) on the bench's provider for the block."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    instrumentor = HTTPXClientInstrumentor()
+    instrumentor.instrument(tracer_provider=bench.provider)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
+
+
+def scope_of(span: Any) -> str:
+    return span.instrumentation_scope.name if span.instrumentation_scope else ""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("mode", MODES)
+def test_an_incoming_traceparent_continues_into_invoke_agent_its_chats_and_the_llm_endpoint(
+    bench: HermesBench, traced_api: ApiServer, mode: str, stream: bool
+) -> None:
+    """A request carrying a ``traceparent`` (the client's span) gets the aiohttp server span under it. With the
+    threading instrumentation (in bootstrap's default set) the turn's ``invoke_agent`` hangs under that server span,
+    and so, through its chats and the LLM's HTTP client spans, does the ``traceparent`` the LLM endpoint receives:
+    one trace from the caller to the LLM. Without it, ``run_in_executor(None, ...)`` drops the context: KNOWN,
+    ``invoke_agent`` starts a trace of its own (whole, and carried to the LLM endpoint), the caller's trace ends at
+    the server span."""
+    store = bench.instrument("invocation_id")
+    bench.reset()
+    traced_api.renew_executor()
+    tag = f"tp{mode[0]}{int(stream)}"
+    with httpx_spans(bench), mode_of(mode), Meeting.hold(1):
+        with bench.tracer.start_as_current_span("client", kind=trace.SpanKind.CLIENT) as client:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            reply = post_chat(traced_api, tag, f"[conv:{tag}] [tools:1] [tool:{MEET_TOOL}] hello", stream=stream,
+                              headers=carrier)
+    assert (reply.status, (reply.content or "").strip()) == (200, f"done {tag}")
+    bench.provider.force_flush()
+    spans = bench.exporter.get_finished_spans()
+    caller = client.get_span_context()
+    (server,) = [s for s in spans if scope_of(s) == "opentelemetry.instrumentation.aiohttp_server"]
+    assert server.kind is trace.SpanKind.SERVER and server.parent is not None
+    assert (server.context.trace_id, server.parent.span_id) == (caller.trace_id, caller.span_id)
+    (tree,), loose = agent_trees(spans)
+    assert loose == [] and {s.context.trace_id for s in tree.spans} == {tree.root.context.trace_id}
+    assert (len(tree.of_kind("chat")), tree.tool_call_ids()) == (2, [f"call_{tag}_1"])
+    if mode == "threading":
+        assert tree.root.parent is not None and tree.root.parent.span_id == server.context.span_id
+        assert tree.root.context.trace_id == caller.trace_id
+    else:  # KNOWN LIMITATION of the API server's executor hop: the caller's trace ends at the server span
+        assert tree.root.parent is None and tree.root.context.trace_id != caller.trace_id
+    # Each LLM request: its HTTP client span under its own chat, and the traceparent the endpoint got names that span.
+    chats = {s.context.span_id for s in tree.of_kind("chat")}
+    posts = [s for s in spans if scope_of(s) == "opentelemetry.instrumentation.httpx" and s.name.startswith("POST")]
+    assert len(posts) == 2 and all(p.parent is not None and p.parent.span_id in chats for p in posts)
+    sent = sorted(tuple(str(header).split("-")[1:3]) for header, _ in bench.server.requests(tag))
+    assert sent == sorted((f"{p.context.trace_id:032x}", f"{p.context.span_id:016x}") for p in posts)
     assert store.live() == 0
