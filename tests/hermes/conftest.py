@@ -7,7 +7,8 @@ from typing import Iterator
 import pytest
 
 from statebackends_hermes_testbed.driver import HermesBench, ensure_hermes_home
-from statebackends_hermes_testbed.hermes_harness import NetGuard, loopback_only, wait_for_delegations
+from statebackends_hermes_testbed.hermes_harness import wait_for_delegations
+from statebackends_hermes_testbed.netguard import _loopback_only, _network_guard  # noqa: F401 - autouse fixtures
 
 ensure_hermes_home()  # Hermes caches home paths when first imported
 
@@ -16,21 +17,6 @@ BACKEND_VARIABLES = (
     "STATEBACKENDS_BACKEND",
     "OTEL_PYTHON_STATE_BACKEND",  # the deprecated alias of STATEBACKENDS_BACKEND
 )
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _network_guard() -> Iterator[NetGuard]:
-    """Refuse, for the whole session, every connection and DNS look-up beyond 127.0.0.1."""
-    with loopback_only() as guard:
-        yield guard
-
-
-@pytest.fixture(autouse=True)
-def _loopback_only(_network_guard: NetGuard) -> Iterator[None]:
-    """Fail any test during which something tried to reach beyond loopback (even if the caller swallowed it)."""
-    before = len(_network_guard.blocked)
-    yield
-    assert _network_guard.blocked[before:] == [], f"attempts beyond loopback: {_network_guard.blocked[before:]}"
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from statebackends_hermes_testbed.driver import ensure_hermes_home
-from statebackends_hermes_testbed.hermes_harness import NetGuard, loopback_only
+from statebackends_hermes_testbed.netguard import _loopback_only, _network_guard  # noqa: F401 - autouse fixtures
 from statebackends_hermes_testbed.phoenix import Phoenix
 
 ensure_hermes_home()  # this process imports Hermes too (the openai-v2 test): never the user's home
@@ -24,20 +24,6 @@ ensure_hermes_home()  # this process imports Hermes too (the openai-v2 test): ne
 REPO = Path(__file__).resolve().parents[2]
 PHOENIX_VARIABLE = "STATEBACKENDS_PHOENIX"
 """Names the ``phoenix`` executable; default: ``.venv-phoenix/bin/phoenix`` in the repository."""
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _network_guard() -> Iterator[NetGuard]:
-    """Refuse, in this process, every connection and DNS look-up beyond 127.0.0.1."""
-    with loopback_only() as guard:
-        yield guard
-
-
-@pytest.fixture(autouse=True)
-def _loopback_only(_network_guard: NetGuard) -> Iterator[None]:
-    before = len(_network_guard.blocked)
-    yield
-    assert _network_guard.blocked[before:] == [], f"attempts beyond loopback: {_network_guard.blocked[before:]}"
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 from opentelemetry import propagate, trace
@@ -123,42 +123,34 @@ def agent_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> Run
     return app_run(phoenix, tmp_path_factory.mktemp("agent"), "agent", AGENT_TURNS, **OPENAI_OFF, **{CAPTURE: "SPAN_ONLY"})
 
 
-def assert_turn_trees(result: Run, tokens: str = "once") -> None:
-    """Each turn one trace: one AGENT span, its LLM spans (one per LLM call) and TOOL spans under it, and the tokens
-    the fake LLM served on the AGENT span and on the trace (``tokens="twice"``: the trace counts them twice)."""
+def assert_turn_trees(phoenix: Phoenix, result: Run, tokens: str = "once") -> None:
+    """Each turn one trace: one AGENT span, its LLM spans (one per LLM call; two with ``tokens="twice"``) and TOOL
+    spans under it; the tokens the fake LLM served on the AGENT span, on our LLM spans, and on Phoenix's trace
+    (``tokens="twice"``: the trace counts them twice)."""
     agents = [s for s in result.spans if s["span_kind"] == "AGENT"]
     assert len(agents) == len(result.turns) == len({s["context"]["trace_id"] for s in agents}), "one trace per turn"
+    factor = 2 if tokens == "twice" else 1
     by_id = {s["context"]["span_id"]: s for s in result.spans}
+    totals = {t["trace_id"]: (t["token_count_prompt"], t["token_count_completion"]) for t in phoenix.traces(result.project)}
     for turn in result.turns:
         agent = result.agent_of(turn)
-        spans = result.of_trace(agent["context"]["trace_id"])
+        trace_id = agent["context"]["trace_id"]
+        spans = result.of_trace(trace_id)
         kinds = Counter(s["span_kind"] for s in spans)
-        calls = 2 if turn.tools else 1
-        assert kinds["AGENT"] == 1 and kinds["TOOL"] == turn.tools
-        assert kinds["LLM"] == calls * (2 if tokens == "twice" else 1)
+        assert (kinds["AGENT"], kinds["TOOL"], kinds["LLM"]) == (1, turn.tools, (2 if turn.tools else 1) * factor), turn
         for span in spans:
             if span["span_kind"] in ("LLM", "TOOL"):
                 assert agent in ancestors(span, by_id), span["name"]
-        served_in, served_out = result.served[turn.tag]
+        served = result.served[turn.tag]
         attributes = agent["attributes"]
-        assert (attributes["llm.token_count.prompt"], attributes["llm.token_count.completion"]) == (served_in, served_out)
+        assert (attributes["llm.token_count.prompt"], attributes["llm.token_count.completion"]) == served
         ours = [s for s in spans if s["span_kind"] == "LLM" and s["attributes"].get("gen_ai.provider.name") == "custom"]
-        assert sum(s["attributes"]["llm.token_count.prompt"] for s in ours) == served_in
-    totals = {}
-    for t in result.extra.get("traces", []):
-        totals[t["trace_id"]] = (t["token_count_prompt"], t["token_count_completion"])
-    factor = 2 if tokens == "twice" else 1
-    for turn in result.turns:
-        trace_id = result.agent_of(turn)["context"]["trace_id"]
-        if trace_id in totals:
-            assert totals[trace_id] == tuple(factor * n for n in result.served[turn.tag]), turn
+        assert sum(s["attributes"]["llm.token_count.prompt"] for s in ours) == served[0]
+        assert totals[trace_id] == (factor * served[0], factor * served[1]), turn
 
 
 def test_each_turn_is_one_trace_with_one_agent_its_llm_and_tool_spans_and_the_tokens(phoenix: Phoenix, agent_run: Run) -> None:
-    agent_run.extra["traces"] = phoenix.traces(agent_run.project)
-    assert_turn_trees(agent_run)
-    assert all(agent_run.agent_of(t)["context"]["trace_id"] in {x["trace_id"] for x in agent_run.extra["traces"]}
-               for t in agent_run.turns)
+    assert_turn_trees(phoenix, agent_run)
 
 
 def test_messages_are_there_when_capture_is_on(agent_run: Run) -> None:
@@ -185,8 +177,7 @@ def test_known_the_stack_as_bootstrap_installs_it_doubles_each_llm_span_and_the_
     Phoenix's token count of the trace is twice what was served (the AGENT span's own count stays right). With
     content capture off (the default), no span carries a message."""
     result = app_run(phoenix, tmp_path, "doubled", [Turn("d1", "sess-d", 1)])
-    result.extra["traces"] = phoenix.traces(result.project)
-    assert_turn_trees(result, tokens="twice")
+    assert_turn_trees(phoenix, result, tokens="twice")
     llm = [s for s in result.spans if s["span_kind"] == "LLM"]
     assert Counter(s["attributes"].get("gen_ai.provider.name") for s in llm) == {"custom": 2, "openai": 2}
     assert [content_keys(s) for s in result.spans if content_keys(s)] == []
@@ -199,7 +190,7 @@ API_TURNS = [Turn("c1", "api-s1", 1), Turn("c2", "api-s1", 2, stream=True), Turn
 
 
 @pytest.fixture(scope="module")
-def api_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def api_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The fake LLM (WSGI, traced) and Hermes's API server, each under ``opentelemetry-instrument`` in a process of its
     own; this process sends each turn under a CLIENT span of its own SDK provider. All three export to Phoenix."""
     home = tmp_path_factory.mktemp("api")
@@ -238,14 +229,13 @@ def api_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> Itera
     result = Run(project, API_TURNS, served, extra={"clients": clients, "api_port": server["port"],
                                                      "llm_port": int(llm_url.rsplit(":", 1)[1].split("/")[0])})
     result.spans = phoenix.wait_for_spans(project, agent_count(len(API_TURNS)))
-    yield result
+    return result
 
 
 def test_api_server_turns_are_one_trace_each_with_their_tokens_and_no_content_by_default(
     phoenix: Phoenix, api_run: Run
 ) -> None:
-    api_run.extra["traces"] = phoenix.traces(api_run.project)
-    assert_turn_trees(api_run)
+    assert_turn_trees(phoenix, api_run)
     assert [content_keys(s) for s in api_run.spans if content_keys(s)] == []
     sessions = {s["session_id"]: len(s["traces"]) for s in phoenix.sessions(api_run.project)}
     assert sessions == {"api-s1": 2, "api-s2": 1}

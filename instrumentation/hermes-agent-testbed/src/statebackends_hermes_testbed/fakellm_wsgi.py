@@ -23,7 +23,6 @@ import argparse
 import http
 import json
 import signal
-import sys
 import threading
 import time
 from socketserver import ThreadingMixIn
