@@ -29,7 +29,7 @@ from typing import Iterator
 import pytest
 
 from statebackends_hermes_testbed.fakellm import FakeLLMServer
-from statebackends_hermes_testbed.langfuse_plugin import ExportedSpan, OTLPSink
+from statebackends_hermes_testbed.otlp import ExportedSpan, OTLPSink
 
 from statebackends_hermes_testbed.processes import BIN, INSTRUMENT, clean_environment, last_json, run
 
@@ -63,7 +63,7 @@ def llm() -> Iterator[FakeLLMServer]:
 
 @pytest.fixture
 def sink() -> Iterator[OTLPSink]:
-    receiver = OTLPSink("/v1/traces").start()
+    receiver = OTLPSink().start()
     try:
         yield receiver
     finally:
