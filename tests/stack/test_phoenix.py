@@ -220,13 +220,14 @@ def api_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> Run:
                 clients[turn.tag] = span
         assert api.stop() == 0, api.stderr[-3000:]
         assert llm.stop() == 0, llm.stderr[-3000:]
-        served = {tag: (rec["input_tokens"], rec["output_tokens"]) for tag, rec in last_json(llm.stdout)["served"].items()}
+        records = last_json(llm.stdout)["served"]
+        served = {tag: (rec["input_tokens"], rec["output_tokens"]) for tag, rec in records.items()}
     finally:
         for service in (api, llm):
             if service is not None:
                 service.stop()
         provider.shutdown()
-    result = Run(project, API_TURNS, served, extra={"clients": clients, "api_port": server["port"],
+    result = Run(project, API_TURNS, served, extra={"clients": clients, "api_port": server["port"], "records": records,
                                                      "llm_port": int(llm_url.rsplit(":", 1)[1].split("/")[0])})
     result.spans = phoenix.wait_for_spans(project, agent_count(len(API_TURNS)))
     return result
@@ -261,3 +262,7 @@ def test_one_trace_across_three_processes_client_server_agent_chat_http_llm(api_
             (served,) = [s for s in spans if s["parent_id"] == http["context"]["span_id"]]
             assert served["attributes"]["net.host.port"] == api_run.extra["llm_port"]  # the LLM's process
             assert served["attributes"]["http.url"].endswith("/v1/chat/completions")
+        # What the LLM's process itself received: one traceparent per chat, naming that chat's HTTP span.
+        received = sorted(tuple(str(h).split("-")[1:3]) for h in api_run.extra["records"][turn.tag]["traceparents"])
+        posts = [s for s in spans for c in chats if s["parent_id"] == c["context"]["span_id"]]
+        assert received == sorted((trace_id, p["context"]["span_id"]) for p in posts)

@@ -66,7 +66,7 @@ class FakeLLMApp:
             request = json.loads(environ["wsgi.input"].read(size) or b"{}")
         except ValueError:
             return answer("400 Bad Request", {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
-        reply = self.script.plan(request)
+        reply = self.script.plan(request, environ.get("HTTP_TRACEPARENT"))
         if reply.delay_ms:
             time.sleep(reply.delay_ms / 1000.0)
         if reply.error is not None:
@@ -129,9 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def records(script: Script) -> dict[str, Any]:
-    """What ``script`` served, per conversation tag: response ids and token sums (the truth a test judges by)."""
+    """What ``script`` served, per conversation tag: response ids, token sums and the ``traceparent`` of each chat
+    request (the truth a test judges by)."""
     return {"served": {tag: {"response_ids": [e.response_id for e in script.log(tag)],
-                             "input_tokens": script.totals(tag)[0], "output_tokens": script.totals(tag)[1]}
+                             "input_tokens": script.totals(tag)[0], "output_tokens": script.totals(tag)[1],
+                             "traceparents": [header for header, _ in script.requests(tag)]}
                        for tag in script.tags()}}
 
 
