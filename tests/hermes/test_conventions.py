@@ -285,7 +285,31 @@ def test_capture_mode_vocabulary() -> None:
         "span_and_event": genai.CaptureMode.SPAN_AND_EVENT,
         "TRUE": genai.CaptureMode.SPAN_ONLY,
     }
-    assert genai.capture_mode({ENV_CAPTURE: "false"}) is genai.CaptureMode.NO_CONTENT  # not a mode: warns, nothing
+    assert genai.capture_mode({ENV_CAPTURE: "false"}) is genai.CaptureMode.NO_CONTENT
+
+
+@pytest.mark.parametrize("value", ["false", "False", "FALSE", " false "])
+def test_false_captures_nothing_without_a_warning(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    """openai-v2 documents true/false for this variable: false is NO_CONTENT here too, and is not a bad value."""
+    monkeypatch.setattr(genai, "_warned", set())  # a value warned about earlier in the process warns no more
+    with caplog.at_level(logging.WARNING, logger="statebackends_hermes_agent"):
+        _with_mode(tel, monkeypatch, value)
+        tel.run(tel.bench.agent(), "cv-false")
+    assert [r.getMessage() for r in caplog.records if ENV_CAPTURE in r.getMessage()] == []
+    assert len(tel.spans.get_finished_spans()) == 6
+    assert not [(s.name, k) for s in tel.spans.get_finished_spans() for k in CONTENT_KEYS if k in s.attributes]
+    assert tel.events() == []
+
+
+@pytest.mark.parametrize("opt_in", ["", "gen_ai_latest_experimental", "gen_ai", "http,gen_ai_latest_experimental"])
+def test_the_capture_modes_do_not_depend_on_the_semconv_stability_opt_in(opt_in: str) -> None:
+    """Ours has only ever emitted the conventions the mode names belong to, so it takes them whatever
+    OTEL_SEMCONV_STABILITY_OPT_IN says (util-genai before 1.x honoured them only under gen_ai_latest_experimental)."""
+    for value, mode in (("span_and_event", genai.CaptureMode.SPAN_AND_EVENT), ("EVENT_ONLY", genai.CaptureMode.EVENT_ONLY),
+                        ("", genai.CaptureMode.NO_CONTENT), ("true", genai.CaptureMode.SPAN_ONLY)):
+        assert genai.capture_mode({ENV_CAPTURE: value, "OTEL_SEMCONV_STABILITY_OPT_IN": opt_in}) is mode
 
 
 # -- a failed run ---------------------------------------------------------------------------------------------

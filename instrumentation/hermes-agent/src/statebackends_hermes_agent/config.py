@@ -24,7 +24,8 @@ _DEPRECATED_LIBRARY_STATE_BACKEND = "OTEL_PYTHON_STATE_BACKEND"
 """The library's old variable name, still honoured by ``store_from_config`` as an alias."""
 
 ENV_CAPTURE_CONTENT = genai.ENV_CAPTURE_CONTENT
-"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT`` (any case) or ``true`` (``SPAN_ONLY``)."""
+"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT`` (any case), ``true`` (``SPAN_ONLY``) or
+``false`` (``NO_CONTENT``)."""
 
 STATE_BACKEND_ENV_VARS = (ENV_HERMES_STATE_BACKEND, ENV_LIBRARY_STATE_BACKEND)
 

@@ -26,7 +26,8 @@ from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 _logger = logging.getLogger(__name__)
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means ``SPAN_ONLY``."""
+"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means ``SPAN_ONLY``
+and ``false`` ``NO_CONTENT`` (the two values ``opentelemetry-instrumentation-openai-v2`` documents)."""
 
 SEMCONV_VERSION = "1.37.0"
 """The semantic-conventions release this instrumentation follows: its attribute names (``gen_ai.provider.name``,
@@ -57,7 +58,9 @@ class CaptureMode(enum.Enum):
         return self in (CaptureMode.EVENT_ONLY, CaptureMode.SPAN_AND_EVENT)
 
 
-_ALIASES = {"TRUE": CaptureMode.SPAN_ONLY}
+_ALIASES = {"TRUE": CaptureMode.SPAN_ONLY, "FALSE": CaptureMode.NO_CONTENT}
+"""openai-v2's boolean spellings (any case; it reads ``true`` as on and anything else as off), so a variable set for it
+beside ours means the same here, without a warning."""
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -65,9 +68,10 @@ _warned_lock = threading.Lock()
 def capture_mode(environ: Optional[Mapping[str, str]] = None) -> CaptureMode:
     """The capture mode that ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` names; never raises.
 
-    Unset means ``NO_CONTENT``; ``true`` is an alias of ``SPAN_ONLY``; any other value logs one
-    warning (once per distinct value in the process) naming the value and the valid ones, and
-    captures nothing.
+    Unset means ``NO_CONTENT``; ``true`` is an alias of ``SPAN_ONLY`` and ``false`` of ``NO_CONTENT`` (any case);
+    any other value logs one warning (once per distinct value in the process) naming the value and the valid ones,
+    and captures nothing. ``OTEL_SEMCONV_STABILITY_OPT_IN`` is not read: this instrumentation has only ever emitted
+    the conventions these names belong to (see the README).
     """
     raw = (os.environ if environ is None else environ).get(ENV_CAPTURE_CONTENT, "").strip()
     if not raw:
@@ -82,7 +86,7 @@ def capture_mode(environ: Optional[Mapping[str, str]] = None) -> CaptureMode:
         _warned.add(raw)
     if first:
         _logger.warning(
-            "%s=%r is not a valid content capture mode; valid: %s (or true); capturing no content",
+            "%s=%r is not a valid content capture mode; valid: %s (or true, false); capturing no content",
             ENV_CAPTURE_CONTENT, raw, ", ".join(CaptureMode.__members__),
         )
     return CaptureMode.NO_CONTENT
