@@ -197,18 +197,12 @@ def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
     Ours and the minimal wrappers share one store, so a swap changes only the Python of that path; ours minus
     ``minimal <path>`` is what that path costs beyond the minimum.
     """
-    from .replay import _installed_wrappers
+    from .replay import installed_ours
 
     responses = replay_responses(bench)
     bench.record_plan()
-    previous = bench.mode
-    bench.set_mode("invocation_id")
-    try:
-        ours = _installed_wrappers()
-    finally:
-        bench.set_mode(previous)
-    store = next(iter(ours.values())).__self__.store
-    minimal = minimal_wrappers(bench, store=store)
+    ours, telemetry = installed_ours(bench)
+    minimal = minimal_wrappers(bench, store=telemetry.store)
     variants = {"ours": ours, MINIMAL: minimal}
     for path, names in PATHS.items():
         variants[f"{MINIMAL} {path}"] = {**ours, **{name: minimal[name] for name in names}}
@@ -232,15 +226,13 @@ MINIMAL_UNCARRIED = "minimal, chat not current"
 """The label of the minimal wrappers without making the chat current or carrying it (:func:`carry_cost`)."""
 
 
-def uncarried_wrappers(ours: Dict[str, Any]) -> Dict[str, Any]:
+def uncarried_wrappers(ours: Dict[str, Any], telemetry: Any) -> Dict[str, Any]:
     """``ours`` with the chat wrapper of the release before: the chat span is started and ended, never made current,
     and nothing is carried into the request thread (no hook on ``threading.Thread.__init__``); the suppression check
     of this release is kept, so that only making the chat current and carrying it differ."""
     from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
     from statebackends_hermes_agent.wrappers import _call
-
-    telemetry = ours["_interruptible_api_call"].__self__
 
     def api_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not is_instrumentation_enabled():
@@ -261,24 +253,19 @@ def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dic
     (what it costs with nothing around it), and of the floor; the stub's two chats each build and run their request
     thread in all of them. Ours minus the other, halved, is the cost per chat. Timed in this thread's CPU time
     (:func:`~benchmarks.replay.cpu_block`): on a shared machine other processes' turns would swamp a microsecond."""
-    from .replay import _installed_wrappers, cpu_block
+    from .replay import cpu_block, installed_ours
 
     responses = replay_responses(bench)
     bench.record_plan()
-    previous = bench.mode
-    bench.set_mode("invocation_id")
-    try:
-        ours = _installed_wrappers()
-    finally:
-        bench.set_mode(previous)
+    ours, telemetry = installed_ours(bench)
     if "Thread.__init__" not in ours:
         raise RuntimeError("our instrumentation installed no hook on threading.Thread.__init__")
-    store = next(iter(ours.values())).__self__.store
+    store = telemetry.store
     minimal = minimal_wrappers(bench, store=store)
     replays = {"ours": WrapperReplay(bench, "ours", responses, wrappers=ours),
                CURRENT_ONLY: WrapperReplay(bench, CURRENT_ONLY, responses, wrappers={
                    k: v for k, v in ours.items() if k not in ("Thread.__init__", THREAD_INIT_ENABLED)}),
-               UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours)),
+               UNCARRIED: WrapperReplay(bench, UNCARRIED, responses, wrappers=uncarried_wrappers(ours, telemetry)),
                MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal),
                MINIMAL_UNCARRIED: WrapperReplay(bench, MINIMAL_UNCARRIED, responses,
                                                 wrappers=minimal_wrappers(bench, store=store, carry=False))}

@@ -54,6 +54,29 @@ def _installed_wrappers() -> Dict[str, Any]:
     return found
 
 
+def _switch_of(bench: AgentBench) -> Any:
+    """The switch of our instrumentor's installed wrappers (their ``HermesWrappers``), None when it is not active."""
+    ours = bench.instrumentors.ours
+    return getattr(ours, "_wrappers", None) if ours.is_instrumented_by_opentelemetry else None
+
+
+def installed_ours(bench: AgentBench, mode: str = "invocation_id", provider: Any = None) -> Tuple[Dict[str, Any], Any]:
+    """The wrappers our instrumentor installs in ``mode`` (by target name; on ``provider``, default the bench's), kept
+    tracing after ``bench`` went back to its mode, and the
+    :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry` they close over."""
+    previous = bench.mode
+    bench.set_mode(mode, provider)
+    try:
+        installed = _installed_wrappers()
+        switch = _switch_of(bench)
+    finally:
+        bench.set_mode(previous)
+    if switch is None:
+        raise RuntimeError(f"{mode}: our instrumentor installed no wrappers")
+    switch.active = True
+    return installed, switch.telemetry
+
+
 class WrapperReplay:
     """An instrumentation's own cost per call, without Hermes's 8 ms of noisy work around it.
 
@@ -96,14 +119,13 @@ class WrapperReplay:
             try:
                 installed = _installed_wrappers()
                 self.store = bench.store
+                ours = _switch_of(bench)
             finally:
                 bench.set_mode(previous)
-        for wrapper in installed.values():
-            # Our wrappers pass calls through once their instrumentor is uninstrumented (set_mode above did):
-            # these ones, taken out of the classes, run here as they ran while installed.
-            owner = getattr(wrapper, "__self__", None)
-            if getattr(owner, "active", None) is False:
-                owner.active = True
+            if ours is not None:
+                # Our wrappers pass calls through once their instrumentor is uninstrumented (set_mode above did):
+                # these ones, taken out of the classes, run here as they ran while installed.
+                ours.active = True
         missing = [name for _, _, name in _STUB_TARGETS if name not in installed]
         if missing:
             raise RuntimeError(f"{mode}: no wrapper installed on {missing}")

@@ -235,11 +235,8 @@ def test_lower_bound_wrappers_make_our_span_tree(agent_bench: Any) -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     minimal = spans_of(lower_bound.minimal_wrappers(agent_bench, provider), exporter)
     recorder = Recorder("test.lower_bound")
-    agent_bench.set_mode("invocation_id", recorder.provider)
-    try:
-        installed = rp._installed_wrappers()
-    finally:
-        agent_bench.set_mode(NONE)
+    installed, _ = rp.installed_ours(agent_bench, "invocation_id", recorder.provider)
+    assert agent_bench.mode == NONE
     ours = spans_of(installed, recorder.exporter)
     assert len(ours) == SPANS_PER_CALL and minimal == ours
 
@@ -272,16 +269,12 @@ def test_the_replay_builds_each_chats_request_thread_under_our_hook(agent_bench:
         return real(thread, context)
 
     monkeypatch.setattr(hermes_wrappers, "_run_carried", spy)
-    agent_bench.set_mode("invocation_id")
-    try:
-        ours = rp._installed_wrappers()
-    finally:
-        agent_bench.set_mode(NONE)
+    ours, telemetry = rp.installed_ours(agent_bench)
     assert "Thread.__init__" in ours
     assert rp.WrapperReplay(agent_bench, "x", wrappers=ours).call()["final_response"] == "done stub"
     assert carried == ["chat fake-model", "chat fake-model"]
     carried.clear()
-    uncarried = lower_bound.uncarried_wrappers(ours)
+    uncarried = lower_bound.uncarried_wrappers(ours, telemetry)
     assert rp.WrapperReplay(agent_bench, "y", wrappers=uncarried).call()["final_response"] == "done stub"
     assert carried == []
     out = lower_bound.carry_cost(agent_bench, repeats=1, calls=2)

@@ -161,7 +161,7 @@ def test_the_threading_instrumentation_carries_the_context_alone(
 def _ours_on_thread_init(bench: HermesBench) -> bool:
     init = vars(threading.Thread)["__init__"]
     while isinstance(init, wrapt.FunctionWrapper):
-        if getattr(init._self_wrapper, "__self__", None) is bench.instrumentor._wrappers:
+        if bench.instrumentor._wrappers is not None and init._self_wrapper in bench.instrumentor._wrappers.callables:
             return True
         init = init.__wrapped__
     return False

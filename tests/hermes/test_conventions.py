@@ -174,7 +174,7 @@ def test_capturing_nothing_builds_no_message(tel: Telemetry, monkeypatch: pytest
         real = getattr(genai, name)
         monkeypatch.setattr(genai, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
     _with_mode(tel, monkeypatch, "NO_CONTENT")
-    assert tel.bench.instrumentor.telemetry._event_logger is None
+    assert tel.bench.instrumentor.telemetry.components.event_logger is None
     tel.run(tel.bench.agent(), "cv-free")
     tel.run(tel.bench.agent(streaming=True), "cv-free-s")
     assert len(tel.spans.get_finished_spans()) == 12

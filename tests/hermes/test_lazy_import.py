@@ -41,7 +41,7 @@ PROBE = textwrap.dedent(
         "imported_before": imported_before,
         "skills_home": str(tools.skills_tool.HERMES_HOME),
         "checkpoint_path": str(tools.process_registry.CHECKPOINT_PATH),
-        "ours_on_run_conversation": type(getattr(wrapper, "__self__", None)).__name__ == "HermesWrappers",
+        "ours_on_run_conversation": getattr(wrapper, "__module__", None) == "statebackends_hermes_agent.wrappers",
         "blocked": [list(b) for b in guard.blocked],
     }))
     """
@@ -96,7 +96,6 @@ HOOKS = textwrap.dedent(
     from wrapt import importer
     import statebackends_hermes_agent as sha
     from statebackends_hermes_agent import HermesAgentInstrumentor
-    from statebackends_hermes_agent.wrappers import HermesWrappers
 
     TARGETS = [(m, n) for m, n, _ in sha._WRAPPED]
 
@@ -107,7 +106,7 @@ HOOKS = textwrap.dedent(
             owner = getattr(owner, part)
         node, count = vars(owner)[attribute], 0
         while hasattr(node, "_self_wrapper"):
-            count += isinstance(getattr(node._self_wrapper, "__self__", None), HermesWrappers)
+            count += getattr(node._self_wrapper, "__module__", None) == "statebackends_hermes_agent.wrappers"
             node = node.__wrapped__
         return count
 

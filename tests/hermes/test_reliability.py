@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -72,13 +73,20 @@ class _Gate:
 
 
 _gate = _Gate()
+_task_ids_seen: list[Any] = []
+
+
+def _sb_task_id(args: dict[str, Any], **kwargs: Any) -> str:
+    """Records the task id Hermes's tool dispatch hands the tool."""
+    _task_ids_seen.append(kwargs.get("task_id"))
+    return str(args.get("text", ""))
 
 
 def _register_tools() -> None:
     from tools.registry import registry
 
     register_bench_tools()
-    for name, handler in (("sb_interrupt", _sb_interrupt), ("sb_gate", _gate)):
+    for name, handler in (("sb_interrupt", _sb_interrupt), ("sb_gate", _gate), ("sb_task_id", _sb_task_id)):
         entry = registry.get_entry(name)
         if entry is None or entry.handler is not handler:
             registry.register(
@@ -249,8 +257,9 @@ def test_raising_processor_on_every_span_kind_at_once(bench: HermesBench, hermes
     telemetry = instrumented(bench, processor)
     got = outcome(lambda: bench.call(hermes, f"all-{where}", "[tools:2] [tool_ms:5]"))
     same_outcome(reference, got)
-    # on_start: the agent span, the step before each chat (its failure skips that chat span), each tool; on_end: all 7
-    assert processor.raised == (5 if where == "on_start" else 7)
+    # Every one of the 7 spans raises once: a failed on_start (the span is lost to us) does not stop the spans under
+    # it from being started (each chat under invoke_agent when its step failed, each tool likewise).
+    assert processor.raised == 7
     assert telemetry.store.live() == 0
 
 
@@ -697,9 +706,10 @@ def test_an_unreadable_result_still_ends_the_open_step_and_completes_the_turn(re
 def test_a_react_step_whose_context_cannot_be_made_is_not_left_half_open(
     monkeypatch: pytest.MonkeyPatch, raised: BaseException
 ) -> None:
-    """The step span starts but its context cannot be made: that step span is ended at once, the state names no
-    step (so the next chat opens one, round 1, and hangs under it, not under invoke_agent), an Exception costs only
-    that chat's span and a KeyboardInterrupt passes; nothing is left open and the store is empty."""
+    """The step span starts but its context cannot be made: that step span is ended at once and the state names no
+    step. An Exception costs only the step: its chat hangs under invoke_agent, and the next chat opens a step (round
+    1, the failed one counted no round). A KeyboardInterrupt passes and the chat is not started. Nothing is left open
+    and the store is empty."""
     from types import SimpleNamespace
 
     from statebackends_hermes_agent import lifecycle
@@ -711,10 +721,14 @@ def test_a_react_step_whose_context_cannot_be_made_is_not_left_half_open(
     store = ContextVarStore(InvocationState)
     telemetry = HermesTelemetry(provider.get_tracer("test"), store)
     owner = _Owner()
-    final = SimpleNamespace(
-        id="chatcmpl-2", model="fake-model", usage=SimpleNamespace(prompt_tokens=7, completion_tokens=3),
-        choices=[SimpleNamespace(finish_reason="stop", message=SimpleNamespace(content="hi", tool_calls=None))],
-    )
+
+    def answer(reason: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            id="chatcmpl-2", model="fake-model", usage=SimpleNamespace(prompt_tokens=7, completion_tokens=3),
+            choices=[SimpleNamespace(finish_reason=reason, message=SimpleNamespace(
+                content="hi", tool_calls=[object()] if reason == "tool_calls" else None))],
+        )
+
     real = lifecycle._set_span_in_context
     broken = {"once": True}
 
@@ -727,20 +741,27 @@ def test_a_react_step_whose_context_cannot_be_made_is_not_left_half_open(
     monkeypatch.setattr(lifecycle, "_set_span_in_context", set_span_in_context)
     invocation = telemetry.start_invocation(owner)
     if isinstance(raised, Exception):
-        assert telemetry.start_chat(owner, {"model": "fake-model"}).span is None
+        first = telemetry.start_chat(owner, {"model": "fake-model"})
+        assert first.span is not None, "the chat is started all the same"
+        first.stop(answer("tool_calls"))
     else:
         with pytest.raises(KeyboardInterrupt):
             telemetry.start_chat(owner, {"model": "fake-model"})
-    telemetry.start_chat(owner, {"model": "fake-model"}).stop(final)
+    telemetry.start_chat(owner, {"model": "fake-model"}).stop(answer("stop"))
     invocation.stop({"final_response": "hi"})
     assert store.live() == 0
     spans = exporter.get_finished_spans()
+    (agent,) = [s for s in spans if s.name.startswith("invoke_agent")]
     steps = [s for s in spans if s.name == "react step"]
-    (chat,) = [s for s in spans if s.name.startswith("chat ")]
+    chats = [s for s in spans if s.name.startswith("chat ")]
     assert len(steps) == 2, "the step whose context failed is ended too"
-    (opened,) = [s for s in steps if s.context.span_id == chat.parent.span_id]
-    assert opened.attributes["gen_ai.react.round"] == 1, "the failed step counted no round"
-    assert sorted(s.attributes["gen_ai.react.round"] for s in steps) == [1, 1]
+    assert sorted(s.attributes["gen_ai.react.round"] for s in steps) == [1, 1], "the failed step counted no round"
+    assert len(chats) == (2 if isinstance(raised, Exception) else 1)
+    opened = [s for s in steps if any(c.parent.span_id == s.context.span_id for c in chats)]
+    assert len(opened) == 1 and opened[0].attributes["gen_ai.react.round"] == 1
+    if isinstance(raised, Exception):
+        assert chats[0].parent.span_id == agent.context.span_id, "the first chat hangs under invoke_agent"
+        assert agent.attributes["gen_ai.usage.input_tokens"] == 14, "both chats' tokens count"
 
 
 def test_async_stub_agent_goes_through_the_public_lifecycle(bench: HermesBench) -> None:
@@ -750,7 +771,7 @@ def test_async_stub_agent_goes_through_the_public_lifecycle(bench: HermesBench) 
     from statebackends_hermes_testbed.stub_agent import AsyncStubAgent
 
     telemetry = instrumented(bench, RaisingProcessor("on_end", "execute_tool"), backend="contextvar")
-    assert bench.instrumentor.telemetry is bench.instrumentor._wrappers, "one lifecycle, the one the wrappers use"
+    assert bench.instrumentor.telemetry is bench.instrumentor._wrappers.telemetry, "one lifecycle, the wrappers' own"
     stub = AsyncStubAgent(lambda: bench.instrumentor.telemetry, bench.server.script)
 
     async def main() -> list[Any]:
@@ -777,6 +798,7 @@ def test_subagent_sees_the_context_variables_its_worker_set(backend: str) -> Non
 
     from statebackends import get_store
     from statebackends_hermes_agent.state import InvocationState
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
     from statebackends_hermes_agent.wrappers import HermesWrappers
 
     class Child:
@@ -786,11 +808,11 @@ def test_subagent_sees_the_context_variables_its_worker_set(backend: str) -> Non
                          task_id: Any = None) -> dict:
         return {"final_response": _WORKER_VALUE.get()}
 
-    wrappers = HermesWrappers(TracerProvider().get_tracer("t"), get_store(backend, InvocationState))
+    wrappers = HermesWrappers(HermesTelemetry(TracerProvider().get_tracer("t"), get_store(backend, InvocationState)))
     child = Child()
     token = _WORKER_VALUE.set("parent-tool-thread")
     try:
-        wrappers.prepare_subagent(child)  # what the build_child_agent wrapper does in the parent's tool thread
+        wrappers.telemetry.prepare_subagent(child)  # what the build_child_agent wrapper does in the parent's tool thread
     finally:
         _WORKER_VALUE.reset(token)
     seen: dict[str, Any] = {}
@@ -803,4 +825,423 @@ def test_subagent_sees_the_context_variables_its_worker_set(backend: str) -> Non
     thread.start()
     thread.join(30)
     assert seen["result"] == {"final_response": "child-worker"}
-    assert wrappers.store.live() == 0
+    assert wrappers.telemetry.store.live() == 0
+
+
+# -- issue 17: never break the agent, by construction ----------------------------------------------------------------
+
+
+class RaisingHandler(logging.Handler):
+    """A log handler whose ``emit`` raises (as a broken log shipper does): the logging call itself raises."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.raised = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.raised += 1
+        raise ProcessorBoom(f"log handler broken ({record.name})")
+
+
+def _otel_log_bridge() -> tuple[logging.Handler, RaisingLogProcessor]:
+    """OpenTelemetry's log bridge (``LoggingHandler``) whose log record processor raises on every record."""
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+
+    processor = RaisingLogProcessor()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(processor)  # type: ignore[arg-type]  # a duck-typed processor
+    return LoggingHandler(level=logging.WARNING, logger_provider=provider), processor
+
+
+@pytest.mark.parametrize("handler", ["root_handler", "otel_log_bridge"])
+@pytest.mark.parametrize("kind", ["invoke_agent", "chat", "execute_tool"])
+def test_a_raising_log_handler_never_turns_a_contained_telemetry_error_into_the_agents(
+    bench: HermesBench, hermes: Any, kind: str, handler: str
+) -> None:
+    """Issue 17, finding 1 (failed on dff20c4): a span processor raising in ``on_end`` is contained and logged; a log
+    handler that raises (a raising root handler at WARNING, OpenTelemetry's ``LoggingHandler`` whose processor raises)
+    must not turn that log record into the agent's exception. The same handler alone, uninstrumented, leaves Hermes
+    unaffected (the reference outcome is taken with it installed)."""
+    if handler == "root_handler":
+        installed: logging.Handler = RaisingHandler()
+        raised = lambda: installed.raised  # noqa: E731
+    else:
+        installed, log_processor = _otel_log_bridge()
+        raised = lambda: log_processor.raised  # noqa: E731
+    root = logging.getLogger()
+    tag = f"lh-{handler}-{kind}"
+    root.addHandler(installed)  # around the calls only (an SDK may log at set-up too: not the agent's call path)
+    try:
+        reference = outcome(lambda: bench.call(hermes, tag, "[tools:1]"))
+    finally:
+        root.removeHandler(installed)
+    assert reference[0] == "returned", reference
+    bench.server.reset()
+    processor = RaisingProcessor("on_end", KINDS[kind])
+    telemetry = instrumented(bench, processor)
+    root.addHandler(installed)
+    try:
+        got = outcome(lambda: bench.call(hermes, tag, "[tools:1]"))
+    finally:
+        root.removeHandler(installed)
+    same_outcome(reference, got)
+    assert processor.raised > 0 and raised() > 0, "the processor raised and the handler raised on its log record"
+    assert telemetry.store.live() == 0
+
+
+class TelemetryExit(BaseException):
+    """A ``BaseException`` that is not an ``Exception`` (nor a ``KeyboardInterrupt``), raised by the telemetry."""
+
+
+class BaseRaisingProcessor(SpanProcessor):
+    """Raises ``exc_type`` in ``on_start`` or ``on_end`` for the spans whose name starts with ``prefix``."""
+
+    def __init__(self, where: str, prefix: str, exc_type: type[BaseException]) -> None:
+        self.where, self.prefix, self.exc_type, self.raised = where, prefix, exc_type, 0
+
+    def _maybe(self, where: str, span: Any) -> None:
+        if self.where == where and span.name.startswith(self.prefix):
+            self.raised += 1
+            raise self.exc_type(f"{where} of {span.name}")
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        self._maybe("on_start", span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._maybe("on_end", span)
+
+
+@pytest.mark.parametrize("exc_type", [GeneratorExit, TelemetryExit], ids=["GeneratorExit", "custom_BaseException"])
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_base_exception_from_a_span_processor_is_never_the_agents(
+    bench: HermesBench, hermes: Any, kind: str, where: str, exc_type: type[BaseException]
+) -> None:
+    """Issue 17, finding 2 (failed on dff20c4): ``GeneratorExit`` or a custom ``BaseException`` raised by a span
+    processor, for any span kind, changes nothing the agent returns, not even its tool results ("thread did not
+    return a result"): only ``KeyboardInterrupt`` is let through."""
+    tag = f"be-{kind}-{where}-{exc_type.__name__}"
+    reference = outcome(lambda: bench.call(hermes, tag, "[tools:2] [tool_ms:5]"))
+    bench.server.reset()
+    processor = BaseRaisingProcessor(where, KINDS[kind], exc_type)
+    telemetry = instrumented(bench, processor)
+    got = outcome(lambda: bench.call(hermes, tag, "[tools:2] [tool_ms:5]"))
+    same_outcome(reference, got)
+    assert got[1]["tools"] == [f"{tag}-1", f"{tag}-2"] and processor.raised > 0
+    assert telemetry.store.live() == 0
+
+
+class BaseRaisingStore(ContextVarStore):
+    """A ``contextvar`` store whose ``method`` raises a ``BaseException`` that is not an ``Exception``."""
+
+    name = "base-raising"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(InvocationState)
+        self.method, self.raised = method, 0
+
+    def _boom(self, method: str) -> None:
+        if method == self.method:
+            self.raised += 1
+            raise TelemetryExit(f"{method} is broken")
+
+    def begin(self, owner: Any, invocation_id: Any = None) -> Any:
+        self._boom("begin")
+        return super().begin(owner, invocation_id)
+
+    def current(self, owner: Any = None, invocation_id: Any = None) -> Any:
+        self._boom("current")
+        return super().current(owner, invocation_id)
+
+    def end(self, scope: Any) -> None:
+        super().end(scope)
+        self._boom("end")
+
+
+@pytest.mark.parametrize("method", ["begin", "current", "end"])
+def test_a_base_exception_from_the_store_is_never_the_agents(bench: HermesBench, hermes: Any, method: str) -> None:
+    """Issue 17, finding 2 (failed on dff20c4): a store raising a ``BaseException`` that is not an ``Exception``."""
+    tag = f"bs-{method}"
+    reference = outcome(lambda: bench.call(hermes, tag, "[tools:2] [tool_ms:5]"))
+    bench.server.reset()
+    store = BaseRaisingStore(method)
+    instrumented(bench, backend=store)
+    got = outcome(lambda: bench.call(hermes, tag, "[tools:2] [tool_ms:5]"))
+    same_outcome(reference, got)
+    assert store.raised > 0 and store.live() == 0
+
+
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+def test_a_keyboard_interrupt_from_the_telemetry_is_let_through_after_cleaning_up(where: str) -> None:
+    """The one exception the boundary lets through: a ``KeyboardInterrupt`` raised by a span processor leaves the
+    lifecycle, after every span that reached us is ended and the state is released."""
+    from types import SimpleNamespace
+
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    recorder = Recorder()
+    provider.add_span_processor(recorder)
+    provider.add_span_processor(BaseRaisingProcessor(where, "chat ", KeyboardInterrupt))
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(provider.get_tracer("test"), store)
+    owner = _Owner()
+    final = SimpleNamespace(id="chatcmpl-1", model="m", usage=SimpleNamespace(prompt_tokens=1, completion_tokens=1),
+                            choices=[SimpleNamespace(finish_reason="stop", message=SimpleNamespace(tool_calls=None))])
+    invocation = telemetry.start_invocation(owner)
+    with pytest.raises(KeyboardInterrupt):
+        telemetry.start_chat(owner, {"model": "m"}).stop(final)
+    invocation.stop({"final_response": "x"})
+    assert store.live() == 0 and store.current(owner) is None
+    chats = [s for s in recorder.started if s.name.startswith("chat ")]
+    assert len(chats) == 1
+    assert (chats[0].end_time is not None) == (where == "on_end"), "ended, unless its start never reached us"
+    assert all(s.end_time is not None for s in recorder.started if not s.name.startswith("chat ")), "the rest ended"
+
+
+def test_a_span_whose_on_start_raised_costs_only_that_span(bench: HermesBench, hermes: Any) -> None:
+    """Issue 17, finding 3 (failed on dff20c4): a processor raising in ``on_start`` of the agent span and of the chat
+    spans. The SDK raises before it hands the span back, so those spans never reach us and can never be ended: a
+    processor registered before the raising one (an open-span tracker) keeps them open forever, the ones after it
+    and every exporter never see them (asserted as the known-bad part). What can be done is done: the call keeps its
+    state, and its steps and tools are exported, hanging under the caller's span."""
+    from statebackends_hermes_testbed.traces import OpenSpanTracker
+
+    tracker = OpenSpanTracker()
+    raising = RaisingProcessor("on_start", "")
+    raising.prefix = ("invoke_agent", "chat ")  # type: ignore[assignment]  # str.startswith takes a tuple
+    telemetry = instrumented(bench, tracker, raising)
+    result = bench.call(hermes, "os", "[tools:1]")
+    assert result["final_response"] == "done os"
+    assert raising.raised == 3, "the agent span and both chat spans"
+    never_ended = sorted(s.name for s in tracker.open_spans())
+    assert never_ended == ["chat fake-model", "chat fake-model", "invoke_agent hermes"], "lost to us: never ended"
+    assert sorted(s.name for s in telemetry.spans()) == ["execute_tool sb_echo", "react step", "react step"]
+    (caller,) = [s for s in bench.exporter.get_finished_spans() if s.name == "call os"]
+    steps = telemetry.spans("react step")
+    assert all(s.parent is not None and s.parent.span_id == caller.context.span_id for s in steps), "under the caller"
+    (tool,) = telemetry.spans("execute_tool")
+    assert tool.parent is not None and tool.parent.span_id in {s.context.span_id for s in steps}
+    assert telemetry.store.live() == 0
+
+
+def test_a_chats_tokens_still_count_when_its_span_could_not_start() -> None:
+    """Issue 17, finding 3 (failed on dff20c4): the chat spans' ``on_start`` raises; ``invoke_agent`` still carries the
+    turn's tokens and response id, and the round's step still ends on the final answer."""
+    from types import SimpleNamespace
+
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    provider.add_span_processor(RaisingProcessor("on_start", "chat "))
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(provider.get_tracer("test"), store)
+    owner = _Owner()
+    final = SimpleNamespace(id="chatcmpl-9", model="m", usage=SimpleNamespace(prompt_tokens=5, completion_tokens=2),
+                            choices=[SimpleNamespace(finish_reason="stop", message=SimpleNamespace(tool_calls=None))])
+    invocation = telemetry.start_invocation(owner)
+    chat = telemetry.start_chat(owner, {"model": "m"})
+    assert chat.span is None
+    chat.stop(final)
+    invocation.stop({"final_response": "x"})
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == ["invoke_agent hermes", "react step"]
+    turn = spans["invoke_agent hermes"]
+    assert turn.attributes["gen_ai.usage.input_tokens"] == 5 and turn.attributes["gen_ai.usage.output_tokens"] == 2
+    assert turn.attributes["gen_ai.response.id"] == "chatcmpl-9"
+    assert spans["react step"].attributes["gen_ai.react.finish_reason"] == "stop"
+    assert store.live() == 0
+
+
+# -- forks --------------------------------------------------------------------------------------------------------------
+
+
+def _in_child(body: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Run ``body`` in a forked child; its JSON-able return value, or AssertionError if it hung or failed."""
+    import os
+    import signal
+    import time
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(body()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        raise AssertionError(f"the forked child hung for {timeout} s")
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    assert status == 0 and data, f"the forked child failed (status {status})"
+    return json.loads(data)
+
+
+def test_task_ids_we_make_never_repeat_across_a_fork() -> None:
+    """Issue 17, finding 6 (failed on dff20c4): a parent and its forked child both make task ids for turns the caller
+    gave none; before, both went on from the same prefix and counter (the same ids, so the same Docker sandbox
+    ``.../docker/<task_id>``)."""
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    telemetry = HermesTelemetry(TracerProvider().get_tracer("test"), ContextVarStore(InvocationState))
+    owner = _Owner()
+
+    def ids() -> list[str]:
+        out = []
+        for _ in range(3):
+            invocation = telemetry.start_invocation(owner)
+            invocation.stop(None)
+            out.append(invocation.task_id)
+        return out
+
+    child = _in_child(ids)
+    parent = ids()
+    assert not set(child) & set(parent), (child, parent)
+    assert all(len(i) == 36 and i[14] == "4" for i in child + parent), "shaped as Hermes's own uuid4 strings"
+
+
+def test_the_caller_s_task_id_reaches_hermes_and_its_tools_unchanged(bench: HermesBench, hermes: Any) -> None:
+    """Issue 17, finding 6: with a task id the caller passes, the tool sees exactly that id; without one, it sees the
+    one the invocation made (a fresh one per turn, shaped as Hermes's own), as it would see Hermes's uuid4."""
+    _task_ids_seen.clear()
+    bench.call(hermes, "tid0", "[tool:sb_task_id] [tools:1]")
+    uninstrumented = _task_ids_seen.pop()
+    instrumented(bench)
+    for tag, task_id in (("tid1", "the-callers-id-42"), ("tid2", None), ("tid3", None)):
+        bench.call(hermes, tag, "[tool:sb_task_id] [tools:1]", task_id=task_id)
+    assert _task_ids_seen[0] == "the-callers-id-42"
+    made = _task_ids_seen[1:]
+    assert len(set(made)) == 2 and "the-callers-id-42" not in made
+    assert all(len(i) == len(uninstrumented) == 36 and i[14] == uninstrumented[14] == "4" for i in made)
+
+
+class _BlockingHash:
+    """An agent whose ``__hash__`` blocks until released: a thread registering it holds the pending-subagent lock."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered, self.release = entered, release
+
+    def __hash__(self) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        return 1
+
+
+def test_a_fork_while_another_thread_holds_the_subagent_lock_cannot_hang_the_child() -> None:
+    """Issue 17, finding 7 (failed on dff20c4): the instrumentation's own locks are made anew in a forked child."""
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    telemetry = HermesTelemetry(TracerProvider().get_tracer("test"), ContextVarStore(InvocationState))
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=telemetry.prepare_subagent, args=(_BlockingHash(entered, release),))
+    holder.start()
+    try:
+        assert entered.wait(10), "the other thread holds the lock"
+
+        def in_child() -> bool:
+            child = _Owner()
+            telemetry.prepare_subagent(child)
+            return telemetry.take_subagent(child) is not None
+
+        assert _in_child(in_child) is True
+    finally:
+        release.set()
+        holder.join(10)
+
+
+class _BlockingHistograms:
+    """A meter whose time-to-first-chunk histogram blocks in ``record`` until released (the others record nothing)."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def create_histogram(self, name: str, **kwargs: Any) -> Any:
+        blocking = "first_chunk" in name
+        owner = self
+
+        class Histogram:
+            def record(self, *args: Any, **kwargs: Any) -> None:
+                if blocking:
+                    owner.entered.set()
+                    owner.release.wait(30)
+
+        return Histogram()
+
+
+def test_a_fork_while_a_stream_reader_records_its_first_chunk_cannot_hang_the_child() -> None:
+    """Issue 17, finding 7 (failed on dff20c4): Hermes's stream reader thread is recording a chat's first chunk (under
+    the lock that orders it against the chat's end) when the caller's thread forks; the child ends that chat."""
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    meter = _BlockingHistograms()
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(TracerProvider().get_tracer("test"), store, meter=meter)  # type: ignore[arg-type]
+    owner = _Owner()
+    invocation = telemetry.start_invocation(owner)
+    chat = telemetry.start_chat(owner, {"model": "m"}, streaming=True)
+    on_first_delta = chat.wrap_first_delta(None)
+    reader = threading.Thread(target=on_first_delta)
+    reader.start()
+    try:
+        assert meter.entered.wait(10), "the reader holds the lock"
+
+        def in_child() -> int:
+            chat.fail(InterruptedError("the child gives up on the stream"))
+            invocation.stop(None)
+            return store.live() or 0
+
+        assert _in_child(in_child) == 0
+    finally:
+        meter.release.set()
+        reader.join(10)
+    chat.fail(InterruptedError("done"))
+    invocation.stop(None)
+
+
+def test_a_second_instrument_call_checks_its_state_backend(bench: HermesBench, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17, finding 7 (failed on dff20c4): ``instrument(state_backend="no-such")`` while instrumented raised
+    nothing and was ignored; it raises as the first call does, and another valid backend is reported as ignored."""
+    bench.instrumentor.instrument(tracer_provider=bench.provider, state_backend="contextvar")
+    with pytest.raises(ValueError, match="no-such"):
+        bench.instrumentor.instrument(state_backend="no-such")
+    with caplog.at_level(logging.WARNING, logger="statebackends_hermes_agent"):
+        bench.instrumentor.instrument(state_backend="threadlocal")
+    assert bench.instrumentor.state_backend == "contextvar"
+    assert any("threadlocal" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+    bench.instrumentor.instrument(state_backend="contextvar")  # the one in use: nothing to report
+    assert bench.instrumentor.state_backend == "contextvar"
+
+
+def test_to_json_keeps_its_promise_on_an_object_whose_str_raises() -> None:
+    """Issue 17, finding 7 (failed on dff20c4): ``genai.to_json`` is documented as never raising."""
+    from statebackends_hermes_agent import genai
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ProcessorBoom("__str__ is broken")
+
+        __repr__ = __str__
+
+    assert genai.to_json({"a": Unprintable()}) == '{"a":"<Unprintable>"}'
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    assert json.loads(genai.to_json(cycle)) == "[[...]]"
+    loop: dict[str, Any] = {"u": Unprintable()}
+    loop["self"] = loop
+    assert json.loads(genai.to_json(loop)) == "<dict>"

@@ -62,14 +62,9 @@ class GreenletStubAgent:
 
     def run_conversation(self, user_message: str, task_id: str) -> dict[str, Any]:
         """One invocation: LLM turn, tools (each in a freshly spawned greenlet), LLM turn ... until a final answer."""
-        invocation = self.telemetry.start_invocation(self, task_id, user_message=user_message)
-        try:
-            result = self._loop(user_message, invocation.task_id)
-        except BaseException as exc:
-            invocation.fail(exc)
-            raise
-        invocation.stop(result)
-        return result
+        with self.telemetry.start_invocation(self, task_id, user_message=user_message) as invocation:
+            invocation.result = self._loop(user_message, invocation.task_id)
+        return invocation.result
 
     def _loop(self, user_message: str, task_id: str) -> dict[str, Any]:
         messages: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
@@ -88,18 +83,13 @@ class GreenletStubAgent:
 
         from openai.types.chat import ChatCompletion
 
-        call = self.telemetry.start_chat(self, api_kwargs)
-        try:
+        with self.telemetry.start_chat(self, api_kwargs) as call:
             reply = self.script.plan(api_kwargs)
             time.sleep(reply.delay_ms / 1000.0 if reply.delay_ms else 0)  # patched: the greenlet yields
             if reply.error is not None:
                 raise RuntimeError(reply.error)
-            response = ChatCompletion.model_validate(reply.completion())
-        except BaseException as exc:
-            call.fail(exc)
-            raise
-        call.stop(response)
-        return response
+            call.result = ChatCompletion.model_validate(reply.completion())
+        return call.result
 
     def _tool_round(self, tool_calls: Any, messages: list, task_id: str) -> None:
         import gevent
@@ -124,11 +114,10 @@ class GreenletStubAgent:
         import time
 
         args = json.loads(arguments or "{}")
-        call = self.telemetry.start_tool(owner, name, args, task_id=task_id, tool_call_id=tool_call_id)
-        time.sleep(0.002)  # yield: the other greenlets' tools interleave
-        result = str(args.get("text", ""))
-        call.stop(result)
-        return result
+        with self.telemetry.start_tool(owner, name, args, task_id=task_id, tool_call_id=tool_call_id) as call:
+            time.sleep(0.002)  # yield: the other greenlets' tools interleave
+            call.result = str(args.get("text", ""))
+        return str(call.result)
 
 
 def max_overlap(spans: Sequence[Any]) -> int:

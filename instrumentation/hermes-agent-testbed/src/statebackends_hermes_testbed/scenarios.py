@@ -346,7 +346,7 @@ def run_in_executor(bench: HermesBench, backend: str) -> Verdict:
 
 
 def _stub(bench: HermesBench, **kwargs: Any) -> AsyncStubAgent:
-    return AsyncStubAgent(lambda: bench.instrumentor._wrappers, bench.server.script, **kwargs)
+    return AsyncStubAgent(lambda: bench.instrumentor.telemetry, bench.server.script, **kwargs)
 
 
 async def _stub_call(bench: HermesBench, stub: AsyncStubAgent, tag: str, directives: str) -> Any:

@@ -47,8 +47,9 @@ class AsyncStubAgent:
     One instance is meant to be SHARED by the concurrent tasks, as one ``AIAgent`` is
     shared by Hermes's callers: it is the ``owner`` the store sees.
     The telemetry is read at call time from ``get_telemetry`` (e.g. the instrumentor's
-    live ``telemetry``, or its ``_wrappers``, the same object), so re-instrumenting with
-    another backend is picked up; when it returns None the agent runs uninstrumented.
+    live ``telemetry``), so re-instrumenting with another backend is picked up; when it
+    returns None the agent runs uninstrumented. Every step is a ``with`` block of the
+    public lifecycle, which ends it with ``fail`` when the block raises.
     """
 
     model = MODEL
@@ -72,14 +73,9 @@ class AsyncStubAgent:
         t = self._get_telemetry()
         if t is None:
             return await self._loop(None, user_message, task_id or "stub-task")
-        invocation = t.start_invocation(self, task_id, user_message=user_message)
-        try:
-            result = await self._loop(t, user_message, invocation.task_id)
-        except BaseException as exc:
-            invocation.fail(exc)
-            raise
-        invocation.stop(result)
-        return result
+        with t.start_invocation(self, task_id, user_message=user_message) as invocation:
+            invocation.result = await self._loop(t, user_message, invocation.task_id)
+        return invocation.result
 
     async def _loop(self, t: Optional[HermesTelemetry], user_message: str, task_id: str) -> dict[str, Any]:
         messages: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
@@ -110,14 +106,9 @@ class AsyncStubAgent:
         """As the chat wrapper does around ``AIAgent._interruptible_api_call`` (non-streaming)."""
         if t is None:
             return await self._llm(api_kwargs)
-        call = t.start_chat(self, api_kwargs)
-        try:
-            response = await self._llm(api_kwargs)
-        except BaseException as exc:
-            call.fail(exc)
-            raise
-        call.stop(response)
-        return response
+        with t.start_chat(self, api_kwargs) as call:
+            call.result = await self._llm(api_kwargs)
+        return call.result
 
     async def _run_tool(self, name: str, args: Mapping[str, Any]) -> str:
         tool = self.tools.get(name)
@@ -135,13 +126,8 @@ class AsyncStubAgent:
                 if t is None:
                     result = await self._run_tool(name, args)
                 else:
-                    call = t.start_tool(self, name, args, task_id=task_id, tool_call_id=tc.id)
-                    try:
-                        result = await self._run_tool(name, args)
-                    except BaseException as exc:
-                        call.fail(exc)
-                        raise
-                    call.stop(result)
+                    with t.start_tool(self, name, args, task_id=task_id, tool_call_id=tc.id) as call:
+                        call.result = result = await self._run_tool(name, args)
                 messages.append({"role": "tool", "tool_call_id": tc.id, "content": result})
         except BaseException as exc:
             error = exc

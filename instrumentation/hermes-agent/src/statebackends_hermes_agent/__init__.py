@@ -32,10 +32,10 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 import wrapt
 from wrapt import wrap_function_wrapper
 
-from statebackends import StateStore
+from statebackends import StateStore, log_safely
 
 from . import genai
-from .config import capture_mode, resolve_store
+from .config import resolve, resolve_store
 from .package import _instruments
 from .state import InvocationState
 from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
@@ -107,8 +107,11 @@ class _WrapOnImport:
                 continue
             try:
                 wrap_function_wrapper(module, name, getattr(wrappers, method))
-            except Exception:  # noqa: BLE001 - Hermes must import whatever happens here
-                _logger.exception("hermes-agent instrumentation: could not wrap %s.%s; it runs untraced", owner, name)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # noqa: BLE001 - Hermes must import whatever happens here
+                log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: could not wrap %s.%s; it runs "
+                           "untraced", owner, name, exc_info=True)
 
     def forget(self) -> None:
         """Take this hook out of wrapt's registry if it has not fired (best effort: it is neutralised anyway)."""
@@ -122,7 +125,8 @@ class _WrapOnImport:
                     if not hooks:
                         del importer._post_import_hooks[self.module]  # noqa: SLF001
         except Exception:  # noqa: BLE001
-            _logger.debug("hermes-agent instrumentation: post-import hook on %s left, inert", self.module, exc_info=True)
+            log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: post-import hook on %s left, inert",
+                       self.module, exc_info=True)
 
 
 class HermesAgentInstrumentor(BaseInstrumentor):
@@ -142,20 +146,36 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     @property
     def telemetry(self) -> Optional[HermesTelemetry]:
         """The live lifecycle (the same object the ``wrapt`` wrappers use), or None when not instrumented."""
-        return self._wrappers if self.store is not None else None
+        wrappers = self._wrappers
+        return wrappers.telemetry if wrappers is not None and self.store is not None else None
+
+    def instrument(self, **kwargs: Any) -> None:
+        """``BaseInstrumentor.instrument``; while already instrumented, a ``state_backend`` is still checked (a bad one
+        raises ``ValueError``, as on the first call) and one naming another backend than the one in use is reported
+        (a WARNING: ``uninstrument()`` first), instead of being silently ignored."""
+        value = kwargs.get("state_backend")
+        if self.is_instrumented_by_opentelemetry and value is not None:
+            asked = resolve_store(value, InvocationState)
+            if asked is not self.store and asked.name != self.state_backend:
+                log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: already instrumented with state "
+                           "backend %r; state_backend=%r is ignored (uninstrument() first)", self.state_backend,
+                           asked.name or value)
+        return super().instrument(**kwargs)  # type: ignore[no-any-return]  # BaseInstrumentor's is untyped
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        store = resolve_store(kwargs.get("state_backend"), InvocationState)
+        settings = resolve(kwargs, InvocationState)
+        store, mode = settings.store, settings.capture_mode
         # The instrumentation's version and the schema of the semantic-conventions release it follows, as contrib does.
         tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"), schema_url=genai.SCHEMA_URL)
         meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=genai.SCHEMA_URL)
-        mode = capture_mode()
         # The Logs API logger is made only when content goes to events: capturing nothing costs nothing.
         logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None
-        wrappers = HermesWrappers(tracer, store, meter=meter, capture_content=mode, event_logger=logger)
+        telemetry = HermesTelemetry(tracer, store, meter=meter, capture_content=mode, event_logger=logger,
+                                    error_text=settings.error_text, content_max_length=settings.content_max_length)
+        wrappers = HermesWrappers(telemetry)
         self.store, self.state_backend, self._wrappers = store, store.name, wrappers
         # Nothing of Hermes is imported here: its modules are wrapped when Hermes imports them (at once if it has),
         # so its first import stays its own, after its CLI applied `-p PROFILE` (its import-time paths follow it).
@@ -166,7 +186,7 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel ours.
         # wrapt calls the hook only while the gate is set (enabled=): other threads pay one C-level check.
         wrapt.wrap_object(threading.Thread, "__init__", wrapt.FunctionWrapper, (wrappers.thread_init, _in_chat.get))
-        _logger.debug("hermes-agent instrumentation: enabled with state backend %r", store.name)
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: enabled with state backend %r", store.name)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         wrappers = self._wrappers
@@ -183,11 +203,12 @@ class HermesAgentInstrumentor(BaseInstrumentor):
             for part in path:
                 owner = getattr(owner, part)
             if not _take_out(owner, attribute, wrappers):
-                _logger.debug("hermes-agent instrumentation: our wrapper on %s.%s is out of reach (another "
-                              "instrumentation's patch on top, or its unwrap took ours); it stays, inert", module, name)
+                log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: our wrapper on %s.%s is out of reach "
+                           "(another instrumentation's patch on top, or its unwrap took ours); it stays, inert", module,
+                           name)
         if not _take_out(threading.Thread, "__init__", wrappers):
-            _logger.debug("hermes-agent instrumentation: our wrapper on threading.Thread.__init__ is out of reach; "
-                          "it stays, inert")
+            log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: our wrapper on threading.Thread.__init__ "
+                       "is out of reach; it stays, inert")
         self.store = self.state_backend = None
 
 
@@ -210,7 +231,7 @@ def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
             if parent is not None and node._self_instance is None:
                 _link(owner, attribute, outer, parent)  # the same wrapper, unbound
                 node = parent
-            if getattr(node._self_wrapper, "__self__", None) is wrappers:
+            if wrappers is not None and node._self_wrapper in wrappers.callables:
                 _link(owner, attribute, outer, node.__wrapped__)
                 return True
         outer, node = node, node.__wrapped__

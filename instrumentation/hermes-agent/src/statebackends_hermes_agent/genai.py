@@ -15,6 +15,7 @@ import enum
 import json
 import logging
 import os
+import re
 import threading
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
@@ -22,6 +23,8 @@ from urllib.parse import urlsplit
 from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+from statebackends import log_safely
 
 _logger = logging.getLogger(__name__)
 
@@ -85,10 +88,9 @@ def capture_mode(environ: Optional[Mapping[str, str]] = None) -> CaptureMode:
         first = raw not in _warned
         _warned.add(raw)
     if first:
-        _logger.warning(
-            "%s=%r is not a valid content capture mode; valid: %s (or true, false); capturing no content",
-            ENV_CAPTURE_CONTENT, raw, ", ".join(CaptureMode.__members__),
-        )
+        log_safely(_logger, logging.WARNING,
+                   "%s=%r is not a valid content capture mode; valid: %s (or true, false); capturing no content",
+                   ENV_CAPTURE_CONTENT, raw, ", ".join(CaptureMode.__members__))
     return CaptureMode.NO_CONTENT
 
 
@@ -108,8 +110,10 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
-def _arguments(raw: Any) -> Any:
+def _arguments(raw: Any, limit: int) -> Any:
     if isinstance(raw, str):
+        if limit and len(raw) > limit:  # cut, it would not parse: kept as (bounded) text
+            return bounded(raw, limit)
         try:
             return json.loads(raw)
         except ValueError:
@@ -117,19 +121,20 @@ def _arguments(raw: Any) -> Any:
     return raw
 
 
-def _text(content: Any) -> Optional[str]:
-    """Chat content as text: a string, or the text pieces of a list of content parts."""
+def _text(content: Any, limit: int) -> Optional[str]:
+    """Chat content as text (at most ``limit`` characters and the cut's mark): a string, or the text pieces of a list
+    of content parts."""
     if content is None:
         return None
     if isinstance(content, str):
-        return content
+        return bounded(content, limit)
     if isinstance(content, Iterable) and not isinstance(content, (Mapping, bytes)):
-        pieces = [str(_get(p, "text")) for p in content if _get(p, "text") is not None]
-        return "".join(pieces) if pieces else None
-    return str(content)
+        pieces = [safe_str(_get(p, "text")) for p in content if _get(p, "text") is not None]
+        return bounded("".join(pieces), limit) if pieces else None
+    return bounded(safe_str(content), limit)
 
 
-def _tool_call_parts(tool_calls: Any) -> list[dict[str, Any]]:
+def _tool_call_parts(tool_calls: Any, limit: int) -> list[dict[str, Any]]:
     parts = []
     for call in tool_calls or ():
         function = _get(call, "function")
@@ -137,60 +142,118 @@ def _tool_call_parts(tool_calls: Any) -> list[dict[str, Any]]:
         call_id = _get(call, "id")
         if call_id is not None:  # optional in the conventions; absent rather than null
             part["id"] = str(call_id)
-        arguments = _arguments(_get(function, "arguments"))
+        arguments = _arguments(_get(function, "arguments"), limit)
         if arguments is not None:
             part["arguments"] = arguments
         parts.append(part)
     return parts
 
 
-def chat_message(message: Any, default_role: str = "user") -> dict[str, Any]:
-    """One OpenAI-style chat message (dict or object) in the conventions' shape: role and parts."""
+def chat_message(message: Any, default_role: str = "user", limit: int = 0) -> dict[str, Any]:
+    """One OpenAI-style chat message (dict or object) in the conventions' shape: role and parts (each text at most
+    ``limit`` characters, 0: unbounded; see :func:`bounded`)."""
     role = str(_get(message, "role") or default_role)
     parts: list[dict[str, Any]] = []
     if role == "tool":
-        part: dict[str, Any] = {"type": "tool_call_response", "response": _text(_get(message, "content")) or ""}
+        part: dict[str, Any] = {"type": "tool_call_response", "response": _text(_get(message, "content"), limit) or ""}
         call_id = _get(message, "tool_call_id")
         if call_id is not None:
             part["id"] = str(call_id)
         parts.append(part)
     else:
-        text = _text(_get(message, "content"))
+        text = _text(_get(message, "content"), limit)
         if text:
             parts.append({"type": "text", "content": text})
-        parts.extend(_tool_call_parts(_get(message, "tool_calls")))
+        parts.extend(_tool_call_parts(_get(message, "tool_calls"), limit))
     return {"role": role, "parts": parts}
 
 
-def input_messages(messages: Any) -> list[dict[str, Any]]:
-    """The request's chat history in the conventions' shape (``gen_ai.input.messages``)."""
-    return [chat_message(m) for m in messages or ()]
+def input_messages(messages: Any, limit: int = 0) -> list[dict[str, Any]]:
+    """The request's chat history in the conventions' shape (``gen_ai.input.messages``), texts bounded by ``limit``."""
+    return [chat_message(m, "user", limit) for m in messages or ()]
 
 
-def output_messages(response: Any) -> list[dict[str, Any]]:
-    """Each choice of a chat completion as an output message with its ``finish_reason``."""
+def output_messages(response: Any, limit: int = 0) -> list[dict[str, Any]]:
+    """Each choice of a chat completion as an output message with its ``finish_reason``, texts bounded by ``limit``."""
     out = []
     for choice in _get(response, "choices") or ():
-        message = chat_message(_get(choice, "message") or {}, "assistant")
+        message = chat_message(_get(choice, "message") or {}, "assistant", limit)
         message["finish_reason"] = finish_reason(_get(choice, "finish_reason"))
         out.append(message)
     return out
 
 
-def text_message(role: str, text: Any, reason: Optional[str] = None) -> dict[str, Any]:
-    """A message of one text part; with ``reason``, an output message."""
-    message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": str(text)}]}
+def text_message(role: str, text: Any, reason: Optional[str] = None, limit: int = 0) -> dict[str, Any]:
+    """A message of one text part (at most ``limit`` characters); with ``reason``, an output message."""
+    message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": bounded(safe_str(text), limit)}]}
     if reason is not None:
         message["finish_reason"] = reason
     return message
 
 
-def to_json(value: Any) -> str:
-    """Compact JSON for a span attribute; never raises (unknown objects become strings, a cycle its repr)."""
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` characters followed by the mark ``…[+N chars]`` (N: how many were cut);
+    ``text`` itself when it fits or ``limit`` is 0."""
+    if limit and len(text) > limit:
+        return f"{text[:limit]}…[+{len(text) - limit} chars]"
+    return text
+
+
+def safe_str(value: Any) -> str:
+    """``str(value)``, or ``<TypeName>`` when its ``__str__`` raises; never raises an ``Exception``."""
     try:
-        return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError):  # a circular structure, or keys json cannot write
-        return json.dumps(repr(value))
+        return str(value)
+    except Exception:  # noqa: BLE001 - an object whose __str__ raises is written as its type
+        return f"<{type(value).__name__}>"
+
+
+def to_json(value: Any, limit: int = 0) -> str:
+    """Compact JSON for a span attribute, at most ``limit`` characters (:func:`bounded`; 0: unbounded); never raises.
+
+    Unknown objects are written as their ``str`` (``<TypeName>`` when that raises); a value JSON cannot write (a
+    cycle, keys of other types) as its ``repr`` in a JSON string (``<TypeName>`` when that raises).
+    """
+    try:
+        text = json.dumps(value, default=safe_str, ensure_ascii=False, separators=(",", ":"))
+    except Exception:  # noqa: BLE001 - a circular structure, keys json cannot write, a nesting too deep
+        try:
+            shown = repr(value)
+        except Exception:  # noqa: BLE001
+            shown = f"<{type(value).__name__}>"
+        text = json.dumps(shown, ensure_ascii=False)
+    return bounded(text, limit)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+_FACT = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""What a provider's error code or type must look like to be recorded: an identifier, never free text."""
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - a property that raises: no fact
+        return None
+
+
+def error_summary(error: BaseException) -> str:
+    """The class of ``error`` and the content-free facts it carries, never its message: an HTTP status
+    (``status_code``, or that of its ``response``), a provider's error ``code`` and ``type`` when they are
+    identifiers; e.g. ``BadRequestError (HTTP 400, code context_length_exceeded, type invalid_request_error)``."""
+    facts = []
+    status = _attribute(error, "status_code")
+    if status is None:
+        status = _attribute(_attribute(error, "response"), "status_code")
+    if type(status) is int:
+        facts.append(f"HTTP {status}")
+    for name in ("code", "type"):
+        value = _attribute(error, name)
+        if isinstance(value, str) and _FACT.fullmatch(value):
+            facts.append(f"{name} {value}")
+    name = type(error).__name__
+    return f"{name} ({', '.join(facts)})" if facts else name
 
 
 # -- events -------------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
 """The public lifecycle of the Hermes telemetry: start an invocation, a chat or a tool; stop or fail it.
 
-In the spirit of ``opentelemetry-util-genai``'s invocation objects: :class:`HermesTelemetry`
-holds the tracer, the meter, the event logger, the state store and the content-capture mode, and its
-``start_*`` methods return small objects (:class:`AgentInvocation`, :class:`ChatCall`,
-:class:`ToolCall`) whose ``stop(result)`` and ``fail(exc)`` end what was started.
+In the shape of ``opentelemetry-util-genai``'s invocation objects: :class:`HermesTelemetry` holds the
+:class:`Components` (tracer, store, histograms, event logger, content rules) and its ``start_*`` methods
+return :class:`Invocation` objects (:class:`AgentInvocation`, :class:`ChatCall`, :class:`ToolCall`) made
+from those components alone, whose ``stop(result)`` and ``fail(exc)`` end what was started, and which
+are context managers (``with telemetry.start_chat(agent, kwargs) as chat: chat.result = call()``).
 
-The contract, for every public method here: it NEVER raises (an ``Exception`` inside the
-telemetry, from a span processor, a store, a meter, is logged and swallowed; only a
-``BaseException`` that is not an ``Exception``, such as ``KeyboardInterrupt`` arriving
-while a span starts, is re-raised after cleaning up), ``stop``/``fail`` are idempotent
-(the first one wins), every span that was started is ended, and every state that was
-begun in the store is ended, whatever failed before. So the instrumented agent's return
-value, its exceptions and its tools' results are never changed by the telemetry.
+The contract, for every public method here: it never raises what the telemetry raises; only
+``KeyboardInterrupt`` is let through. Each public entry is one boundary: whatever a span processor,
+an exporter, a meter, a log handler (our own log records go through :func:`statebackends.log_safely`),
+the OpenTelemetry log bridge, the store or a plugin raises inside it is contained there (logged, never
+re-raised), ``BaseException`` included. ``stop``/``fail`` are idempotent (the first one wins), every span
+that reached us is ended, and every state begun in the store is ended, whatever failed before. So the
+instrumented agent's return value, its exceptions and its tools' results are never changed.
 
-Every span's parent comes from the invocation's state in the ``StateStore``, so the
-backend alone decides whether the tree is right; this module never asks which backend
-it is.
+A span processor that raises in ``on_start`` makes the SDK's ``start_span`` raise before it returns the
+span: that span never reaches us and can never be ended (see the README, "What a failing ``on_start``
+leaves"). The rest goes on without it: the call keeps its state, its children hang under the span's
+parent, its tokens and metrics are still recorded.
+
+Every span's parent comes from the invocation's state in the ``StateStore``, so the backend alone
+decides whether the tree is right; this module never asks which backend it is.
 """
 
 from __future__ import annotations
@@ -28,19 +33,19 @@ import threading
 import time
 import uuid
 import weakref
-from types import SimpleNamespace
+from types import SimpleNamespace, TracebackType
 from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import Meter, NoOpHistogram
+from opentelemetry.metrics import Histogram, Meter, NoOpHistogram
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from statebackends import StateStore
+from statebackends import Scope, StateStore, at_fork_in_child, log_safely
 
 from . import genai
 from .genai import CaptureMode
@@ -48,14 +53,18 @@ from .state import InvocationState, read_response
 
 __all__ = [
     "AGENT_NAME",
-    "AgentInvocation",
-    "ChatCall",
+    "DEFAULT_CONTENT_MAX_LENGTH",
     "EVICTED_ATTRIBUTE",
     "EVICTED_EVENT",
-    "HermesTelemetry",
     "REACT_FINISH_REASON",
     "REACT_ROUND",
     "STEP_SPAN_NAME",
+    "AgentInvocation",
+    "ChatCall",
+    "Components",
+    "HermesTelemetry",
+    "Invocation",
+    "PendingSubagent",
     "ToolCall",
 ]
 
@@ -77,10 +86,12 @@ EVICTED_ATTRIBUTE = "statebackends.state.evicted"
 """Set (True) on an ``invoke_agent`` span whose state the store evicted while the call was still open."""
 EVICTED_EVENT = "statebackends.state.evicted"
 """The span event recorded with :data:`EVICTED_ATTRIBUTE`; its ``statebackends.state.backend`` names the store."""
+DEFAULT_CONTENT_MAX_LENGTH = 16384
+"""Characters kept of each captured text (a message part, tool arguments, a tool result) unless configured."""
+AGENT_NAME = "hermes"
 _OP_INVOKE_AGENT = GenAI.GenAiOperationNameValues.INVOKE_AGENT.value
 _OP_CHAT = GenAI.GenAiOperationNameValues.CHAT.value
 _OP_EXECUTE_TOOL = GenAI.GenAiOperationNameValues.EXECUTE_TOOL.value
-AGENT_NAME = "hermes"
 # Looked up once: the hot path reads module globals, not attributes of the semconv module.
 _INPUT_TOKENS = GenAI.GEN_AI_USAGE_INPUT_TOKENS
 _OUTPUT_TOKENS = GenAI.GEN_AI_USAGE_OUTPUT_TOKENS
@@ -88,15 +99,19 @@ _RESPONSE_ID = GenAI.GEN_AI_RESPONSE_ID
 _RESPONSE_MODEL = GenAI.GEN_AI_RESPONSE_MODEL
 _FINISH_REASONS = GenAI.GEN_AI_RESPONSE_FINISH_REASONS
 _OPERATION_NAME = GenAI.GEN_AI_OPERATION_NAME
+_TOKEN_TYPE = GenAI.GEN_AI_TOKEN_TYPE
 _TOOL_NAME = GenAI.GEN_AI_TOOL_NAME
 _TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
 _TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
+_ERROR = StatusCode.ERROR
 _set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
+_monotonic = time.monotonic
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
+_RUN_FAILED = "agent_run_failed"
 _PARTIAL_STREAM_ID = "partial-stream-stub"  # hermes_constants.PARTIAL_STREAM_STUB_ID (not imported: Hermes is optional here)
 # agent.gemini_native_adapter makes up f"chatcmpl-{uuid.uuid4().hex[:12]}" for every response it translates (the
 # Gemini API's own responseId is dropped): a real ChatCompletion's id is longer, and never on a SimpleNamespace.
@@ -107,15 +122,41 @@ _INTERRUPT_NOTICE = "Operation interrupted"
 _CACHE_LIMIT = 256  # distinct (provider, base URL, model, ...) identities remembered before the caches restart
 
 
-_TASK_ID_PREFIX = str(uuid.uuid4())[:24]  # random per process: "xxxxxxxx-xxxx-4xxx-yxxx-"
+# -- what the telemetry raises --------------------------------------------------------------------------------
+
+
+def _contain(exc: BaseException, what: str) -> None:
+    """The boundary's one rule: a ``KeyboardInterrupt`` goes on; anything else the telemetry raised is logged
+    (through :func:`statebackends.log_safely`, so a raising log handler changes nothing) and dropped."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: %s", what, exc_info=exc)
+
+
+# -- ids --------------------------------------------------------------------------------------------------
+
+
+_task_id_prefix = str(uuid.uuid4())[:24]  # random per process: "xxxxxxxx-xxxx-4xxx-yxxx-"
 _task_ids = itertools.count(1)
 
 
 def _new_task_id() -> str:
-    """A new invocation id shaped like Hermes's own (a UUID4 string): a per-process random prefix and a
-    48-bit counter, unique in the process and, by the 74 random bits, across processes; about 10x
-    cheaper than ``str(uuid.uuid4())``."""
-    return f"{_TASK_ID_PREFIX}{next(_task_ids) & 0xFFFFFFFFFFFF:012x}"
+    """A new invocation id shaped like Hermes's own (a UUID4 string): a per-process random prefix (74 random bits,
+    drawn again in every forked child) and a 48-bit counter; about 10x cheaper than ``str(uuid.uuid4())``."""
+    return f"{_task_id_prefix}{next(_task_ids) & 0xFFFFFFFFFFFF:012x}"
+
+
+def _new_task_ids_after_fork() -> None:
+    """In a forked child: a prefix of its own, so no id it makes repeats one its parent (or a sibling) makes."""
+    global _task_id_prefix, _task_ids
+    _task_id_prefix = str(uuid.uuid4())[:24]
+    _task_ids = itertools.count(1)
+
+
+at_fork_in_child(_new_task_ids_after_fork)
+
+
+# -- reading Hermes's values --------------------------------------------------------------------------------
 
 
 def _provider_id(response: Any, response_id: Any) -> Optional[str]:
@@ -148,72 +189,31 @@ def _id_text(response_id: Any) -> Optional[str]:
             return bytes(response_id).decode("utf-8", "replace")
         return str(response_id)
     except Exception:  # noqa: BLE001 - an id whose __bool__ or __str__ raises: the rest of the chat is still recorded
-        _logger.debug("hermes-agent instrumentation: response id not readable", exc_info=True)
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: response id not readable", exc_info=True)
         return None
 
 
-def _outcome(result: Any, content: bool) -> tuple[bool, bool, Any]:
-    """(failed, interrupted, final_response or None) of Hermes's result dict (final_response only when ``content``).
+def _outcome(result: Any) -> tuple[bool, bool, Any, Any]:
+    """(failed, interrupted, final_response or None, error text or None) of Hermes's result dict; never raises.
 
-    Never raises: a result that cannot be read (a ``get`` or a ``__bool__`` that raises) counts as a plain
-    one with no answer, so the spans are still completed and ended.
+    A result that cannot be read (a ``get`` or a ``__bool__`` that raises) counts as a plain one with no answer,
+    so the spans are still completed and ended.
     """
     try:
         failed = bool(result.get("failed"))
         interrupted = bool(result.get("interrupted"))
-        final = result.get("final_response") if content else None
-        return failed, interrupted, (final if final else None)
+        final = result.get("final_response")
+        return failed, interrupted, (final if final else None), (result.get("error") if failed else None)
     except Exception:  # noqa: BLE001
-        _logger.debug("hermes-agent instrumentation: the run's result could not be read", exc_info=True)
-        return False, False, None
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: the run's result could not be read",
+                   exc_info=True)
+        return False, False, None, None
 
 
 def _interrupted_answer(final: Any) -> bool:
     """Whether an interrupted turn's ``final_response`` is the model's own text (what it streamed before the
     interrupt, which Hermes keeps as the assistant's message), not one of Hermes's interruption notices."""
     return isinstance(final, str) and not final.startswith(_INTERRUPT_NOTICE)
-
-
-def _live(instrument: Any) -> bool:
-    """Whether recording into ``instrument`` (None for no-op ones) can reach a meter: False for the API's
-    proxy instrument before any SDK meter provider is set, so no attribute dict is built for nothing."""
-    # The API's proxy instrument keeps the real one in ``_real_instrument`` (None until a provider is set);
-    # anything without that attribute is a real instrument. None (no instrument) stays None.
-    return getattr(instrument, "_real_instrument", instrument) is not None
-
-
-def _remember(cache: dict, key: tuple, value: Any) -> None:
-    """``cache[key] = value``, the cache emptied first when full; an unhashable key is not remembered."""
-    if len(cache) >= _CACHE_LIMIT:
-        cache.clear()
-    try:
-        cache[key] = value
-    except TypeError:
-        pass
-
-
-def _error_labels(labels: dict[str, Any], response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
-    """Metric attributes of one finished operation: its start ``labels`` plus response model and error type."""
-    if response_model is None and error_type is None:
-        return labels
-    out = dict(labels)
-    if response_model is not None:
-        out[GenAI.GEN_AI_RESPONSE_MODEL] = response_model
-    if error_type is not None:
-        out[ERROR_TYPE] = error_type
-    return out
-
-
-def _record_error(span: Span, exc: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
-    span.record_exception(exc)
-
-
-def _mark_failed(span: Span, result: dict) -> None:
-    """Hermes reports some failures (a non-retryable LLM error) in its result instead of raising."""
-    span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
-    span.set_attribute(ERROR_TYPE, "agent_run_failed")
 
 
 def _tool_error_type(result: Any) -> Optional[tuple[str, str]]:
@@ -236,224 +236,382 @@ def _tool_error_type(result: Any) -> Optional[tuple[str, str]]:
     return error_type, message
 
 
-def _end_span(span: Optional[Span], what: str) -> None:
-    """``span.end()`` that never raises (a span processor's ``on_end`` may)."""
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """``cache[key] = value``, the cache emptied first when full; an unhashable key is not remembered."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    try:
+        cache[key] = value
+    except TypeError:
+        pass
+
+
+# -- the components -------------------------------------------------------------------------------------------
+
+
+class Components:
+    """What the invocation objects record with, and all they know of the telemetry: the tracer, the state store,
+    the histograms (None: not recorded), the event logger (None: no events) and the content rules.
+
+    ``span_content`` / ``event_content``: message content goes on spans / in events; ``content``: either.
+    ``error_text``: an error's message text (and stack trace) is recorded; otherwise only its class and
+    content-free facts (:func:`~statebackends_hermes_agent.genai.error_summary`). ``limit``: characters kept of
+    each captured text (0: unbounded). ``chunk_lock`` orders a streamed chat's first chunk against its end (made
+    anew in a forked child).
+    """
+
+    __slots__ = ("tracer", "store", "duration", "tokens", "first_chunk", "event_logger", "span_content",
+                 "event_content", "content", "error_text", "limit", "chunk_lock")
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        store: StateStore[InvocationState],
+        *,
+        duration: Optional[Histogram] = None,
+        tokens: Optional[Histogram] = None,
+        first_chunk: Optional[Histogram] = None,
+        event_logger: Any = None,
+        span_content: bool = False,
+        error_text: bool = False,
+        limit: int = DEFAULT_CONTENT_MAX_LENGTH,
+    ) -> None:
+        self.tracer = tracer
+        self.store = store
+        self.duration = duration
+        self.tokens = tokens
+        self.first_chunk = first_chunk
+        self.event_logger = event_logger
+        self.span_content = span_content
+        self.event_content = event_logger is not None
+        self.content = span_content or self.event_content
+        self.error_text = error_text or self.content
+        self.limit = limit
+        self.chunk_lock = threading.Lock()
+
+
+def _error(
+    c: Components,
+    span: Span,
+    error_type: str,
+    description: str,
+    exc: Optional[BaseException] = None,
+    attributes: Optional[dict[str, Any]] = None,
+) -> None:
+    """The one way an error is recorded on a span: ERROR status with ``description``, ``error.type`` (set with
+    ``attributes`` in one call) and, for an exception, an ``exception`` event: the SDK's (message, stack trace)
+    when ``c.error_text``, else its type alone."""
+    span.set_status(Status(_ERROR, description))
+    if attributes is None:
+        span.set_attribute(ERROR_TYPE, error_type)
+    else:
+        attributes[ERROR_TYPE] = error_type
+        span.set_attributes(attributes)
+    if exc is not None:
+        if c.error_text:
+            span.record_exception(exc)
+        else:
+            span.add_event("exception", {"exception.type": type(exc).__qualname__})
+
+
+def _exception_text(c: Components, exc: BaseException) -> str:
+    """A status description for ``exc``: its class and message with ``c.error_text``, else its content-free summary."""
+    if c.error_text:
+        return f"{type(exc).__name__}: {genai.safe_str(exc)}"
+    return genai.error_summary(exc)
+
+
+def _end_step(
+    c: Components,
+    state: InvocationState,
+    finish_reason: Optional[str],
+    error_type: Optional[str] = None,
+    description: str = "",
+    exc: Optional[BaseException] = None,
+) -> None:
+    """End the open react step, if any, with ``finish_reason`` (and as failed when ``error_type`` is given); the state
+    names no step from the first line on, and the span is ended even when recording on it raised."""
+    span = state.step_span
     if span is None:
         return
+    state.step_span = state.step_ctx = None
     try:
+        if error_type is not None:
+            _error(c, span, error_type, description, exc, {REACT_FINISH_REASON: finish_reason} if finish_reason else None)
+        elif finish_reason:
+            span.set_attributes({REACT_FINISH_REASON: finish_reason})  # what the SDK's set_attribute calls
+    finally:
         span.end()
-    except Exception:  # noqa: BLE001
-        _logger.exception("hermes-agent instrumentation: could not end the %s span", what)
 
 
-def _detach_token(token: Any, what: str) -> None:
-    """Detach the context a span attached; never raises (None: nothing was attached)."""
-    if token is None:
-        return
-    try:
-        _detach(token)
-    except Exception:  # noqa: BLE001
-        _logger.exception("hermes-agent instrumentation: could not detach the %s context", what)
+# -- the invocation base ------------------------------------------------------------------------------------
 
 
-class _Ended:
-    """Something started by the telemetry that ``stop(result)`` or ``fail(error)`` ends, once (the first wins); neither raises."""
+class Invocation:
+    """Something the telemetry started (a span, made current where it started if ``_token``), ended once by
+    ``stop(result)`` or ``fail(error)`` (the first wins), or as a context manager: ``with`` ends it with ``fail``
+    when the block raised, else with ``stop(self.result)``. Neither raises what the telemetry raises (only
+    ``KeyboardInterrupt`` is let through), and the exception leaving a ``with`` block is never replaced.
 
-    __slots__ = ("_done",)
+    ``span`` is None when no span reached us (the telemetry could not start it, or it is not traced).
+    Subclasses say what ending records (``_record``) and release what they hold (``_release``).
+    """
+
+    __slots__ = ("_c", "span", "_token", "_done", "result")
+    _what = "could not complete the span"
+    _streaming = False  # a streamed chat decides its end under the chunk lock (ChatCall)
+
+    def __init__(self, components: Components) -> None:
+        self._c = components
+        self.span: Optional[Span] = None
+        self._token: Optional[object] = None
+        self._done = False
+        self.result: Any = None
+        """What the ``with`` form ends the invocation with (``stop(result)``) when its block returns."""
 
     def stop(self, result: Any = None) -> None:
-        """End it with the wrapped call's ``result``; never raises."""
-        if not self._done:
-            self._done = True
-            self._finish(result, None)
+        """End it with the wrapped call's ``result``; never raises (only ``KeyboardInterrupt`` is let through)."""
+        if self._done or (self._streaming and not self._end_streamed()):
+            return
+        self._done = True
+        failure: Optional[BaseException] = None
+        try:
+            self._record(result, None)
+        except BaseException as exc:  # noqa: BLE001 - contained below, after everything is ended
+            failure = exc
+        self._end(failure)
 
     def fail(self, error: BaseException) -> None:
-        """End it with the exception ``error`` the wrapped call raised, recorded on the span; never raises."""
-        if not self._done:
-            self._done = True
-            self._finish(None, error)
+        """End it with the exception ``error`` the wrapped call raised, recorded on the span; never raises (only
+        ``KeyboardInterrupt`` is let through)."""
+        if self._done or (self._streaming and not self._end_streamed()):
+            return
+        self._done = True
+        failure: Optional[BaseException] = None
+        try:
+            self._record(None, error)
+        except BaseException as exc:  # noqa: BLE001 - contained below, after everything is ended
+            failure = exc
+        self._end(failure)
 
-    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
-        raise NotImplementedError
+    def __enter__(self) -> Invocation:
+        return self
+
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        if exc is None:
+            self.stop(self.result)
+        else:
+            self.fail(exc)
+
+    def _end_streamed(self) -> bool:
+        """Whether this stop/fail is the one ending a streamed chat (see :class:`ChatCall`)."""
+        return not self._done
+
+    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+        """Record the outcome (``error`` None: ``result``) on the span, the state and the metrics; may raise."""
+
+    def _release(self) -> None:
+        """Give back what the invocation holds beyond its span and context (its state); may raise."""
+
+    def _end(self, failure: Optional[BaseException]) -> None:
+        """End the span, detach its context and release the rest, each whatever the step before raised; then
+        contain the first failure (``failure``, from recording, or one of these)."""
+        span = self.span
+        if span is not None:
+            try:
+                span.end()
+            except BaseException as exc:  # noqa: BLE001 - a processor's on_end: the span is ended all the same
+                if failure is None:
+                    failure = exc
+        token = self._token
+        if token is not None:
+            try:
+                _detach(token)
+            except BaseException as exc:  # noqa: BLE001 - detach logs its own failure: a raising log handler
+                if failure is None:
+                    failure = exc
+        try:
+            self._release()
+        except BaseException as exc:  # noqa: BLE001 - a store's end
+            if failure is None:
+                failure = exc
+        if failure is not None:
+            _contain(failure, self._what)
 
 
 # -- invoke_agent ---------------------------------------------------------------------------------------------
 
 
-class AgentInvocation(_Ended):
-    """One ``invoke_agent``: returned by :meth:`HermesTelemetry.start_invocation`, ended by ``stop`` or ``fail``.
+class AgentInvocation(Invocation):
+    """One ``invoke_agent``: returned by :meth:`HermesTelemetry.start_invocation`.
 
-    ``task_id`` is the invocation id the store keys the state by (the one given, or a new
-    one): pass it to the agent so its tools carry it. ``span`` is the ``invoke_agent`` span,
-    or None when the telemetry could not start it (the call then runs uninstrumented).
+    ``task_id`` is the invocation id the store keys the state by (the one given, or a new one): pass it to the
+    agent so its tools carry it. ``span`` is the ``invoke_agent`` span, current where it started; None when it
+    could not be started (the call then keeps its state, and its chats and tools hang under the caller's span).
+    ``scope`` is None when the store could not begin the state (the call then runs uninstrumented).
     ``stop`` takes Hermes's result dict, which may report a failure (``failed``).
     """
 
-    __slots__ = ("_telemetry", "task_id", "scope", "span", "_token", "_started", "_labels")
+    __slots__ = ("task_id", "scope", "_started", "_identity")
+    _what = "could not complete invoke_agent"
 
-    def __init__(self, telemetry: "HermesTelemetry", task_id: str) -> None:
-        self._telemetry = telemetry
+    def __init__(self, components: Components, task_id: Any) -> None:
+        super().__init__(components)
         self.task_id = task_id
-        self.scope: Any = None
-        self.span: Optional[Span] = None
-        self._token: Any = None
-        self._done = False
+        self.scope: Optional[Scope[InvocationState]] = None
         self._started = 0.0
-        self._labels: Optional[dict[str, Any]] = None
+        self._identity: Optional[_Identity] = None
 
     @property
     def evicted(self) -> bool:
         """Whether the store evicted this invocation's state while it was open (its scope says so)."""
-        return bool(getattr(self.scope, "evicted", False))
+        scope = self.scope
+        return scope is not None and scope.evicted
 
-    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
+    def _record(self, result: Any, error: Optional[BaseException]) -> None:
         scope = self.scope
         if scope is None:
             return
-        telemetry = self._telemetry
+        c = self._c
+        state = scope.state
+        failed = interrupted = False
+        final = failure_text = None
+        if error is None and isinstance(result, dict):  # Hermes's result dict
+            failed, interrupted, final, failure_text = _outcome(result)
+        # The span, the metric and the step fail alone: each is tried whatever the one before raised; the first
+        # failure is raised once all are done.
+        failure: Optional[BaseException] = None
         span = self.span
-        state: Optional[InvocationState] = None
-        try:
-            state = scope.state
-            if error is None and isinstance(result, dict):  # Hermes's result dict
-                failed, interrupted, final = _outcome(result, telemetry._span_content)
-            else:
-                failed = interrupted = False
-                final = None
-            if state.step_span is not None:
-                if failed:
-                    try:
-                        _mark_failed(state.step_span, result)
-                    except Exception:  # noqa: BLE001
-                        _logger.exception("hermes-agent instrumentation: could not mark the react step failed")
-                telemetry._end_step(state, "error" if error is not None or failed else None, error)
-            if span is not None:
-                attributes: dict[str, Any] = {_INPUT_TOKENS: state.input_tokens, _OUTPUT_TOKENS: state.output_tokens}
-                if state.response_id:
-                    attributes[_RESPONSE_ID] = state.response_id
-                if state.response_model:
-                    attributes[_RESPONSE_MODEL] = state.response_model
-                if state.finish_reasons:
-                    attributes[_FINISH_REASONS] = list(state.finish_reasons)  # see ChatCall.stop
-                # A failed run's final_response is Hermes's error text, an interrupted run's Hermes's notice: never an
-                # assistant message. But a reply the interrupt cut short (the model's text streamed so far, which
-                # Hermes keeps as the assistant's message) is the answer, ended as its chat was: "error".
-                if final is not None and not failed and (not interrupted or _interrupted_answer(final)):
-                    if interrupted:
-                        reason = "error"
-                    else:
-                        reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
-                    attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason)])
-                if getattr(scope, "evicted", False):
-                    # Not an error of the call (the agent's answer is fine): the telemetry of this call may be
-                    # incomplete, because its state was dropped to keep the store bounded.
-                    attributes[EVICTED_ATTRIBUTE] = True
-                    span.add_event(
-                        EVICTED_EVENT,
-                        {"statebackends.state.backend": telemetry.store.name or type(telemetry.store).__name__},
-                    )
-                if interrupted:  # a cancel is not an error: the status stays unset
-                    attributes[genai.HERMES_INTERRUPTED] = True
-                if error is not None:
-                    attributes[ERROR_TYPE] = type(error).__qualname__
-                elif failed:
-                    attributes[ERROR_TYPE] = "agent_run_failed"
-                span.set_attributes(attributes)  # one call: the error type rides along with the rest
-                if error is not None:
-                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-                    span.record_exception(error)
-                elif failed:
-                    span.set_status(Status(StatusCode.ERROR, str(result.get("error") or "agent run failed")))
-            if self._labels is not None and _live(telemetry._duration):
-                error_type = type(error).__qualname__ if error is not None else ("agent_run_failed" if failed else None)
-                telemetry._record_duration(self._labels, self._started, state.response_model, error_type)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not complete invoke_agent")
-        finally:  # each step even if the one before raised a BaseException
+        if span is not None:
             try:
-                if state is not None and state.step_span is not None:  # left open by a failure above
-                    telemetry._end_step(state, None)
-                _end_span(span, "invoke_agent")
-            finally:
-                try:
-                    _detach_token(self._token, "invoke_agent")
-                finally:
-                    telemetry._end_scope(scope)
+                self._record_span(span, state, error, failed, interrupted, final, failure_text)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                failure = exc
+        identity = self._identity
+        if identity is not None and c.duration is not None:
+            try:
+                error_type = type(error).__qualname__ if error is not None else (_RUN_FAILED if failed else None)
+                c.duration.record(_monotonic() - self._started, identity.final(state.response_model, error_type))
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                failure = failure if failure is not None else exc
+        if state.step_span is not None:  # the step ends before the invocation
+            if error is not None:
+                _end_step(c, state, "error", type(error).__qualname__, _exception_text(c, error), error)
+            elif failed:
+                _end_step(c, state, "error", _RUN_FAILED, _failure_text(c, failure_text))
+            else:
+                _end_step(c, state, None)
+        if failure is not None:
+            raise failure
+
+    def _record_span(
+        self,
+        span: Span,
+        state: InvocationState,
+        error: Optional[BaseException],
+        failed: bool,
+        interrupted: bool,
+        final: Any,
+        failure_text: Any,
+    ) -> None:
+        c = self._c
+        attributes: dict[str, Any] = {_INPUT_TOKENS: state.input_tokens, _OUTPUT_TOKENS: state.output_tokens}
+        if state.response_id:
+            attributes[_RESPONSE_ID] = state.response_id
+        if state.response_model:
+            attributes[_RESPONSE_MODEL] = state.response_model
+        if state.finish_reasons:
+            attributes[_FINISH_REASONS] = list(state.finish_reasons)  # see ChatCall._record
+        # A failed run's final_response is Hermes's error text, an interrupted run's Hermes's notice: never an
+        # assistant message. But a reply the interrupt cut short (the model's text streamed so far, which Hermes
+        # keeps as the assistant's message) is the answer, ended as its chat was: "error".
+        if c.span_content and final is not None and not failed and (not interrupted or _interrupted_answer(final)):
+            if interrupted:
+                reason = "error"
+            else:
+                reason = genai.finish_reason(state.finish_reasons[-1] if state.finish_reasons else None)
+            attributes[_OUTPUT_MESSAGES] = genai.to_json([genai.text_message("assistant", final, reason, c.limit)])
+        scope = self.scope
+        if scope is not None and scope.evicted:
+            # Not an error of the call (the agent's answer is fine): the telemetry of this call may be incomplete,
+            # because its state was dropped to keep the store bounded.
+            attributes[EVICTED_ATTRIBUTE] = True
+            span.add_event(EVICTED_EVENT, {"statebackends.state.backend": c.store.name or type(c.store).__name__})
+        if interrupted:  # a cancel is not an error: the status stays unset
+            attributes[genai.HERMES_INTERRUPTED] = True
+        if error is not None:
+            _error(c, span, type(error).__qualname__, _exception_text(c, error), error, attributes)
+        elif failed:
+            _error(c, span, _RUN_FAILED, _failure_text(c, failure_text), None, attributes)
+        else:
+            span.set_attributes(attributes)  # one call: what the SDK's set_attribute does per attribute
+
+    def _release(self) -> None:
+        scope = self.scope
+        if scope is not None:
+            self._c.store.end(scope)
+
+
+def _failure_text(c: Components, text: Any) -> str:
+    """The status description of a run Hermes reports failed: its error text with ``c.error_text``, else a fixed one."""
+    if c.error_text and text:
+        return genai.safe_str(text)
+    return "agent run failed"
 
 
 # -- chat ------------------------------------------------------------------------------------------------------
 
 
-class ChatCall:
+class ChatCall(Invocation):
     """One LLM round trip (a ``chat`` span): returned by :meth:`HermesTelemetry.start_chat`.
 
-    ``span`` is None when no span was started (the telemetry failed, or this is the plain
-    call Hermes falls back to inside a streaming call, which the outer span already covers).
+    ``span`` is None when no span reached us (the telemetry could not start it: the chat's tokens still count
+    in its invocation; or this is the plain call Hermes falls back to inside a streaming call, which the outer
+    chat already covers). ``stop`` takes the LLM's response.
     """
 
-    __slots__ = ("_telemetry", "_state", "span", "_started", "_labels", "_done", "_inputs", "_first_chunk", "_chunk_lock")
+    __slots__ = ("_state", "_started", "_identity", "_inputs", "_first_chunk", "_streaming")
+    _what = "could not complete the chat span"
 
-    def __init__(
-        self,
-        telemetry: "HermesTelemetry",
-        state: Optional[InvocationState],
-        span: Optional[Span],
-        started: float,
-        labels: Optional[dict[str, Any]],
-        done: bool = False,
-        inputs: Optional[list[dict[str, Any]]] = None,
-    ) -> None:
-        self._telemetry = telemetry
-        self._state = state
-        self.span = span
-        self._started = started
-        self._labels = labels  # the metric attributes known at start (shared: never mutated)
-        self._done = done
-        self._inputs = inputs  # the request's messages in the conventions' shape, only when content goes to events
+    def __init__(self, components: Components) -> None:
+        super().__init__(components)
+        self._state: Optional[InvocationState] = None  # the invocation it counts in (its llm_depth was raised)
+        self._started = 0.0
+        self._identity: Optional[_Identity] = None  # None: a passive call (inside another chat) records nothing
+        self._inputs: Optional[list[dict[str, Any]]] = None  # the request's messages, only when content goes to events
         self._first_chunk = False
-        # Streaming only: the stream's reader thread may call first_chunk while another thread ends the chat.
-        self._chunk_lock: Optional[threading.Lock] = None
+        self._streaming = False
 
     def first_chunk(self) -> None:
-        """Record the time to the first streamed chunk (span attribute and metric), once, if the chat is still open; never raises.
+        """Record the time to the first streamed chunk (span attribute and metric), once, if the chat is still open;
+        never raises (only ``KeyboardInterrupt`` is let through).
 
-        A chunk that arrives after ``stop``/``fail`` (Hermes abandons the stream's worker thread when the
-        agent is interrupted, and that thread may still read a chunk) is not recorded: the chat is over.
+        A chunk that arrives after ``stop``/``fail`` (Hermes abandons the stream's worker thread when the agent is
+        interrupted, and that thread may still read a chunk) is not recorded: the chat is over.
         """
         span = self.span
         if span is None or self._first_chunk or self._done:
             return
-        lock = self._chunk_lock
-        if lock is None:
-            self._record_first_chunk(span)
-            return
-        with lock:  # stop/fail take it to end the chat: a chunk is recorded before the end or not at all
-            if not (self._first_chunk or self._done):
-                self._record_first_chunk(span)
+        try:
+            with self._c.chunk_lock:  # stop/fail take it to end the chat: a chunk is recorded before the end or not at all
+                if not (self._first_chunk or self._done):
+                    self._record_first_chunk(span)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            _contain(exc, "time to first chunk not recorded")
 
     def _record_first_chunk(self, span: Span) -> None:
         self._first_chunk = True
-        try:
-            elapsed = time.monotonic() - self._started
-            span.set_attribute(_TIME_TO_FIRST_CHUNK, elapsed)
-            histogram = self._telemetry._ttfc
-            if self._labels is not None and _live(histogram):
-                histogram.record(elapsed, self._labels)
-        except Exception:  # noqa: BLE001
-            _logger.debug("hermes-agent instrumentation: time to first chunk not recorded", exc_info=True)
-
-    def _end_streamed(self) -> bool:
-        """Mark a streaming chat done under its chunk lock; False if it already was."""
-        with self._chunk_lock:  # type: ignore[union-attr]
-            if self._done:
-                return False
-            self._done = True
-            return True
+        elapsed = _monotonic() - self._started
+        span.set_attribute(_TIME_TO_FIRST_CHUNK, elapsed)
+        histogram, identity = self._c.first_chunk, self._identity
+        if histogram is not None and identity is not None:
+            histogram.record(elapsed, identity.labels)
 
     def wrap_first_delta(self, callback: Optional[Callable[[], Any]]) -> Callable[[], Any]:
         """A callback for Hermes's ``on_first_delta``: records :meth:`first_chunk`, then calls ``callback`` (if any)."""
-        if self._chunk_lock is None:
-            self._chunk_lock = threading.Lock()
+        self._streaming = True
         first_chunk = self.first_chunk
 
         def on_first_delta() -> Any:
@@ -464,128 +622,150 @@ class ChatCall:
 
         return on_first_delta
 
-    def stop(self, response: Any) -> None:
-        """End the chat with the LLM's ``response`` (usage, ids, finish reasons, content, metrics); never raises."""
-        if self._done or (self._chunk_lock is not None and not self._end_streamed()):
-            return
-        self._done = True
-        state = self._state
-        span = self.span
-        try:
-            if state is not None:
-                state.llm_depth -= 1
-            if span is None:
-                return
-            try:
-                telemetry = self._telemetry
-                input_tokens, output_tokens, reasons, wants_tools = read_response(response)
-                response_id = _provider_id(response, getattr(response, "id", None))
-                response_model = getattr(response, "model", None)
-                attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
-                if response_id:
-                    attributes[_RESPONSE_ID] = response_id
-                if response_model:
-                    response_model = attributes[_RESPONSE_MODEL] = str(response_model)
-                else:
-                    response_model = None
-                if reasons:
-                    # A list: the SDK's isinstance(value, Sequence) takes ~120 ns longer for a tuple
-                    # (CPython 3.11's ABC check), and it makes a tuple of either.
-                    attributes[_FINISH_REASONS] = list(reasons)
-                if state is not None:
-                    state.input_tokens += input_tokens
-                    state.output_tokens += output_tokens
-                    state.response_id = response_id  # the latest response's (None: it has none of the provider's)
-                    if response_model:
-                        state.response_model = response_model
-                    if reasons:
-                        state.finish_reasons = reasons
-                    if not wants_tools:  # a final answer closes the round
-                        telemetry._end_step(state, reasons[0] if reasons else "stop")
-                outputs = None
-                if telemetry.capture_content:  # on spans or in events
-                    outputs = genai.output_messages(response)
-                    if telemetry._span_content:
-                        attributes[_OUTPUT_MESSAGES] = genai.to_json(outputs)
-                span.set_attributes(attributes)
-                labels = self._labels
-                if labels is not None and _live(telemetry._duration):
-                    telemetry._record_chat(labels, self._started, response_model, input_tokens, output_tokens)
-                if outputs is not None and telemetry._event_content:
-                    telemetry._emit_details(span, labels, attributes, self._inputs, outputs)
-            finally:
-                _end_span(span, "chat")
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not complete the chat span")
+    def _end_streamed(self) -> bool:
+        """Whether this stop/fail is the one ending a streamed chat: decided (``_done`` set) under the chunk lock, so a
+        first chunk being recorded is recorded before the end, and one arriving later is not recorded."""
+        with self._c.chunk_lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
 
-    def fail(self, error: BaseException) -> None:
-        """End the chat with the exception the LLM call raised (span, duration with ``error.type``); never raises."""
-        if self._done or (self._chunk_lock is not None and not self._end_streamed()):
+    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+        identity = self._identity
+        if identity is None:  # passive
             return
-        self._done = True
-        try:
-            if self._state is not None:
-                self._state.llm_depth -= 1
-            span = self.span
-            if span is None:
-                return
+        c = self._c
+        span = self.span
+        state = self._state
+        # Spans, metrics and events fail alone: each is tried whatever the one before raised; the first failure is
+        # raised once all are done.
+        failure: Optional[BaseException] = None
+        if error is not None:
+            error_type = type(error).__qualname__
+            if span is not None:
+                try:
+                    _error(c, span, error_type, _exception_text(c, error), error)
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    failure = exc
+            if c.duration is not None:
+                try:
+                    c.duration.record(_monotonic() - self._started, identity.final(None, error_type))
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    failure = failure if failure is not None else exc
+            if c.event_content and span is not None:
+                # The request is reported; the error text is never an output message.
+                _emit_details(c, span, identity.labels, {ERROR_TYPE: error_type}, self._inputs, None)
+            if failure is not None:
+                raise failure
+            return
+        input_tokens, output_tokens, reasons, wants_tools = read_response(result)
+        response_id = _provider_id(result, getattr(result, "id", None))
+        response_model = getattr(result, "model", None)
+        response_model = str(response_model) if response_model else None
+        if state is not None:
+            state.input_tokens += input_tokens
+            state.output_tokens += output_tokens
+            state.response_id = response_id  # the latest response's (None: it has none of the provider's)
+            if response_model:
+                state.response_model = response_model
+            if reasons:
+                state.finish_reasons = reasons
+        attributes: dict[str, Any] = {_INPUT_TOKENS: input_tokens, _OUTPUT_TOKENS: output_tokens}
+        if response_id:
+            attributes[_RESPONSE_ID] = response_id
+        if response_model:
+            attributes[_RESPONSE_MODEL] = response_model
+        if reasons:
+            # A list: the SDK's isinstance(value, Sequence) takes ~120 ns longer for a tuple (CPython 3.11's ABC
+            # check), and it makes a tuple of either.
+            attributes[_FINISH_REASONS] = list(reasons)
+        outputs = None
+        if c.content:  # on spans or in events
+            outputs = genai.output_messages(result, c.limit)
+            if c.span_content:
+                attributes[_OUTPUT_MESSAGES] = genai.to_json(outputs)
+        if span is not None:
             try:
-                _record_error(span, error)
-                telemetry = self._telemetry
-                labels = self._labels
-                error_type = type(error).__qualname__
-                if labels is not None:
-                    telemetry._record_duration(labels, self._started, None, error_type)
-                    if telemetry._event_content:
-                        # The request is reported; the error text is never an output message.
-                        telemetry._emit_details(span, labels, {ERROR_TYPE: error_type}, self._inputs, None)
-            finally:
-                _end_span(span, "chat")
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not complete the chat span")
+                span.set_attributes(attributes)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                failure = exc
+        if state is not None and not wants_tools:  # a final answer closes the round
+            try:
+                _end_step(c, state, reasons[0] if reasons else "stop")
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                failure = failure if failure is not None else exc
+        if c.duration is not None:
+            try:
+                final, tokens_in, tokens_out = identity.usage(response_model)
+                c.duration.record(_monotonic() - self._started, final)
+                tokens = c.tokens
+                if tokens is not None:
+                    tokens.record(input_tokens, tokens_in)
+                    tokens.record(output_tokens, tokens_out)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                failure = failure if failure is not None else exc
+        if outputs is not None and c.event_content and span is not None:
+            _emit_details(c, span, identity.labels, attributes, self._inputs, outputs)
+        if failure is not None:
+            raise failure
+
+    def _release(self) -> None:
+        state = self._state
+        if state is not None:
+            state.llm_depth -= 1
+
+
+def _emit_details(
+    c: Components,
+    span: Span,
+    labels: dict[str, Any],
+    response: dict[str, Any],
+    inputs: Optional[list[dict[str, Any]]],
+    outputs: Optional[list[dict[str, Any]]],
+) -> None:
+    """Emit one ``gen_ai.client.inference.operation.details`` event for a chat, tied to its span."""
+    attributes: dict[str, Any] = dict(labels)
+    for key, value in response.items():
+        if key != _OUTPUT_MESSAGES:
+            attributes[key] = value
+    if inputs is not None:
+        attributes[_INPUT_MESSAGES] = inputs
+    if outputs is not None:
+        attributes[_OUTPUT_MESSAGES] = outputs
+    genai.emit_details(c.event_logger, attributes, _set_span_in_context(span))
 
 
 # -- execute_tool -----------------------------------------------------------------------------------------------
 
 
-class ToolCall(_Ended):
+class ToolCall(Invocation):
     """One tool execution (an ``execute_tool`` span, current while the tool runs): from :meth:`HermesTelemetry.start_tool`.
 
     ``stop`` takes the tool's result: a Hermes ``{"error": ...}`` result marks the span failed.
     """
 
-    __slots__ = ("_telemetry", "span", "_token")
+    __slots__ = ()
+    _what = "could not complete the execute_tool span"
 
-    def __init__(self, telemetry: "HermesTelemetry", span: Optional[Span], token: Any, done: bool = False) -> None:
-        self._telemetry = telemetry
-        self.span = span
-        self._token = token
-        self._done = done
-
-    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
+    def _record(self, result: Any, error: Optional[BaseException]) -> None:
         span = self.span
-        try:
-            if error is not None:
-                _record_error(span, error)  # type: ignore[arg-type]
-            else:
-                failure = _tool_error_type(result)
-                attributes: Optional[dict[str, Any]] = None
-                if failure is not None:
-                    span.set_status(Status(StatusCode.ERROR, failure[1]))  # type: ignore[union-attr]
-                    attributes = {ERROR_TYPE: failure[0]}
-                if self._telemetry._span_content and result is not None:
-                    if attributes is None:
-                        attributes = {}
-                    attributes[_TOOL_RESULT] = result if isinstance(result, str) else genai.to_json(result)
-                if attributes is not None:  # one call for the error type and the result
-                    span.set_attributes(attributes)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not complete the execute_tool span")
-        finally:
-            try:
-                _end_span(span, "execute_tool")
-            finally:
-                _detach_token(self._token, "execute_tool")
+        if span is None:
+            return
+        c = self._c
+        if error is not None:
+            _error(c, span, type(error).__qualname__, _exception_text(c, error), error)
+            return
+        attributes: Optional[dict[str, Any]] = None
+        if c.span_content and result is not None:
+            attributes = {_TOOL_RESULT: genai.bounded(result, c.limit) if isinstance(result, str)
+                          else genai.to_json(result, c.limit)}
+        failure = _tool_error_type(result)
+        if failure is not None:
+            error_type, message = failure
+            _error(c, span, error_type, message if c.error_text else error_type, None, attributes)
+        elif attributes is not None:  # one call for the error type and the result
+            span.set_attributes(attributes)
 
 
 # -- subagents ---------------------------------------------------------------------------------------------------
@@ -600,16 +780,60 @@ class PendingSubagent:
         self.parent = parent
 
 
+# -- identities: the attributes of one (provider, model, ...) built once --------------------------------------------
+
+
+class _Identity:
+    """The span name, start attributes and metric attributes of one (provider, base URL, model) or (provider, model,
+    session id), and the metric attributes of its outcomes (response model, error type), each built once."""
+
+    __slots__ = ("name", "attributes", "labels", "_finals", "_usages")
+
+    def __init__(self, name: str, attributes: dict[str, Any], labels: dict[str, Any]) -> None:
+        self.name = name
+        self.attributes = attributes
+        self.labels = labels  # shared by every call of this identity: never mutated
+        self._finals: dict[tuple[Optional[str], Optional[str]], dict[str, Any]] = {}
+        self._usages: dict[Optional[str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+
+    def final(self, response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
+        """The metric attributes of an outcome: the start ones plus the response model and the error type."""
+        if response_model is None and error_type is None:
+            return self.labels
+        key = (response_model, error_type)
+        found = self._finals.get(key)
+        if found is None:
+            found = dict(self.labels)
+            if response_model is not None:
+                found[_RESPONSE_MODEL] = response_model
+            if error_type is not None:
+                found[ERROR_TYPE] = error_type
+            _remember(self._finals, key, found)
+        return found
+
+    def usage(self, response_model: Optional[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(duration, input token, output token) metric attributes of a successful chat answered by ``response_model``."""
+        found = self._usages.get(response_model)
+        if found is None:
+            final = self.final(response_model, None)
+            found = (final, {**final, _TOKEN_TYPE: "input"}, {**final, _TOKEN_TYPE: "output"})
+            _remember(self._usages, response_model, found)
+        return found
+
+
 # -- the telemetry ------------------------------------------------------------------------------------------------
 
 
 class HermesTelemetry:
-    """The tracer, meter, event logger, state store and content-capture mode of one instrumentation, and its public lifecycle.
+    """The public lifecycle of one instrumentation: starts invocations, chats and tools with its :class:`Components`.
 
-    ``start_invocation``, ``start_chat`` and ``start_tool`` never raise and return objects whose
-    ``stop``/``fail`` never raise; ``end_tool_round`` and ``prepare_subagent`` never raise.
-    ``capture_content`` is a :class:`~statebackends_hermes_agent.genai.CaptureMode` (``True`` means
-    ``SPAN_ONLY``, ``False`` ``NO_CONTENT``); events need ``event_logger`` (a Logs API ``Logger``).
+    ``start_invocation``, ``start_chat``, ``start_tool``, ``end_tool_round``, ``prepare_subagent`` and
+    ``take_subagent`` never raise what the telemetry raises (only ``KeyboardInterrupt`` is let through), nor do the
+    ``stop``/``fail`` of what they return. ``capture_content`` is a
+    :class:`~statebackends_hermes_agent.genai.CaptureMode` (``True`` means ``SPAN_ONLY``, ``False`` ``NO_CONTENT``);
+    events need ``event_logger`` (a Logs API ``Logger``). ``error_text``: record error messages even with content
+    capture off (content capture on records them anyway). ``content_max_length``: characters kept of each captured
+    text (0: unbounded).
     """
 
     def __init__(
@@ -617,40 +841,52 @@ class HermesTelemetry:
         tracer: Tracer,
         store: StateStore[InvocationState],
         meter: Optional[Meter] = None,
-        capture_content: "bool | CaptureMode" = False,
+        capture_content: bool | CaptureMode = False,
         event_logger: Any = None,
+        *,
+        error_text: bool = False,
+        content_max_length: int = DEFAULT_CONTENT_MAX_LENGTH,
     ) -> None:
-        self.tracer = tracer
-        self.store = store
         if isinstance(capture_content, CaptureMode):
             mode = capture_content
         else:
             mode = CaptureMode.SPAN_ONLY if capture_content else CaptureMode.NO_CONTENT
         self.capture_mode = mode
-        self._span_content = mode.on_span
-        self._event_content = mode.on_event and event_logger is not None
-        self._event_logger = event_logger if self._event_content else None
-        self.capture_content = self._span_content or self._event_content
-        """Whether any message content is recorded (the wrappers pass the user message only then)."""
-        self._pending: "weakref.WeakKeyDictionary[Any, PendingSubagent]" = weakref.WeakKeyDictionary()
-        # Its plain dict of entries (never replaced): empty means no record, checked without the Python __len__.
-        self._pending_data: dict = getattr(self._pending, "data", self._pending)
-        self._pending_lock = threading.Lock()
-        # (provider label, base URL, model) -> (chat span name, chat span attributes, metric attributes)
-        self._chat_identities: dict[tuple, tuple[str, dict[str, Any], dict[str, Any]]] = {}
-        # (provider label, model, session id) -> (invoke_agent span attributes, metric attributes)
-        self._agent_identities: dict[tuple, tuple[dict[str, Any], dict[str, Any]]] = {}
-        self._duration = self._tokens = self._ttfc = None
+        histograms: list[Optional[Histogram]] = [None, None, None]
         if meter is not None:
             try:
-                instruments = genai.create_instruments(meter)
-                # A no-op meter's histograms record nothing: drop them so no attributes are built for them.
-                self._duration, self._tokens, self._ttfc = (
-                    None if isinstance(h, NoOpHistogram) else h for h in instruments
-                )
-            except Exception:  # noqa: BLE001
-                _logger.exception("hermes-agent instrumentation: metrics disabled, the instruments could not be created")
-                self._duration = self._tokens = self._ttfc = None
+                # A no-op meter's histograms record nothing: dropped, so no attributes are built for them.
+                histograms = [None if isinstance(h, NoOpHistogram) else h for h in genai.create_instruments(meter)]
+            except BaseException as exc:  # noqa: BLE001 - metrics off, never instrument() failing
+                _contain(exc, "metrics disabled, the instruments could not be created")
+        self.components = Components(
+            tracer,
+            store,
+            duration=histograms[0],
+            tokens=histograms[1],
+            first_chunk=histograms[2],
+            event_logger=event_logger if mode.on_event else None,
+            span_content=mode.on_span,
+            error_text=error_text,
+            limit=content_max_length,
+        )
+        self.tracer = tracer
+        self.store = store
+        self.capture_content = self.components.content
+        """Whether any message content is recorded (the wrappers pass the user message only then)."""
+        self._pending: weakref.WeakKeyDictionary[Any, PendingSubagent] = weakref.WeakKeyDictionary()
+        self._pending_count = 0  # registrations not taken yet (or whose child is gone): 0 skips the lock
+        self._pending_lock = threading.Lock()
+        # (provider label, base URL, model) -> the chat identity
+        self._chat_identities: dict[tuple[Any, ...], _Identity] = {}
+        # (provider label, model, session id) -> the invoke_agent identity
+        self._agent_identities: dict[tuple[Any, ...], _Identity] = {}
+        at_fork_in_child(self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the locks anew (another thread of the parent may have held one), nothing pending."""
+        self._pending_lock = threading.Lock()
+        self.components.chunk_lock = threading.Lock()
 
     # -- invoke_agent ---------------------------------------------------------------------------
 
@@ -664,18 +900,19 @@ class HermesTelemetry:
     ) -> AgentInvocation:
         """Begin the state of one invocation of ``agent`` and start its ``invoke_agent`` span, current here.
 
-        ``task_id`` is the invocation id (a new one when falsy: read it back from the result's
-        ``task_id``). ``parent`` is the span context to hang under (a subagent's), else the
-        enclosing invocation's or the caller's span. Never raises: on failure the invocation
-        is returned with no span and nothing left in the store.
+        ``task_id`` is the invocation id (a new one when falsy: read it back from ``invocation.task_id``).
+        ``parent`` is the span context to hang under (a subagent's), else the enclosing invocation's or the
+        caller's span. Never raises (only ``KeyboardInterrupt`` is let through, after undoing what was begun):
+        when the store cannot begin the state the call runs uninstrumented; when the span cannot be started the
+        call keeps its state and its spans hang under ``parent``.
         """
-        invocation = AgentInvocation(self, task_id or _new_task_id())
-        store = self.store
+        c = self.components
+        invocation = AgentInvocation(c, task_id or _new_task_id())
         scope = span = None
         try:
             if parent is None:
                 parent = self._parent_of_agent(agent)
-            scope = store.begin(agent, invocation_id=invocation.task_id)
+            scope = c.store.begin(agent, invocation_id=invocation.task_id)
             state = scope.state
             key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
             try:
@@ -684,35 +921,36 @@ class HermesTelemetry:
                 identity = None
             if identity is None:
                 identity = self._agent_identity(key)
-            attributes, invocation._labels = identity
-            if self._span_content and user_message is not None:
-                attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message)])}
-            invocation._started = time.monotonic()
-            span = self.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=_INTERNAL, attributes=attributes)
-            state.agent_span = span
+            invocation._identity = identity
+            attributes = identity.attributes
+            if c.span_content and user_message is not None:
+                attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message,
+                                                                                               None, c.limit)])}
+            state.agent_ctx = parent  # the context its spans hang under until (unless) its own span starts
+            invocation.scope = scope
+            invocation._started = _monotonic()
+            span = c.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=_INTERNAL, attributes=attributes)
+            invocation.span = state.agent_span = span
             current = _set_span_in_context(span)
             # With no explicit parent both contexts are the current one plus the span: build it once.
             state.agent_ctx = current if parent is None else _set_span_in_context(span, parent)
             invocation._token = _attach(current)
-        except BaseException as exc:
-            # Undo whatever was made: the call runs uninstrumented, nothing is left open.
-            if span is not None:
-                _end_span(span, "invoke_agent")
-            if scope is not None:
-                self._end_scope(scope)
-            if not isinstance(exc, Exception):
-                raise
-            _logger.exception("hermes-agent instrumentation: could not open invoke_agent; running uninstrumented")
-            return invocation
-        invocation.scope = scope
-        invocation.span = span
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if scope is None or isinstance(exc, KeyboardInterrupt):  # nothing begun, or undo all: uninstrumented
+                invocation._done = True
+                if span is not None:
+                    _end_quietly(span)
+                if scope is not None:
+                    invocation.scope = None
+                    _end_scope_quietly(c.store, scope)
+            _contain(exc, "could not open invoke_agent" if scope is None else "invoke_agent started incompletely")
         return invocation
 
-    def _agent_identity(self, key: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _agent_identity(self, key: tuple[Any, ...]) -> _Identity:
         """The ``invoke_agent`` span attributes and metric attributes of one (provider, model, session id)."""
         provider, model, session_id = key
-        attributes: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT, GenAI.GEN_AI_AGENT_NAME: AGENT_NAME}
-        labels: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_INVOKE_AGENT}
+        attributes: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT, GenAI.GEN_AI_AGENT_NAME: AGENT_NAME}
+        labels: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT}
         if provider:
             attributes[GenAI.GEN_AI_PROVIDER_NAME] = labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
             attributes[genai.HERMES_PROVIDER] = str(provider)
@@ -720,18 +958,13 @@ class HermesTelemetry:
             attributes[GenAI.GEN_AI_REQUEST_MODEL] = labels[GenAI.GEN_AI_REQUEST_MODEL] = str(model)
         if session_id:
             attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
-        identity = (attributes, labels)
-        cache = self._agent_identities
-        _remember(cache, key, identity)
+        identity = _Identity(_AGENT_SPAN_NAME, attributes, labels)
+        _remember(self._agent_identities, key, identity)
         return identity
 
     def _parent_of_agent(self, agent: Any) -> Optional[Context]:
         """A nested invocation hangs under its enclosing invocation; a top-level one under the caller's span."""
-        try:
-            enclosing = self.store.current(agent)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: store.current failed; no enclosing invocation")
-            return None
+        enclosing = self.components.store.current(agent)
         if enclosing is None or enclosing.agent_span is None:
             return None
         ambient = trace.get_current_span().get_span_context()
@@ -739,74 +972,43 @@ class HermesTelemetry:
             return None  # same thread (or a copied context): the ambient span is the exact parent
         return enclosing.delegate_parent or enclosing.agent_ctx
 
-    def _end_scope(self, scope: Any) -> None:
-        try:
-            self.store.end(scope)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: store.end failed")
-
     # -- react step -------------------------------------------------------------------------------
 
-    def _end_step(self, state: InvocationState, finish_reason: Optional[str], error: Optional[BaseException] = None) -> None:
-        """End the open react step, if any; never raises."""
-        span, state.step_span, state.step_ctx = state.step_span, None, None
-        if span is None:
-            return
-        try:
-            if error is not None:
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-                if finish_reason:  # one call for both attributes
-                    span.set_attributes({REACT_FINISH_REASON: finish_reason, ERROR_TYPE: type(error).__qualname__})
-                else:
-                    span.set_attribute(ERROR_TYPE, type(error).__qualname__)
-                span.record_exception(error)
-            elif finish_reason:
-                span.set_attributes({REACT_FINISH_REASON: finish_reason})  # what the SDK's set_attribute calls
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not complete the react step")
-        finally:
-            _end_span(span, "react step")
-
     def end_tool_round(self, owner: Any, task_id: Any = None, error: Optional[BaseException] = None) -> None:
-        """Close the ReAct step of ``owner``'s invocation (found by ``task_id``) once its tools ran or failed; never raises."""
+        """Close the ReAct step of ``owner``'s invocation (found by ``task_id``) once its tools ran or failed; never
+        raises (only ``KeyboardInterrupt`` is let through)."""
         try:
-            state = self.store.current(owner, task_id or None)
-            if state is not None:
-                self._end_step(state, "error" if error is not None else "tool_calls", error)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not end the react step")
+            state = self.components.store.current(owner, task_id or None)
+            if state is not None and state.step_span is not None:
+                c = self.components
+                if error is None:
+                    _end_step(c, state, "tool_calls")
+                else:
+                    _end_step(c, state, "error", type(error).__qualname__, _exception_text(c, error), error)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            _contain(exc, "could not end the react step")
 
     # -- chat -----------------------------------------------------------------------------------------
 
     def start_chat(self, agent: Any, api_kwargs: Any = None, *, streaming: bool = False) -> ChatCall:
-        """Start a ``chat`` span for one LLM request of ``agent`` (opening a react step if none is); never raises.
+        """Start a ``chat`` span for one LLM request of ``agent`` (opening a react step if none is); never raises (only
+        ``KeyboardInterrupt`` is let through).
 
         ``api_kwargs`` is the request (its ``model`` names the span). With ``streaming`` pass
         :meth:`ChatCall.wrap_first_delta` as the call's ``on_first_delta``.
         """
-        state = None
+        c = self.components
+        chat = ChatCall(c)
         try:
-            state = self.store.current(agent)
+            state = c.store.current(agent)
             if state is not None:
-                if state.llm_depth > 0:  # the streaming path falling back to the plain call: one span
-                    state.llm_depth += 1
-                    return ChatCall(self, state, None, 0.0, None)
-                if state.step_span is None:  # open a react step: its round number, under the invocation
-                    agent_ctx = state.agent_ctx
-                    number = state.round + 1
-                    step = self.tracer.start_span(
-                        STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes={REACT_ROUND: number}
-                    )
-                    try:
-                        step_ctx = _set_span_in_context(step, agent_ctx)
-                    except BaseException:  # no half-open step: the state names a step only with its context
-                        _end_span(step, "react step")
-                        raise
-                    state.round, state.step_span, state.step_ctx = number, step, step_ctx
-                else:
-                    step_ctx = state.step_ctx
+                chat._state = state
+                state.llm_depth += 1  # given back by the chat's end, however it ends
+                if state.llm_depth > 1:  # the streaming path falling back to the plain call: one span, the outer one
+                    return chat
+                parent = state.step_ctx if state.step_span is not None else _open_step(c, state)
             else:
-                step_ctx = None
+                parent = None
             model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
             key = (getattr(agent, "provider", None), getattr(agent, "base_url", None), model or getattr(agent, "model", None))
             try:
@@ -815,28 +1017,29 @@ class HermesTelemetry:
                 identity = None
             if identity is None:
                 identity = self._chat_identity(key)
-            name, attributes, labels = identity
-            inputs = None
-            if self.capture_content:  # spans or events: otherwise no message is ever built
+            attributes = identity.attributes
+            if c.content:  # spans or events: otherwise no message is ever built
                 messages = api_kwargs.get("messages") if isinstance(api_kwargs, dict) else None
-                inputs = genai.input_messages(messages)
-                if self._span_content:
+                inputs = genai.input_messages(messages, c.limit)
+                if c.event_content:
+                    chat._inputs = inputs
+                if c.span_content:
                     attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
-            span = self.tracer.start_span(name, context=step_ctx, kind=_CLIENT, attributes=attributes)
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                raise
-            _logger.exception("hermes-agent instrumentation: could not start the chat span")
-            return ChatCall(self, None, None, 0.0, None, done=True)
-        if state is not None:
-            state.llm_depth += 1
-        return ChatCall(self, state, span, time.monotonic(), labels, False, inputs if self._event_content else None)
+            chat._identity = identity
+            chat._started = _monotonic()
+            chat.span = c.tracer.start_span(identity.name, context=parent, kind=_CLIENT, attributes=attributes)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if isinstance(exc, KeyboardInterrupt):
+                chat._identity = None  # passive: its end records nothing, ends its span, gives its depth back
+                chat.stop(None)
+            _contain(exc, "could not start the chat span")
+        return chat
 
-    def _chat_identity(self, key: tuple) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    def _chat_identity(self, key: tuple[Any, ...]) -> _Identity:
         """The chat span name, span start attributes and metric attributes of one (provider, base URL, model)."""
         provider, base_url, model = key
         model = str(model) if model else "unknown"
-        labels: dict[str, Any] = {GenAI.GEN_AI_OPERATION_NAME: _OP_CHAT, GenAI.GEN_AI_REQUEST_MODEL: model}
+        labels: dict[str, Any] = {_OPERATION_NAME: _OP_CHAT, GenAI.GEN_AI_REQUEST_MODEL: model}
         if provider:
             labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
         address, port = genai.server_of(base_url)
@@ -847,68 +1050,16 @@ class HermesTelemetry:
         attributes = dict(labels)
         if provider:
             attributes[genai.HERMES_PROVIDER] = str(provider)
-        identity = (f"chat {model}", attributes, labels)
-        cache = self._chat_identities
-        _remember(cache, key, identity)
+        identity = _Identity(f"chat {model}", attributes, labels)
+        _remember(self._chat_identities, key, identity)
         return identity
-
-    def _record_duration(
-        self, labels: dict[str, Any], started: float, response_model: Optional[str], error_type: Optional[str]
-    ) -> None:
-        """Record one operation's ``gen_ai.client.operation.duration`` (with ``error.type`` when it failed); never raises."""
-        duration = self._duration
-        if not _live(duration):
-            return
-        try:
-            duration.record(time.monotonic() - started, _error_labels(labels, response_model, error_type))
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not record the operation duration")
-
-    def _record_chat(
-        self, labels: dict[str, Any], started: float, response_model: Optional[str], input_tokens: int, output_tokens: int
-    ) -> None:
-        """Record a successful chat's duration and token usage; never raises."""
-        try:
-            final = _error_labels(labels, response_model, None)
-            self._duration.record(time.monotonic() - started, final)  # type: ignore[union-attr]
-            tokens = self._tokens
-            if tokens is not None:
-                tokens.record(input_tokens, {**final, GenAI.GEN_AI_TOKEN_TYPE: "input"})
-                tokens.record(output_tokens, {**final, GenAI.GEN_AI_TOKEN_TYPE: "output"})
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not record the chat metrics")
-
-    def _emit_details(
-        self,
-        span: Span,
-        labels: Optional[dict[str, Any]],
-        response: dict[str, Any],
-        inputs: Optional[list[dict[str, Any]]],
-        outputs: Optional[list[dict[str, Any]]],
-    ) -> None:
-        """Emit one ``gen_ai.client.inference.operation.details`` event for a chat, tied to its span; never raises."""
-        logger = self._event_logger
-        if logger is None:
-            return
-        try:
-            attributes: dict[str, Any] = dict(labels or ())
-            for key, value in response.items():
-                if key != _OUTPUT_MESSAGES:
-                    attributes[key] = value
-            if inputs is not None:
-                attributes[_INPUT_MESSAGES] = inputs
-            if outputs is not None:
-                attributes[_OUTPUT_MESSAGES] = outputs
-            genai.emit_details(logger, attributes, trace.set_span_in_context(span))
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not emit the inference details event")
 
     # -- execute_tool ---------------------------------------------------------------------------------
 
     def start_tool(
         self,
         owner: Any,
-        name: str,
+        name: Any,
         arguments: Any = None,
         *,
         task_id: Any = None,
@@ -916,42 +1067,41 @@ class HermesTelemetry:
     ) -> ToolCall:
         """Start an ``execute_tool`` span under ``owner``'s open step (or its invocation) and make it current here.
 
-        ``task_id`` finds the invocation where only the id travels (a tool pool). Never raises:
-        on failure a :class:`ToolCall` without a span is returned.
+        ``task_id`` finds the invocation where only the id travels (a tool pool). Never raises (only
+        ``KeyboardInterrupt`` is let through): on failure a :class:`ToolCall` without a span is returned.
         """
-        span = None
+        c = self.components
+        tool = ToolCall(c)
         try:
-            try:
-                state = self.store.current(owner, task_id or None)
-            except Exception:  # noqa: BLE001
-                _logger.exception("hermes-agent instrumentation: store.current failed; the tool span has no parent")
-                state = None
+            state = c.store.current(owner, task_id or None)
             parent = None
             if state is not None:
                 parent = state.step_ctx or state.agent_ctx
+            if type(name) is not str:
+                name = str(name)
             attributes: dict[str, Any] = {_OPERATION_NAME: _OP_EXECUTE_TOOL, _TOOL_NAME: name, _TOOL_TYPE: "function"}
             if tool_call_id:
                 attributes[_TOOL_CALL_ID] = str(tool_call_id)
-            if self._span_content and arguments is not None:
-                attributes[_TOOL_ARGUMENTS] = arguments if isinstance(arguments, str) else genai.to_json(arguments)
-            span = self.tracer.start_span(f"execute_tool {name}", context=parent, kind=_INTERNAL, attributes=attributes)
+            if c.span_content and arguments is not None:
+                attributes[_TOOL_ARGUMENTS] = (genai.bounded(arguments, c.limit) if isinstance(arguments, str)
+                                               else genai.to_json(arguments, c.limit))
+            span = tool.span = c.tracer.start_span(f"execute_tool {name}", context=parent, kind=_INTERNAL,
+                                                   attributes=attributes)
             span_ctx = _set_span_in_context(span)
             if state is not None and name == "delegate_task":
                 state.delegate_parent = span_ctx
-            token = _attach(span_ctx)
-        except BaseException as exc:
-            if span is not None:
-                _end_span(span, "execute_tool")
-            if not isinstance(exc, Exception):
-                raise
-            _logger.exception("hermes-agent instrumentation: could not start the execute_tool span")
-            return ToolCall(self, None, None, done=True)
-        return ToolCall(self, span, token)
+            tool._token = _attach(span_ctx)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if tool.span is not None and (tool._token is None or isinstance(exc, KeyboardInterrupt)):
+                tool.stop(None)  # not current: ended at once, nothing left open
+            _contain(exc, "could not start the execute_tool span")
+        return tool
 
     # -- subagents -------------------------------------------------------------------------------------
 
     def prepare_subagent(self, child: Any) -> None:
-        """Remember, for ``child`` built in its parent's ``delegate_task``, where its invocation will hang; never raises.
+        """Remember, for ``child`` built in its parent's ``delegate_task``, where its invocation will hang; never
+        raises (only ``KeyboardInterrupt`` is let through).
 
         The look-up is made now, in the parent's tool thread while the parent is open, through
         the store with the child as owner, so the backend decides whether the parent is found
@@ -962,25 +1112,71 @@ class HermesTelemetry:
         context variables its worker sets, such as Hermes's session working directory).
         """
         try:
-            parent = self._subagent_parent(child)
-            with self._pending_lock:
-                self._pending[child] = PendingSubagent(parent)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: subagent will start a trace of its own")
+            self.register_subagent(child, PendingSubagent(self._subagent_parent(child)))
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            _contain(exc, "subagent will start a trace of its own")
+
+    def register_subagent(self, child: Any, pending: PendingSubagent) -> None:
+        """Keep ``pending`` for ``child`` until :meth:`take_subagent` (held weakly by the child: a child that never
+        runs leaves nothing); may raise (an unhashable child)."""
+        with self._pending_lock:
+            self._pending[child] = pending
+            self._pending_count += 1
 
     def _subagent_parent(self, child: Any) -> Optional[Context]:
-        state = self.store.current(child)
+        state = self.components.store.current(child)
         if state is None:
             return None
         return state.delegate_parent or state.agent_ctx
 
     def take_subagent(self, agent: Any) -> Optional[PendingSubagent]:
-        """The pending record :meth:`prepare_subagent` made for ``agent`` (removed), or None; never raises."""
-        if not self._pending_data:  # only subagents are registered: most calls skip the lock
+        """The pending record :meth:`prepare_subagent` made for ``agent`` (removed), or None; never raises (only
+        ``KeyboardInterrupt`` is let through)."""
+        if not self._pending_count:  # only subagents are registered: most calls skip the lock
             return None
         try:
             with self._pending_lock:
-                return self._pending.pop(agent, None)
-        except Exception:  # noqa: BLE001 - an unhashable agent
-            _logger.debug("hermes-agent instrumentation: no subagent record for %r", agent, exc_info=True)
+                pending = self._pending.pop(agent, None)
+                if pending is not None or not self._pending:
+                    self._pending_count = len(self._pending)
+                return pending
+        except BaseException as exc:  # noqa: BLE001 - an unhashable agent
+            _contain(exc, "no subagent record for this agent")
             return None
+
+
+def _open_step(c: Components, state: InvocationState) -> Optional[Context]:
+    """Open the invocation's next react step under its span; the context a chat hangs under: the step's, or the
+    invocation's when the step could not be started (nothing is left half-open; only KeyboardInterrupt is raised)."""
+    agent_ctx = state.agent_ctx
+    step = None
+    try:
+        step = c.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL,
+                                   attributes={REACT_ROUND: state.round + 1})
+        step_ctx = _set_span_in_context(step, agent_ctx)
+    except BaseException as exc:  # noqa: BLE001 - the chat goes on under the invocation
+        if step is not None:
+            _end_quietly(step)
+        _contain(exc, "could not start the react step")
+        return agent_ctx
+    state.round += 1
+    state.step_span, state.step_ctx = step, step_ctx
+    return step_ctx
+
+
+def _end_quietly(span: Span) -> None:
+    """``span.end()`` while undoing a start; what it raises is logged (a KeyboardInterrupt being raised already)."""
+    try:
+        span.end()
+    except BaseException:  # noqa: BLE001 - undoing: the first failure is the one reported
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a span being undone failed",
+                   exc_info=True)
+
+
+def _end_scope_quietly(store: StateStore[InvocationState], scope: Scope[InvocationState]) -> None:
+    """``store.end(scope)`` while undoing a start (see :func:`_end_quietly`)."""
+    try:
+        store.end(scope)
+    except BaseException:  # noqa: BLE001 - undoing: the first failure is the one reported
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a state being undone failed",
+                   exc_info=True)

@@ -1,40 +1,44 @@
-"""The ``wrapt`` wrappers around hermes-agent's methods: thin calls into the public lifecycle.
+"""The ``wrapt`` wrappers around hermes-agent's methods: factories closing over one :class:`HermesTelemetry`.
 
-Each wrapper starts an invocation, a chat or a tool through :class:`HermesWrappers`'s
-inherited :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry` methods, calls the
-wrapped Hermes method, and stops or fails what it started. The lifecycle never raises, so
-the agent's return values, exceptions and tool results pass through unchanged; spans are
-always ended and the state is always released.
+As ``opentelemetry-instrumentation-openai-v2``'s ``patch.py`` does, each factory below takes the telemetry
+(and the switch :class:`HermesWrappers` that ``uninstrument()`` turns off) and returns the wrapper:
+a thin call into the public lifecycle around the wrapped Hermes method. The lifecycle never raises
+what the telemetry raises (only ``KeyboardInterrupt`` is let through), so the agent's return values,
+exceptions and tool results pass through unchanged; spans are always ended and the state is always
+released. Inside ``opentelemetry.instrumentation.utils.suppress_instrumentation()`` every wrapper only
+calls the wrapped method (no span, metric or event), and the suppression reaches the threads Hermes
+starts for the call's LLM requests and subagents.
 """
 
 from __future__ import annotations
 
-import logging
 from contextvars import ContextVar
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
-from .lifecycle import (  # noqa: F401 - re-exported: the public span and attribute names
-    AGENT_NAME,
-    EVICTED_ATTRIBUTE,
-    EVICTED_EVENT,
-    REACT_FINISH_REASON,
-    REACT_ROUND,
-    STEP_SPAN_NAME,
-    AgentInvocation,
+from .lifecycle import (
     ChatCall,
     HermesTelemetry,
+    Invocation,
     PendingSubagent,
-    ToolCall,
+    _contain,
 )
 
-__all__ = ["HermesWrappers"]
+__all__ = ["FACTORIES", "HermesWrappers", "Wrapper"]
 
-_logger = logging.getLogger(__name__)
+Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+"""A ``wrapt`` wrapper: ``(wrapped, instance, args, kwargs)``, returning what ``wrapped`` returns."""
+
+
+class Switch(Protocol):
+    """What the wrappers read on every call: whether they trace (False once ``uninstrument()`` ran)."""
+
+    active: bool
+
 
 # The agent whose tool is running in this thread, set around Hermes's tool dispatch
 # (same thread, synchronous), because ``handle_function_call`` is not given the agent.
@@ -51,15 +55,15 @@ _detach = otel_context.detach
 _set_span_in_context = trace.set_span_in_context
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
     if name in kwargs:
         return kwargs[name]
     return args[index] if len(args) > index else default
 
 
-
-def _call(operation: Any, wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """Run the wrapped Hermes method; ``stop`` ``operation`` with its result or ``fail`` it with its exception, which passes unchanged."""
+def _call(operation: Invocation, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the wrapped Hermes method; ``stop`` ``operation`` with its result or ``fail`` it with its exception, which
+    passes unchanged."""
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as exc:
@@ -69,46 +73,49 @@ def _call(operation: Any, wrapped: Callable[..., Any], args: tuple, kwargs: dict
     return result
 
 
-def _call_current(call: ChatCall, wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _call_current(call: ChatCall, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """:func:`_call` with the chat's span current here, and carried into the threads built under it (see
-    :meth:`HermesWrappers.thread_init`); what the wrapped call returns or raises passes unchanged."""
+    :func:`thread_init`); what the wrapped call returns or raises passes unchanged."""
     span = call.span
     if span is None:  # nothing to make current (or the plain call inside a streaming one: its chat already is)
         return _call(call, wrapped, args, kwargs)
-    token = gate = None
+    token = None
     try:
         token = _attach(_set_span_in_context(span))
-        gate = _in_chat.set(True)
-    except Exception:  # noqa: BLE001 - the call runs, its chat is just not current
-        _logger.exception("hermes-agent instrumentation: could not make the chat span current")
+    except BaseException as exc:  # noqa: BLE001 - the call runs, its chat is just not current
+        _contain(exc, "could not make the chat span current")
+    gate = _in_chat.set(True)
     try:
         return _call(call, wrapped, args, kwargs)
     finally:
-        if gate is not None:
-            _in_chat.reset(gate)
+        _in_chat.reset(gate)
         if token is not None:
-            _detach(token)  # OpenTelemetry's detach logs its own failures, never raises
+            _detach_contained(token)
 
 
-def _run_carried(thread: Any, context: Any) -> Any:
-    """``thread``'s own ``run`` (its class's), with OpenTelemetry's ``context`` attached unless the threading
-    instrumentation carries one itself; set, bound by ``functools.partial``, as the thread's instance attribute
-    ``run`` by :meth:`HermesWrappers.thread_init`, and removed when it returns (no reference cycle left)."""
+def _call_in(context: Any, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The wrapped call with OpenTelemetry's ``context`` attached around it (when it can be)."""
     token = None
-    if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
-        try:
-            token = _attach(context)
-        except Exception:  # noqa: BLE001
-            _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
     try:
-        return type(thread).run(thread)
+        token = _attach(context)
+    except BaseException as exc:  # noqa: BLE001 - the call runs in its own context
+        _contain(exc, "could not attach a subagent's context")
+    try:
+        return wrapped(*args, **kwargs)
     finally:
         if token is not None:
-            _detach(token)
-        thread.__dict__.pop("run", None)
+            _detach_contained(token)
 
 
-def _carry_only(wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _detach_contained(token: Any) -> None:
+    """``detach(token)``: OpenTelemetry logs a failed detach, and a raising log handler raises from there."""
+    try:
+        _detach(token)
+    except BaseException as exc:  # noqa: BLE001
+        _contain(exc, "could not detach a context")
+
+
+def _carry_only(wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The wrapped chat call under ``suppress_instrumentation()``: no span, but the (suppressed) context is carried into
     the request thread, so the instrumentations there (an HTTP client's) see the suppression too."""
     gate = _in_chat.set(True)
@@ -118,6 +125,24 @@ def _carry_only(wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         _in_chat.reset(gate)
 
 
+def _run_carried(thread: Any, context: Any) -> Any:
+    """``thread``'s own ``run`` (its class's), with OpenTelemetry's ``context`` attached unless the threading
+    instrumentation carries one itself; set, bound by ``functools.partial``, as the thread's instance attribute
+    ``run`` by :func:`thread_init`, and removed when it returns (no reference cycle left)."""
+    token = None
+    if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
+        try:
+            token = _attach(context)
+        except BaseException as exc:  # noqa: BLE001 - the thread runs uncarried
+            _contain(exc, "could not carry the chat context into a thread")
+    try:
+        return type(thread).run(thread)
+    finally:
+        if token is not None:
+            _detach_contained(token)
+        thread.__dict__.pop("run", None)
+
+
 class _SuppressedSubagent(PendingSubagent):
     """A child agent built under ``suppress_instrumentation()``: ``parent`` is that suppressed context, attached around
     the child's run in its worker (which copies no context), so the child traces nothing either."""
@@ -125,56 +150,47 @@ class _SuppressedSubagent(PendingSubagent):
     __slots__ = ()
 
 
-class HermesWrappers(HermesTelemetry):
-    """The ``wrapt`` wrapper callables of one instrumentation, on top of its :class:`HermesTelemetry`.
+# -- the factories: one per wrapped Hermes callable -------------------------------------------------------------
 
-    Each wrapper returns what the wrapped Hermes method returns and raises what it raises. Once
-    ``active`` is False (``uninstrument()``), each only calls the wrapped method: a wrapper that could
-    not be taken out (another instrumentation's patch on top of it) traces nothing. Inside
-    ``opentelemetry.instrumentation.utils.suppress_instrumentation()`` each only calls the wrapped method
-    too (no span, metric or event), and the suppression reaches the threads Hermes starts for the call's
-    LLM requests and subagents.
-    """
 
-    active = True
+def run_conversation(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``); when the
+    caller passes no ``task_id``, the one the invocation made (shaped as Hermes's own) is passed on, so the tools get
+    it; one the caller passes reaches Hermes and its tools unchanged."""
+    start_invocation, take_subagent = telemetry.start_invocation, telemetry.take_subagent
+    content = telemetry.capture_content
 
-    # -- invoke_agent -------------------------------------------------------------------
-
-    def run_conversation(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``)."""
-        if not self.active or not is_instrumentation_enabled():
+    def traced_run_conversation(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                kwargs: dict[str, Any]) -> Any:
+        if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         parent = None
-        if self._pending_data:  # only subagents are registered: most calls skip the look-up
-            pending = self.take_subagent(instance)
+        pending = take_subagent(instance)
+        if pending is not None:
             if type(pending) is _SuppressedSubagent:  # built under suppress_instrumentation(): run it suppressed
-                token = _attach(pending.parent)
-                try:
-                    return wrapped(*args, **kwargs)
-                finally:
-                    _detach(token)
-            if pending is not None:  # a subagent: hang under its parent's delegate_task span
-                parent = pending.parent
+                return _call_in(pending.parent, wrapped, args, kwargs)
+            parent = pending.parent  # a subagent: hang under its parent's delegate_task span
         task_id = args[3] if len(args) > 3 else kwargs.get("task_id")
-        invocation = self.start_invocation(
-            instance,
-            task_id,
-            user_message=_arg(args, kwargs, 0, "user_message") if self.capture_content else None,
-            parent=parent,
-        )
+        invocation = start_invocation(instance, task_id, user_message=_arg(args, kwargs, 0, "user_message")
+                                      if content else None, parent=parent)
         if not task_id:
             # Hermes would make one (``task_id or uuid4()``); making it here lets the id reach the tools.
             if len(args) > 3:
-                args = args[:3] + (invocation.task_id,) + args[4:]
+                args = (*args[:3], invocation.task_id, *args[4:])
             else:
                 kwargs = {**kwargs, "task_id": invocation.task_id}
         return _call(invocation, wrapped, args, kwargs)
 
-    # -- react step ------------------------------------------------------------------------
+    return traced_run_conversation
 
-    def execute_tool_calls(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent._execute_tool_calls``: names the agent for the tools it runs, then ends the react step."""
-        if not self.active or not is_instrumentation_enabled():
+
+def execute_tool_calls(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent._execute_tool_calls``: names the agent for the tools it runs, then ends the react step."""
+    end_tool_round = telemetry.end_tool_round
+
+    def traced_execute_tool_calls(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                  kwargs: dict[str, Any]) -> Any:
+        if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         token = _tool_owner.set(instance)
         error: Optional[BaseException] = None
@@ -185,51 +201,73 @@ class HermesWrappers(HermesTelemetry):
             raise
         finally:
             _tool_owner.reset(token)
-            self.end_tool_round(instance, args[2] if len(args) > 2 else kwargs.get("effective_task_id"), error)
+            end_tool_round(instance, args[2] if len(args) > 2 else kwargs.get("effective_task_id"), error)
 
-    # -- chat ----------------------------------------------------------------------------------
+    return traced_execute_tool_calls
 
-    def api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent._interruptible_api_call``: one ``chat`` span."""
-        if not self.active:
+
+def api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent._interruptible_api_call``: one ``chat`` span, current for the call and carried into its request thread."""
+    start_chat = telemetry.start_chat
+
+    def traced_api_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        if not switch.active:
             return wrapped(*args, **kwargs)
         if not is_instrumentation_enabled():
             return _carry_only(wrapped, args, kwargs)
-        call = self.start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
+        call = start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
         return _call_current(call, wrapped, args, kwargs)
 
-    def streaming_api_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
-        if not self.active:
+    return traced_api_call
+
+
+def streaming_api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
+    start_chat = telemetry.start_chat
+
+    def traced_streaming_api_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                  kwargs: dict[str, Any]) -> Any:
+        if not switch.active:
             return wrapped(*args, **kwargs)
         if not is_instrumentation_enabled():
             return _carry_only(wrapped, args, kwargs)
-        call = self.start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
+        call = start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
         return _call_current(call, wrapped, args, kwargs)
 
-    def thread_init(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> None:
-        """``threading.Thread.__init__``: a thread built while one of our chat calls runs here (Hermes's request
-        worker) runs with OpenTelemetry's current context, the chat span's, attached.
+    return traced_streaming_api_call
 
-        Only OpenTelemetry's context is carried, as opentelemetry-instrumentation-threading carries it (which,
-        when active, carries it alone): the thread runs in its own ``contextvars`` context, as Hermes made it.
-        """
+
+def thread_init(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``threading.Thread.__init__``: a thread built while one of our chat calls runs here (Hermes's request worker)
+    runs with OpenTelemetry's current context, the chat span's, attached.
+
+    Only OpenTelemetry's context is carried, as opentelemetry-instrumentation-threading carries it (which, when
+    active, carries it alone): the thread runs in its own ``contextvars`` context, as Hermes made it.
+    """
+
+    def traced_thread_init(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
         wrapped(*args, **kwargs)
         # Installed with enabled=_in_chat.get, wrapt calls this only where the gate is set; checked again for any
         # other installation (the benchmarks' stub, a copy of the wrapper).
-        if _in_chat.get() and self.active:
+        if _in_chat.get() and switch.active:
             try:
                 instance.run = partial(_run_carried, instance, _get_current())
-            except Exception:  # noqa: BLE001 - the thread runs as it would, uncarried
-                _logger.exception("hermes-agent instrumentation: could not carry the chat context into a thread")
+            except BaseException as exc:  # noqa: BLE001 - the thread runs as it would, uncarried
+                _contain(exc, "could not carry the chat context into a thread")
 
-    # -- execute_tool --------------------------------------------------------------------------
+    return traced_thread_init
 
-    def invoke_tool(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent._invoke_tool``: names the agent and the tool call id for ``handle_function_call``."""
-        if not self.active or not is_instrumentation_enabled():
+
+def invoke_tool(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent._invoke_tool``: names the agent and the tool call id for ``handle_function_call``."""
+
+    def traced_invoke_tool(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
+        if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         owner = _tool_owner.set(instance)
         call_id = _tool_call_id.set(_arg(args, kwargs, 3, "tool_call_id"))
@@ -239,43 +277,105 @@ class HermesWrappers(HermesTelemetry):
             _tool_call_id.reset(call_id)
             _tool_owner.reset(owner)
 
-    def handle_function_call(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``run_agent.handle_function_call``: one ``execute_tool`` span."""
-        if not self.active or not is_instrumentation_enabled():
+    return traced_invoke_tool
+
+
+def handle_function_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``run_agent.handle_function_call``: one ``execute_tool`` span."""
+    start_tool = telemetry.start_tool
+
+    def traced_handle_function_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                    kwargs: dict[str, Any]) -> Any:
+        if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         n = len(args)  # handle_function_call(function_name, function_args, task_id=None, tool_call_id=None, ...)
-        call = self.start_tool(
+        call = start_tool(
             _tool_owner.get(),
-            str(args[0] if n else kwargs.get("function_name")),
+            args[0] if n else kwargs.get("function_name"),
             args[1] if n > 1 else kwargs.get("function_args"),
             task_id=args[2] if n > 2 else kwargs.get("task_id"),
             tool_call_id=(args[3] if n > 3 else kwargs.get("tool_call_id")) or _tool_call_id.get(),
         )
         return _call(call, wrapped, args, kwargs)
 
-    def dispatch_delegate_task(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
-        if not self.active or not is_instrumentation_enabled():
+    return traced_handle_function_call
+
+
+def dispatch_delegate_task(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
+    start_tool = telemetry.start_tool
+
+    def traced_dispatch_delegate_task(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                      kwargs: dict[str, Any]) -> Any:
+        if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        call = self.start_tool(
-            instance, "delegate_task", _arg(args, kwargs, 0, "function_args"), tool_call_id=_tool_call_id.get()
-        )
+        call = start_tool(instance, "delegate_task", _arg(args, kwargs, 0, "function_args"),
+                          tool_call_id=_tool_call_id.get())
         return _call(call, wrapped, args, kwargs)
 
-    # -- subagents -------------------------------------------------------------------------------
+    return traced_dispatch_delegate_task
 
-    def build_child_agent(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``tools.delegate_tool._build_child_agent``: remembers where the child's invocation will hang."""
-        if not self.active:
+
+def build_child_agent(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
+    """``tools.delegate_tool._build_child_agent``: remembers where the child's invocation will hang (built in the
+    parent's tool thread; run later in a worker that copies no context)."""
+    prepare_subagent, register_subagent = telemetry.prepare_subagent, telemetry.register_subagent
+
+    def traced_build_child_agent(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any]) -> Any:
+        if not switch.active:
             return wrapped(*args, **kwargs)
         child = wrapped(*args, **kwargs)
-        # Built in the parent's tool thread; run later in a worker that copies no context.
         if is_instrumentation_enabled():
-            self.prepare_subagent(child)
+            prepare_subagent(child)
         else:
             try:
-                with self._pending_lock:
-                    self._pending[child] = _SuppressedSubagent(_get_current())
-            except Exception:  # noqa: BLE001 - an unhashable child: it runs unsuppressed, a trace of its own
-                _logger.exception("hermes-agent instrumentation: a subagent built under suppression runs traced")
+                register_subagent(child, _SuppressedSubagent(_get_current()))
+            except BaseException as exc:  # noqa: BLE001 - an unhashable child: it runs unsuppressed, a trace of its own
+                _contain(exc, "a subagent built under suppression runs traced")
         return child
+
+    return traced_build_child_agent
+
+
+FACTORIES: dict[str, Callable[[HermesTelemetry, Switch], Wrapper]] = {
+    "run_conversation": run_conversation,
+    "api_call": api_call,
+    "streaming_api_call": streaming_api_call,
+    "execute_tool_calls": execute_tool_calls,
+    "invoke_tool": invoke_tool,
+    "dispatch_delegate_task": dispatch_delegate_task,
+    "handle_function_call": handle_function_call,
+    "build_child_agent": build_child_agent,
+    "thread_init": thread_init,
+}
+"""Every wrapper factory, by the name the instrumentor installs its wrapper under."""
+
+
+class HermesWrappers:
+    """The ``wrapt`` wrappers of one instrumentation, made by :data:`FACTORIES` over its ``telemetry``, as attributes of
+    the same names; and their switch.
+
+    Each wrapper returns what the wrapped Hermes method returns and raises what it raises. Once ``active`` is False
+    (``uninstrument()``), each only calls the wrapped method: a wrapper that could not be taken out (another
+    instrumentation's patch on top of it) traces nothing.
+    """
+
+    run_conversation: Wrapper
+    api_call: Wrapper
+    streaming_api_call: Wrapper
+    execute_tool_calls: Wrapper
+    invoke_tool: Wrapper
+    dispatch_delegate_task: Wrapper
+    handle_function_call: Wrapper
+    build_child_agent: Wrapper
+    thread_init: Wrapper
+
+    def __init__(self, telemetry: HermesTelemetry) -> None:
+        self.telemetry = telemetry
+        self.active = True
+        made = {name: factory(telemetry, self) for name, factory in FACTORIES.items()}
+        for name, wrapper in made.items():
+            setattr(self, name, wrapper)
+        self.callables: frozenset[Wrapper] = frozenset(made.values())
+        """Every wrapper made here (how ``uninstrument()`` tells ours from another instrumentation's)."""

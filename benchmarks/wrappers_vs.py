@@ -1,0 +1,125 @@
+"""The instrumentation's wrappers alone, this checkout beside another commit's, side by side in one process.
+
+``python -m benchmarks.wrappers_vs [REV] [--backend NAME] [--repeats N] [--calls N]`` copies
+``instrumentation/hermes-agent/src/statebackends_hermes_agent/`` as it is at ``REV`` (default ``main``) into a
+temporary package, builds each copy's wrappers over the same components ``instrument()`` would give them (the
+bench's tracer provider, the global meter provider, content capture off, a fresh store of ``--backend``), and
+replays both around the same stub (:class:`~benchmarks.replay.WrapperReplay`: one ``[tools:1]`` conversation, its
+request threads built under the chat as Hermes builds them) with the floor (the same spans with the bare SDK),
+interleaved in a rotating order (:func:`~benchmarks.replay.interleaved`). Prints microseconds per call, each one's
+ratio to the floor and the ratio this/REV with a 95% bootstrap interval over the paired repeats. Needs git, the
+testbed and hermes-agent (the stub reads the real agent's attributes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .stats import bootstrap_ci, ratio_of_trimmed_means, trimmed_mean
+from .timing import FLOOR
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "instrumentation/hermes-agent/src/statebackends_hermes_agent"
+SNAPSHOT = "statebackends_hermes_agent_snapshot"
+THIS = "this checkout"
+TARGETS = {  # the stub's wrapped callables (benchmarks.replay) -> the wrapper's name in either release
+    "run_conversation": "run_conversation",
+    "_interruptible_api_call": "api_call",
+    "_execute_tool_calls": "execute_tool_calls",
+    "handle_function_call": "handle_function_call",
+    "Thread.__init__": "thread_init",
+}
+
+
+def load_snapshot(rev: str, into: Path) -> Any:
+    """The instrumentation package at ``rev``, written under ``into`` as :data:`SNAPSHOT` and imported."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{PACKAGE}"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    package = into / SNAPSHOT
+    package.mkdir()
+    for name in names:
+        if name.endswith(".py"):
+            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{PACKAGE}/{name}"],
+                                    check=True, capture_output=True, text=True).stdout
+            (package / name).write_text(source)
+    sys.path.insert(0, str(into))
+    return importlib.import_module(SNAPSHOT)
+
+
+def wrappers_of(package: Any, provider: Any, backend: str) -> Dict[str, Any]:
+    """The wrapper callables of ``package`` (either release's shape), by stub target, as ``instrument()`` builds them
+    on ``provider``: the global meter provider, content capture off, a fresh ``backend`` store."""
+    from opentelemetry import metrics, trace
+
+    from statebackends import get_store
+
+    wrappers_module = importlib.import_module(f"{package.__name__}.wrappers")
+    lifecycle = importlib.import_module(f"{package.__name__}.lifecycle")
+    state = importlib.import_module(f"{package.__name__}.state")
+    tracer = trace.get_tracer(package.__name__, "0", provider)
+    meter = metrics.get_meter(package.__name__, "0")
+    store = get_store(backend, state.InvocationState)
+    cls = wrappers_module.HermesWrappers
+    if issubclass(cls, lifecycle.HermesTelemetry):  # the release before: the wrappers ARE the telemetry
+        wrappers = cls(tracer, store, meter=meter)
+    else:
+        wrappers = cls(lifecycle.HermesTelemetry(tracer, store, meter=meter))
+    return {target: getattr(wrappers, name) for target, name in TARGETS.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("rev", nargs="?", default="main", help="the commit to compare with (default: main)")
+    parser.add_argument("--backend", default="invocation_id")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    import statebackends_hermes_agent
+    from statebackends_hermes_testbed.agentbench import AgentBench
+
+    from .replay import WrapperReplay, interleaved, replay_responses
+
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = load_snapshot(args.rev, Path(tmp))
+        bench = AgentBench(warm=["none"])
+        try:
+            responses = replay_responses(bench)
+            bench.record_plan(args.backend)
+            replays = {
+                THIS: WrapperReplay(bench, THIS, responses, wrappers=wrappers_of(statebackends_hermes_agent,
+                                                                                   bench.provider, args.backend)),
+                args.rev: WrapperReplay(bench, args.rev, responses, wrappers=wrappers_of(snapshot, bench.provider,
+                                                                                       args.backend)),
+            }
+            for label, replay in replays.items():  # warm-up; both must make the real call's span count
+                for _ in range(50):
+                    replay.call()
+                    replay.bare_call()
+                ended = bench.spans_ended()
+                replay.call()
+                if bench.spans_ended() - ended != bench.plan_spans:
+                    raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+            for _ in range(50):
+                bench.floor_call()
+            out = interleaved(bench, replays, repeats=args.repeats, calls=args.calls)
+        finally:
+            bench.close()
+    us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
+    r, lo, hi = bootstrap_ci([out[THIS], out[args.rev]], ratio_of_trimmed_means)
+    print(f"wrappers alone ({args.backend}), {args.repeats} interleaved blocks of {args.calls} calls, 20%-trimmed mean")
+    print("| wrappers | us per call | / floor |")
+    print("|---|---:|---:|")
+    for name in (THIS, args.rev, FLOOR):
+        print(f"| {name} | {us[name]:.1f} | {us[name] / us[FLOOR]:.3f}x |")
+    print(f"this / {args.rev}: {r:.3f} (95% CI {lo:.3f}-{hi:.3f}, paired repeats)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Content capture off (the default) means no content anywhere: not in attributes, events, status descriptions,
+exception messages or our logs; captured content is bounded (issue 17, finding 4 and the bound of finding 7).
+
+Every test drives the REAL agent on the fake LLM (127.0.0.1). A tool whose error text carries its argument (a file
+path) and a provider error that quotes the conversation (the fake LLM's ``[llm_error]`` message names the
+conversation tag, which is in the user's message) are the content that must not leak; the same runs with content
+capture on, or with the error-text opt-in, show that the text is really there to leak.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
+
+from statebackends_hermes_testbed.driver import HermesBench
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, make_agent, register_tool
+from statebackends_hermes_testbed.traces import kind_of
+
+PRIVACY_TOOLSET = "sb_privacy"
+SECRET_FILE = "payroll-2026.xlsx"
+HUGE = 10 * 1024 * 1024
+"""Characters of the tool result of ``sb_huge``: 10 MB."""
+MARK = "…[+"
+"""How a cut text continues (``genai.bounded``)."""
+
+
+def _sb_leak(args: dict[str, Any], **_: Any) -> str:
+    """A tool failing as a file tool does: its error text carries its argument (the path it was given)."""
+    raise FileNotFoundError(f"no such file: /home/ada/{args.get('text')}/{SECRET_FILE}")
+
+
+def _sb_huge(args: dict[str, Any], **_: Any) -> str:
+    """A tool returning 10 MB of text."""
+    return str(args.get("text", "")) + "x" * HUGE
+
+
+@pytest.fixture(scope="module")
+def agent(hermes_bench: HermesBench) -> Any:
+    register_tool("sb_leak", PRIVACY_TOOLSET, _sb_leak, "Privacy test tool: fails with its argument in the text.")
+    register_tool("sb_huge", PRIVACY_TOOLSET, _sb_huge, "Privacy test tool: returns 10 MB.")
+    return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, PRIVACY_TOOLSET))
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.DEBUG, logger="statebackends_hermes_agent"):
+        yield caplog
+
+
+def _configure(bench: HermesBench, monkeypatch: pytest.MonkeyPatch, capture: str | None = None,
+               error_text: str | None = None, max_length: str | None = None) -> None:
+    for name, value in (("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", capture),
+                        ("OTEL_INSTRUMENTATION_HERMES_AGENT_CAPTURE_ERROR_TEXT", error_text),
+                        ("OTEL_INSTRUMENTATION_HERMES_AGENT_CONTENT_MAX_LENGTH", max_length)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    bench.instrument("invocation_id")
+
+
+def _ours(bench: HermesBench) -> list[ReadableSpan]:
+    return [s for s in bench.exporter.get_finished_spans() if kind_of(s) is not None]
+
+
+def _texts(span: ReadableSpan) -> Iterator[str]:
+    """Every text a backend receives with ``span``: attribute values, its status description, its events'."""
+    yield span.status.description or ""
+    for value in (span.attributes or {}).values():
+        yield str(value)
+    for event in span.events:
+        yield event.name
+        for value in (event.attributes or {}).values():
+            yield str(value)
+
+
+def _leaks(bench: HermesBench, text: str, logs: pytest.LogCaptureFixture) -> list[str]:
+    found = [f"{s.name}: {t[:120]!r}" for s in _ours(bench) for t in _texts(s) if text in t]
+    found += [f"log: {r.getMessage()[:120]!r}" for r in logs.records if r.name.startswith("statebackends")
+              and (text in r.getMessage() or text in (r.exc_text or ""))]
+    return found
+
+
+def _spans(bench: HermesBench, kind: str) -> list[ReadableSpan]:
+    return [s for s in _ours(bench) if kind_of(s) == kind]
+
+
+def test_a_failing_tools_error_text_stays_out_of_its_span_with_content_capture_off(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+) -> None:
+    """Finding 4 (failed on dff20c4: the tool span's status description carried the path): only the error's class."""
+    _configure(bench, monkeypatch)
+    result = bench.call(agent, "pv-tool", "[tool:sb_leak] [tools:1]")
+    assert result["final_response"] == "done pv-tool"
+    assert SECRET_FILE in str(result["messages"]), "the tool's error text is really there (Hermes keeps it)"
+    assert _leaks(bench, SECRET_FILE, logs) == []
+    (tool,) = _spans(bench, "execute_tool")
+    assert tool.status.status_code is StatusCode.ERROR
+    assert tool.status.description == tool.attributes["error.type"] == "FileNotFoundError"
+
+
+def test_a_provider_error_quoting_the_prompt_stays_out_of_every_span_with_content_capture_off(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+) -> None:
+    """Finding 4 (failed on dff20c4: the chat's status and exception event, invoke_agent's and the step's status
+    quoted it): the error's class and its content-free facts (HTTP status, the provider's error code and type)."""
+    _configure(bench, monkeypatch)
+    tag = "pv-quoted-prompt-7f3a"
+    result = bench.call(agent, tag, "[llm_error]")
+    assert result.get("failed") and tag in str(result.get("error")), "the provider's text quotes the prompt"
+    assert _leaks(bench, tag, logs) == []
+    (chat,) = _spans(bench, "chat")
+    assert chat.status.description == "BadRequestError (HTTP 400, code fake_llm_error, type invalid_request_error)"
+    (event,) = [e for e in chat.events if e.name == "exception"]
+    assert dict(event.attributes or {}) == {"exception.type": "BadRequestError"}, "no message, no stack trace"
+    (turn,) = _spans(bench, "invoke_agent")
+    (step,) = _spans(bench, "step")
+    for span in (turn, step):
+        assert span.status.status_code is StatusCode.ERROR and span.status.description == "agent run failed"
+        assert span.attributes["error.type"] == "agent_run_failed"
+
+
+@pytest.mark.parametrize("how", ["content_capture", "error_text_opt_in"])
+def test_error_text_is_recorded_with_content_capture_on_or_the_opt_in(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The same two failures with content capture on (SPAN_ONLY) or ``..._CAPTURE_ERROR_TEXT=true`` (content capture
+    off): the text is recorded as before (status descriptions and the SDK's exception event with its message)."""
+    if how == "content_capture":
+        _configure(bench, monkeypatch, capture="SPAN_ONLY")
+    else:
+        _configure(bench, monkeypatch, error_text="true")
+    tag = "pv-shown-4c1d"
+    bench.call(agent, tag, "[llm_error]")
+    bench.call(agent, "pv-tool-shown", "[tool:sb_leak] [tools:1]")
+    (chat,) = [s for s in _spans(bench, "chat") if s.status.status_code is StatusCode.ERROR]
+    assert tag in (chat.status.description or "")
+    (event,) = [e for e in chat.events if e.name == "exception"]
+    assert tag in str(event.attributes["exception.message"]) and "exception.stacktrace" in event.attributes
+    turns = [s for s in _spans(bench, "invoke_agent") if s.status.status_code is StatusCode.ERROR]
+    assert len(turns) == 1 and tag in (turns[0].status.description or "")
+    (tool,) = _spans(bench, "execute_tool")
+    assert SECRET_FILE in (tool.status.description or "")
+    content = any("gen_ai.input.messages" in s.attributes for s in _ours(bench))
+    assert content is (how == "content_capture"), "the opt-in records error text, never messages"
+
+
+def test_a_huge_tool_result_neither_breaks_the_call_nor_exports_unbounded(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 7 (failed on dff20c4: a 10 MB tool result became a 10 MB attribute, twice): with content on spans,
+    each captured text is cut at the bound (16384 characters by default) and marked; the call is unchanged."""
+    bench.uninstrument()
+    reference = bench.call(agent, "pv-huge", "[tool:sb_huge] [tools:1]")
+    bench.reset()
+    _configure(bench, monkeypatch, capture="SPAN_ONLY")
+    result = bench.call(agent, "pv-huge", "[tool:sb_huge] [tools:1]")
+    assert result["final_response"] == reference["final_response"] == "done pv-huge"
+    assert [m["content"] for m in result["messages"] if m["role"] == "tool"] == [
+        m["content"] for m in reference["messages"] if m["role"] == "tool"]
+    (tool,) = _spans(bench, "execute_tool")
+    captured = tool.attributes["gen_ai.tool.call.result"]
+    cut = HUGE + len("pv-huge-1") - 16384
+    assert captured == "pv-huge-1" + "x" * (16384 - len("pv-huge-1")) + f"{MARK}{cut} chars]", "the 10 MB, cut"
+    longest = max(len(str(v)) for s in _ours(bench) for v in (s.attributes or {}).values())
+    assert longest < 4 * 16384, "every attribute is bounded, the chats' input messages included"
+
+
+def test_the_bound_is_configurable_and_a_bad_value_keeps_the_default(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+) -> None:
+    _configure(bench, monkeypatch, capture="SPAN_ONLY", max_length="100")
+    bench.call(agent, "pv-short", "[tool:sb_huge] [tools:1]")
+    (tool,) = _spans(bench, "execute_tool")
+    assert tool.attributes["gen_ai.tool.call.result"] == "pv-short-1" + "x" * 90 + f"{MARK}{HUGE + 10 - 100} chars]"
+    bench.reset()
+    _configure(bench, monkeypatch, capture="SPAN_ONLY", max_length="lots")
+    bench.call(agent, "pv-default", "[tool:sb_huge] [tools:1]")
+    (tool,) = _spans(bench, "execute_tool")
+    assert len(tool.attributes["gen_ai.tool.call.result"]) == 16384 + len(f"{MARK}{HUGE + 12 - 16384} chars]")
+    (record,) = [r for r in logs.records if "CONTENT_MAX_LENGTH" in r.getMessage()]
+    assert "'lots'" in record.getMessage() and "integer >= 0" in record.getMessage() and record.levelno == logging.ERROR
