@@ -57,7 +57,7 @@ def test_a_missing_method_is_one_warning_and_the_rest_is_wrapped(caplog: pytest.
     records = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(records) == 1, [r.getMessage() for r in records]
     (record,) = records
-    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.levelno == logging.WARNING and not record.exc_info
     message = record.getMessage()
     assert "has no run_agent.AIAgent._dispatch_delegate_task, so what it does runs untraced" in message
     assert "hermes-agent >= 0.13.0, < 0.20" in message

@@ -101,9 +101,9 @@ class _WrapOnImport:
             if owner != self.module:
                 continue
             if not _has_path(module, name):  # a Hermes release without it: one line, the rest still traced
-                _logger.warning("hermes-agent instrumentation: hermes-agent %s has no %s.%s, so what it does runs "
-                                "untraced; every wrapped method is in %s", _hermes_version(), owner, name,
-                                ", ".join(_instruments))
+                log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: hermes-agent %s has no %s.%s, so "
+                           "what it does runs untraced; every wrapped method is in %s", _hermes_version(), owner,
+                           name, ", ".join(_instruments))
                 continue
             try:
                 wrap_function_wrapper(module, name, getattr(wrappers, method))
