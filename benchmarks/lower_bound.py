@@ -58,7 +58,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
     chat_plan, tool_plan = step_plan.children[0], step_plan.children[1]
     agent_attributes = {k: v for k, v in agent_plan.attributes.items() if not k.startswith(END_KEYS)}
     chat_attributes = {k: v for k, v in chat_plan.attributes.items() if not k.startswith(END_KEYS)}
-    tool_keys = tuple(tool_plan.attributes)
+    tool_attributes = dict(tool_plan.attributes)  # its name and call id are the call's
     tracer = trace.get_tracer(MINIMAL, "0", provider if provider is not None else bench.provider)
     start_span, set_in = tracer.start_span, trace.set_span_in_context
     attach, detach, get_current = otel_context.attach, otel_context.detach, otel_context.get_current
@@ -131,9 +131,9 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
 
     def handle_function_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         state = store.current(owner.get(), args[2])
-        values = ("execute_tool", args[0], "function", kwargs["tool_call_id"])
+        attributes = {**tool_attributes, "gen_ai.tool.name": args[0], "gen_ai.tool.call.id": kwargs["tool_call_id"]}
         span = start_span(f"execute_tool {args[0]}", context=state.step_ctx, kind=tool_plan.kind,
-                          attributes=dict(zip(tool_keys, values)))
+                          attributes=attributes)
         token = attach(set_in(span))
         try:
             return wrapped(*args, **kwargs)

@@ -27,8 +27,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from statebackends_hermes_agent import genai
+from statebackends_hermes_agent.descriptions import ToolDescriptions
 from statebackends_hermes_testbed.driver import HermesBench
-from statebackends_hermes_testbed.hermes_harness import hermes_version
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version, make_agent
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND")
@@ -389,6 +390,109 @@ def test_provider_label_mapped_to_the_well_known_name(
         assert span.attributes["hermes.provider"] == label
     (point,) = [p for p in tel.points(DURATION) if p.attributes["gen_ai.operation.name"] == "chat"]
     assert point.attributes["gen_ai.provider.name"] == expected and "hermes.provider" not in point.attributes
+
+
+# -- tool descriptions ---------------------------------------------------------------------------------------------
+
+
+def _registry() -> Any:
+    from tools.registry import registry
+
+    return registry
+
+
+def test_a_tool_span_carries_the_description_hermess_registry_holds(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _with_mode(tel, monkeypatch, None)
+    readable = tmp_path / "notes.txt"
+    readable.write_text("notes\n")
+    tel.run(make_agent(tel.bench.server.base_url, toolsets=(BENCH_TOOLSET, "file")), "cv-desc",
+            f"[files:{readable}]")
+    tel.run(tel.bench.agent(), "cv-desc2")
+    tools = {s.attributes["gen_ai.tool.name"]: s for s in tel.of("execute_tool")}
+    assert set(tools) == {"read_file", "sb_echo"}
+    assert tools["sb_echo"].attributes["gen_ai.tool.description"] == "Benchmark tool: returns its text argument."
+    read_file = _registry().get_entry("read_file").schema["description"]
+    assert read_file and tools["read_file"].attributes["gen_ai.tool.description"] == read_file
+    assert tel.starts.at_start[tools["read_file"].context.span_id]["gen_ai.tool.description"] == read_file
+
+
+def test_each_tool_is_looked_up_in_the_registry_once_until_the_registry_changes(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from statebackends_hermes_agent import descriptions
+
+    registry = _registry()
+    looked_up: list[str] = []
+    real = descriptions._look_up  # Hermes calls registry.get_entry itself: count ours
+    monkeypatch.setattr(descriptions, "_look_up", lambda reg, name: (looked_up.append(name), real(reg, name))[1])
+    _with_mode(tel, monkeypatch, None)
+    for i in range(3):
+        tel.run(tel.bench.agent(), f"cv-once{i}", "[tools:2]")
+    assert looked_up == ["sb_echo"], "one look-up for six calls"
+    monkeypatch.setattr(registry, "_generation", registry._generation + 1)  # what every (de)registration does
+    tel.run(tel.bench.agent(), "cv-once-again")
+    assert looked_up == ["sb_echo", "sb_echo"]
+    described = [s.attributes.get("gen_ai.tool.description") for s in tel.of("execute_tool")]
+    assert described == ["Benchmark tool: returns its text argument."] * 7
+
+
+def test_a_registry_that_raises_leaves_the_tool_span_without_a_description(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(name: str) -> Any:
+        raise RuntimeError("registry broken")
+
+    monkeypatch.setattr(_registry(), "get_entry", broken)
+    _with_mode(tel, monkeypatch, None)
+    result = tel.run(tel.bench.agent(), "cv-nodesc")
+    assert result["final_response"] == "done cv-nodesc"
+    (tool,) = tel.of("execute_tool")
+    assert tool.attributes["gen_ai.tool.name"] == "sb_echo" and "gen_ai.tool.description" not in tool.attributes
+
+
+class _FakeEntry:
+    def __init__(self, schema: Any, description: Any = "") -> None:
+        self.schema, self.description = schema, description
+
+
+class _FakeRegistry:
+    def __init__(self, entries: dict[str, _FakeEntry]) -> None:
+        self.entries, self._generation, self.calls = entries, 0, 0
+
+    def get_entry(self, name: str) -> Optional[_FakeEntry]:
+        self.calls += 1
+        return self.entries.get(name)
+
+
+def test_tool_descriptions_read_the_schema_then_the_entry_and_never_import_hermes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    monkeypatch.delitem(sys.modules, "tools.registry")
+    describe = ToolDescriptions(limit=2)
+    assert describe("sb_echo") is None and "tools.registry" not in sys.modules, "never imports Hermes"
+    fake = _FakeRegistry({
+        "a": _FakeEntry({"description": "from the schema"}, "from the entry"),
+        "b": _FakeEntry({"name": "b"}, "from the entry"),
+        "c": _FakeEntry(None, ""),
+        "d": _FakeEntry({"description": 42}, None),
+    })
+    monkeypatch.setitem(sys.modules, "tools.registry", types.SimpleNamespace(registry=fake))
+    assert [describe(n) for n in ("a", "b", "c", "d", "missing")] == ["from the schema", "from the entry", None, None, None]
+    assert fake.calls == 5
+    describe("a")
+    describe("a")
+    assert fake.calls == 6, "answers (None included) are kept: 'a' was forgotten once the cache (limit 2) filled"
+    assert describe("missing") is None and fake.calls == 6
+    fake.entries["a"] = _FakeEntry({"description": "changed"})
+    assert describe("a") == "from the schema", "cached until the registry says it changed"
+    fake._generation += 1
+    assert describe("a") == "changed"
+    fake.get_entry = None  # type: ignore[assignment]
+    fake._generation += 1
+    assert describe("a") is None, "a registry that raises: no description, no exception"
 
 
 def test_provider_and_server_helpers() -> None:

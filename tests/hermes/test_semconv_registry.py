@@ -296,7 +296,7 @@ def test_the_turns_emitted_every_kind_of_span_event_and_metric(emitted: Emitted)
     assert emitted.log_events == {INFERENCE_EVENT}
     assert {"gen_ai.client.operation.duration", "gen_ai.client.token.usage", "gen_ai.client.operation.time_to_first_chunk"} <= set(emitted.metrics)
     for name in ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments", "error.type",
-                 "gen_ai.response.time_to_first_chunk", "gen_ai.token.type"):
+                 "gen_ai.response.time_to_first_chunk", "gen_ai.token.type", "gen_ai.tool.description"):
         assert name in emitted.attributes, name
 
 

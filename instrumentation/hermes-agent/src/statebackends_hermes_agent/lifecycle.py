@@ -48,6 +48,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from statebackends import Scope, StateStore, at_fork_in_child, log_safely
 
 from . import genai
+from .descriptions import ToolDescriptions
 from .genai import CaptureMode
 from .state import InvocationState, read_response
 
@@ -103,6 +104,7 @@ _TOKEN_TYPE = GenAI.GEN_AI_TOKEN_TYPE
 _TOOL_NAME = GenAI.GEN_AI_TOOL_NAME
 _TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
 _TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
+_TOOL_DESCRIPTION = GenAI.GEN_AI_TOOL_DESCRIPTION
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ERROR = StatusCode.ERROR
@@ -881,6 +883,7 @@ class HermesTelemetry:
         self._chat_identities: dict[tuple[Any, ...], _Identity] = {}
         # (provider label, model, session id) -> the invoke_agent identity
         self._agent_identities: dict[tuple[Any, ...], _Identity] = {}
+        self._tool_description = ToolDescriptions()
         at_fork_in_child(self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
@@ -1080,6 +1083,9 @@ class HermesTelemetry:
             if type(name) is not str:
                 name = str(name)
             attributes: dict[str, Any] = {_OPERATION_NAME: _OP_EXECUTE_TOOL, _TOOL_NAME: name, _TOOL_TYPE: "function"}
+            description = self._tool_description(name)  # Hermes's registry, once per tool name
+            if description is not None:
+                attributes[_TOOL_DESCRIPTION] = description
             if tool_call_id:
                 attributes[_TOOL_CALL_ID] = str(tool_call_id)
             if c.span_content and arguments is not None:
