@@ -392,6 +392,29 @@ def test_provider_label_mapped_to_the_well_known_name(
     assert point.attributes["gen_ai.provider.name"] == expected and "hermes.provider" not in point.attributes
 
 
+# -- a chat whose model is unknown -----------------------------------------------------------------------------------
+
+
+def test_a_chat_with_no_model_is_named_chat_and_records_no_request_model(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conventions: gen_ai.request.model only if known, and the span is then named "chat" (no "unknown")."""
+    _with_mode(tel, monkeypatch, "SPAN_AND_EVENT")
+    agent = make_agent(tel.bench.server.base_url, model="")
+    assert not agent.model
+    tel.run(agent, "cv-nomodel")
+    chats = [s for s in tel.spans.get_finished_spans() if s.attributes.get("gen_ai.operation.name") == "chat"]
+    assert [c.name for c in chats] == ["chat", "chat"]
+    assert [k for c in chats for k in c.attributes if k == "gen_ai.request.model"] == []
+    assert [k for c in chats for k in tel.starts.at_start[c.context.span_id] if k == "gen_ai.request.model"] == []
+    (agent_span,) = tel.of("invoke_agent")
+    assert "gen_ai.request.model" not in agent_span.attributes
+    points = tel.points(DURATION) + tel.points(TOKENS)
+    assert points and [p.attributes for p in points if "gen_ai.request.model" in p.attributes] == []
+    assert [e.attributes for e in tel.events() if "gen_ai.request.model" in e.attributes] == []
+    assert "unknown" not in {str(v) for c in chats for v in c.attributes.values()}
+
+
 # -- tool descriptions ---------------------------------------------------------------------------------------------
 
 

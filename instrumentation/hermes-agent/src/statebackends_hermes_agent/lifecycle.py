@@ -105,6 +105,7 @@ _TOOL_NAME = GenAI.GEN_AI_TOOL_NAME
 _TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
 _TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
 _TOOL_DESCRIPTION = GenAI.GEN_AI_TOOL_DESCRIPTION
+_REQUEST_MODEL = GenAI.GEN_AI_REQUEST_MODEL
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ERROR = StatusCode.ERROR
@@ -958,7 +959,7 @@ class HermesTelemetry:
             attributes[GenAI.GEN_AI_PROVIDER_NAME] = labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
             attributes[genai.HERMES_PROVIDER] = str(provider)
         if model:
-            attributes[GenAI.GEN_AI_REQUEST_MODEL] = labels[GenAI.GEN_AI_REQUEST_MODEL] = str(model)
+            attributes[_REQUEST_MODEL] = labels[_REQUEST_MODEL] = str(model)
         if session_id:
             attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
         identity = _Identity(_AGENT_SPAN_NAME, attributes, labels)
@@ -1041,8 +1042,9 @@ class HermesTelemetry:
     def _chat_identity(self, key: tuple[Any, ...]) -> _Identity:
         """The chat span name, span start attributes and metric attributes of one (provider, base URL, model)."""
         provider, base_url, model = key
-        model = str(model) if model else "unknown"
-        labels: dict[str, Any] = {_OPERATION_NAME: _OP_CHAT, GenAI.GEN_AI_REQUEST_MODEL: model}
+        labels: dict[str, Any] = {_OPERATION_NAME: _OP_CHAT}
+        if model:  # the conventions: the request model only if known, and then the span is named "chat"
+            model = labels[_REQUEST_MODEL] = str(model)
         if provider:
             labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
         address, port = genai.server_of(base_url)
@@ -1053,7 +1055,7 @@ class HermesTelemetry:
         attributes = dict(labels)
         if provider:
             attributes[genai.HERMES_PROVIDER] = str(provider)
-        identity = _Identity(f"chat {model}", attributes, labels)
+        identity = _Identity(f"chat {model}" if model else _OP_CHAT, attributes, labels)
         _remember(self._chat_identities, key, identity)
         return identity
 
