@@ -49,6 +49,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
     from opentelemetry import trace
 
     from statebackends_hermes_agent.config import resolve_store
+    from statebackends_hermes_agent.lifecycle import REACT_FINISH_REASON, REACT_ROUND
     from statebackends_hermes_agent.state import InvocationState
 
     if bench.plan_spans == 0:
@@ -58,6 +59,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
     chat_plan, tool_plan = step_plan.children[0], step_plan.children[1]
     agent_attributes = {k: v for k, v in agent_plan.attributes.items() if not k.startswith(END_KEYS)}
     chat_attributes = {k: v for k, v in chat_plan.attributes.items() if not k.startswith(END_KEYS)}
+    step_attributes = {k: v for k, v in step_plan.attributes.items() if k != REACT_FINISH_REASON}
     tool_attributes = dict(tool_plan.attributes)  # its name and call id are the call's
     tracer = trace.get_tracer(MINIMAL, "0", provider if provider is not None else bench.provider)
     start_span, set_in = tracer.start_span, trace.set_span_in_context
@@ -89,7 +91,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
         if state.step_span is None:
             state.round += 1
             step = start_span(step_plan.name, context=state.agent_ctx, kind=step_plan.kind,
-                              attributes={"gen_ai.react.round": state.round})
+                              attributes={**step_attributes, REACT_ROUND: state.round})
             state.step_span, state.step_ctx = step, set_in(step, state.agent_ctx)
         span = start_span(chat_plan.name, context=state.step_ctx, kind=chat_plan.kind, attributes=chat_attributes)
         if carry:
@@ -114,7 +116,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
         span.end()
         if not choice.message.tool_calls:
             step, state.step_span = state.step_span, None
-            step.set_attributes({"gen_ai.react.finish_reason": choice.finish_reason})
+            step.set_attributes({REACT_FINISH_REASON: choice.finish_reason})
             step.end()
         return response
 
@@ -126,7 +128,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
             owner.reset(token)
             state = store.current(instance, args[2])
             step, state.step_span = state.step_span, None
-            step.set_attributes({"gen_ai.react.finish_reason": "tool_calls"})
+            step.set_attributes({REACT_FINISH_REASON: "tool_calls"})
             step.end()
 
     def handle_function_call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:

@@ -27,12 +27,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from statebackends_hermes_agent import genai
+from statebackends_hermes_agent.config import ENV_LEGACY_REACT_ATTRIBUTES
 from statebackends_hermes_agent.descriptions import ToolDescriptions
 from statebackends_hermes_testbed.driver import HermesBench
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version, make_agent
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND")
+ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND",
+                ENV_LEGACY_REACT_ATTRIBUTES)
 INPUT, OUTPUT = "gen_ai.input.messages", "gen_ai.output.messages"
 TOOL_ARGS, TOOL_RESULT = "gen_ai.tool.call.arguments", "gen_ai.tool.call.result"
 CONTENT_KEYS = (INPUT, OUTPUT, TOOL_ARGS, TOOL_RESULT)
@@ -390,6 +392,62 @@ def test_provider_label_mapped_to_the_well_known_name(
         assert span.attributes["hermes.provider"] == label
     (point,) = [p for p in tel.points(DURATION) if p.attributes["gen_ai.operation.name"] == "chat"]
     assert point.attributes["gen_ai.provider.name"] == expected and "hermes.provider" not in point.attributes
+
+
+# -- the react step ------------------------------------------------------------------------------------------------
+
+
+STEP = {"gen_ai.operation.name": "hermes.react_step", "openinference.span.kind": "CHAIN"}
+
+
+def test_the_react_step_has_our_operation_name_phoenixs_kind_and_our_namespace(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No gen_ai.react.* by default: the step's own attributes are hermes.react.*, its operation ours (namespaced),
+    and OpenInference's CHAIN kind, which Phoenix keeps (it maps no step-like gen_ai.operation.name)."""
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-step")
+    assert [dict(s.attributes) for s in tel.of("react step")] == [
+        {**STEP, "hermes.react.round": 1, "hermes.react.finish_reason": "tool_calls"},
+        {**STEP, "hermes.react.round": 2, "hermes.react.finish_reason": "stop"},
+    ]
+    starts = [tel.starts.at_start[s.context.span_id] for s in tel.of("react step")]
+    assert starts == [{**STEP, "hermes.react.round": 1}, {**STEP, "hermes.react.round": 2}], "set at start (samplers)"
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", " 1 ", "yes", "on"])
+def test_the_legacy_switch_adds_the_old_step_names(tel: Telemetry, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(ENV_LEGACY_REACT_ATTRIBUTES, value)
+    _with_mode(tel, monkeypatch, None)
+    tel.run(tel.bench.agent(), "cv-legacy", "[tools:1] [llm_error]")  # the first chat fails: the step ends in error
+    tel.run(tel.bench.agent(), "cv-legacy2")
+    steps = tel.of("react step")
+    assert [(s.attributes["hermes.react.round"], s.attributes["hermes.react.finish_reason"]) for s in steps] == [
+        (1, "error"), (1, "tool_calls"), (2, "stop")]
+    for step in steps:
+        assert step.attributes["gen_ai.react.round"] == step.attributes["hermes.react.round"]
+        assert step.attributes["gen_ai.react.finish_reason"] == step.attributes["hermes.react.finish_reason"]
+        assert tel.starts.at_start[step.context.span_id]["gen_ai.react.round"] == step.attributes["hermes.react.round"]
+
+
+@pytest.mark.parametrize("value", ["", "false", "0", "off", "legacy please"])
+def test_without_the_switch_no_old_step_name_and_a_bad_value_is_one_error_line(
+    tel: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    monkeypatch.setenv(ENV_LEGACY_REACT_ATTRIBUTES, value)
+    with caplog.at_level(logging.WARNING, logger="statebackends_hermes_agent"):
+        _with_mode(tel, monkeypatch, None)  # instrument() reads it once; never raises for it
+    tel.run(tel.bench.agent(), "cv-nolegacy")
+    steps = tel.of("react step")
+    assert len(steps) == 2 and all(k.startswith(("hermes.", "gen_ai.operation.", "openinference."))
+                                   for s in steps for k in s.attributes)
+    complaints = [r for r in caplog.records if ENV_LEGACY_REACT_ATTRIBUTES in r.getMessage()]
+    if value == "legacy please":
+        (record,) = complaints
+        assert record.levelno == logging.ERROR and not record.exc_info
+        assert "'legacy please'" in record.getMessage() and "true, false" in record.getMessage()
+    else:
+        assert complaints == []
 
 
 # -- a chat whose model is unknown -----------------------------------------------------------------------------------

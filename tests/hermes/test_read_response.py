@@ -167,6 +167,6 @@ def test_an_odd_response_id_costs_the_chat_nothing_else() -> None:
         chat, step, turn = spans["chat"], spans["react"], spans["invoke_agent"]
         assert chat.attributes.get("gen_ai.response.id") == expected, type(odd)
         assert chat.attributes["gen_ai.usage.input_tokens"] == 7 and chat.attributes["gen_ai.response.finish_reasons"] == ("stop",)
-        assert step.attributes["gen_ai.react.finish_reason"] == "stop"
+        assert step.attributes["hermes.react.finish_reason"] == "stop"
         assert turn.attributes["gen_ai.usage.input_tokens"] == 7 and turn.attributes.get("gen_ai.response.id") == expected
         assert store.live() == 0

@@ -755,10 +755,10 @@ def test_a_react_step_whose_context_cannot_be_made_is_not_left_half_open(
     steps = [s for s in spans if s.name == "react step"]
     chats = [s for s in spans if s.name.startswith("chat ")]
     assert len(steps) == 2, "the step whose context failed is ended too"
-    assert sorted(s.attributes["gen_ai.react.round"] for s in steps) == [1, 1], "the failed step counted no round"
+    assert sorted(s.attributes["hermes.react.round"] for s in steps) == [1, 1], "the failed step counted no round"
     assert len(chats) == (2 if isinstance(raised, Exception) else 1)
     opened = [s for s in steps if any(c.parent.span_id == s.context.span_id for c in chats)]
-    assert len(opened) == 1 and opened[0].attributes["gen_ai.react.round"] == 1
+    assert len(opened) == 1 and opened[0].attributes["hermes.react.round"] == 1
     if isinstance(raised, Exception):
         assert chats[0].parent.span_id == agent.context.span_id, "the first chat hangs under invoke_agent"
         assert agent.attributes["gen_ai.usage.input_tokens"] == 14, "both chats' tokens count"
@@ -1051,7 +1051,7 @@ def test_a_chats_tokens_still_count_when_its_span_could_not_start() -> None:
     turn = spans["invoke_agent hermes"]
     assert turn.attributes["gen_ai.usage.input_tokens"] == 5 and turn.attributes["gen_ai.usage.output_tokens"] == 2
     assert turn.attributes["gen_ai.response.id"] == "chatcmpl-9"
-    assert spans["react step"].attributes["gen_ai.react.finish_reason"] == "stop"
+    assert spans["react step"].attributes["hermes.react.finish_reason"] == "stop"
     assert store.live() == 0
 
 

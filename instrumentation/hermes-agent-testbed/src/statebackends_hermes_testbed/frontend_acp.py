@@ -31,6 +31,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
+from statebackends_hermes_agent.lifecycle import REACT_ROUND
+
 from .fakellm import Reply, Script, _content_text
 from .hermes_harness import API_KEY, MODEL, _sb_echo, hermes_config, register_tool
 from .traces import CALLER_PREFIX, kind_of
@@ -287,7 +289,7 @@ class Invocation:
     @property
     def rounds(self) -> list[int]:
         """The react round numbers of its steps, in start order."""
-        return [int(s.attributes.get("gen_ai.react.round", -1)) for s in sorted(self.steps, key=lambda s: s.start_time)]
+        return [int(s.attributes.get(REACT_ROUND, -1)) for s in sorted(self.steps, key=lambda s: s.start_time)]
 
     @property
     def tokens(self) -> tuple[Any, Any]:

@@ -37,8 +37,10 @@ OPERATION_KINDS: dict[str, str] = {
     "text_completion": "chat",
     "execute_tool": "execute_tool",
     "react": "step",
+    "hermes.react_step": "step",
 }
-"""``gen_ai.operation.name`` values and the kind they make a span (``react``: loongsuite's step spans)."""
+"""``gen_ai.operation.name`` values and the kind they make a span (``react``: loongsuite's step spans;
+``hermes.react_step``: ours)."""
 ENTRY_OPERATIONS = frozenset({"enter"})
 """Operations of a span an instrumentation may put between the caller and ``invoke_agent`` (loongsuite's
 ``enter_ai_application_system``): transparent to the judge's parentage checks, never counted."""

@@ -174,7 +174,8 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         # The Logs API logger is made only when content goes to events: capturing nothing costs nothing.
         logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None
         telemetry = HermesTelemetry(tracer, store, meter=meter, capture_content=mode, event_logger=logger,
-                                    error_text=settings.error_text, content_max_length=settings.content_max_length)
+                                    error_text=settings.error_text, content_max_length=settings.content_max_length,
+                                    legacy_react_attributes=settings.legacy_react_attributes)
         wrappers = HermesWrappers(telemetry)
         self.store, self.state_backend, self._wrappers = store, store.name, wrappers
         # Nothing of Hermes is imported here: its modules are wrapped when Hermes imports them (at once if it has),

@@ -22,6 +22,7 @@ __all__ = [
     "ENV_CAPTURE_ERROR_TEXT",
     "ENV_CONTENT_MAX_LENGTH",
     "ENV_HERMES_STATE_BACKEND",
+    "ENV_LEGACY_REACT_ATTRIBUTES",
     "ENV_LIBRARY_STATE_BACKEND",
     "STATE_BACKEND_ENV_VARS",
     "Settings",
@@ -52,6 +53,11 @@ ENV_CONTENT_MAX_LENGTH = "OTEL_INSTRUMENTATION_HERMES_AGENT_CONTENT_MAX_LENGTH"
 """Characters kept of each captured text (a message part, tool arguments, a tool result); ``0``: unbounded; default
 :data:`DEFAULT_CONTENT_MAX_LENGTH`."""
 
+ENV_LEGACY_REACT_ATTRIBUTES = "OTEL_INSTRUMENTATION_HERMES_AGENT_LEGACY_REACT_ATTRIBUTES"
+"""Deprecated, for one release: ``true`` also puts the step attributes under their old names, ``gen_ai.react.round``
+and ``gen_ai.react.finish_reason``, beside ``hermes.react.round`` and ``hermes.react.finish_reason``; ``false``
+(default): the new names only."""
+
 STATE_BACKEND_ENV_VARS = (ENV_HERMES_STATE_BACKEND, ENV_LIBRARY_STATE_BACKEND)
 
 DEFAULT_HERMES_BACKEND = "invocation_id"
@@ -69,6 +75,7 @@ class Settings:
     capture_mode: CaptureMode
     error_text: bool
     content_max_length: int
+    legacy_react_attributes: bool = False
 
 
 def resolve(kwargs: Mapping[str, Any], factory: Callable[[], Any], environ: Optional[Mapping[str, str]] = None) -> Settings:
@@ -83,6 +90,7 @@ def resolve(kwargs: Mapping[str, Any], factory: Callable[[], Any], environ: Opti
         capture_mode=genai.capture_mode(env),
         error_text=_flag(env, ENV_CAPTURE_ERROR_TEXT),
         content_max_length=_length(env, ENV_CONTENT_MAX_LENGTH, DEFAULT_CONTENT_MAX_LENGTH),
+        legacy_react_attributes=_flag(env, ENV_LEGACY_REACT_ATTRIBUTES),
     )
 
 

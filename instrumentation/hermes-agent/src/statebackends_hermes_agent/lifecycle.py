@@ -57,8 +57,12 @@ __all__ = [
     "DEFAULT_CONTENT_MAX_LENGTH",
     "EVICTED_ATTRIBUTE",
     "EVICTED_EVENT",
+    "LEGACY_REACT_FINISH_REASON",
+    "LEGACY_REACT_ROUND",
+    "OPENINFERENCE_SPAN_KIND",
     "REACT_FINISH_REASON",
     "REACT_ROUND",
+    "STEP_OPERATION",
     "STEP_SPAN_NAME",
     "AgentInvocation",
     "ChatCall",
@@ -77,12 +81,24 @@ _INPUT_MESSAGES = getattr(GenAI, "GEN_AI_INPUT_MESSAGES", "gen_ai.input.messages
 _OUTPUT_MESSAGES = getattr(GenAI, "GEN_AI_OUTPUT_MESSAGES", "gen_ai.output.messages")
 _TOOL_ARGUMENTS = getattr(GenAI, "GEN_AI_TOOL_CALL_ARGUMENTS", "gen_ai.tool.call.arguments")
 _TOOL_RESULT = getattr(GenAI, "GEN_AI_TOOL_CALL_RESULT", "gen_ai.tool.call.result")
-# The names loongsuite's Hermes instrumentation gives its step span and two of its step attributes. Only
-# these: its gen_ai.operation.name "react", gen_ai.span.kind "STEP" and gen_ai.agent.name "Hermes" are not
-# set (see the README: dashboards keyed on those do not carry over).
-REACT_ROUND = "gen_ai.react.round"
-REACT_FINISH_REASON = "gen_ai.react.finish_reason"
 STEP_SPAN_NAME = "react step"
+"""The name of the span of one ReAct round (loongsuite's Hermes instrumentation names its step span so too)."""
+STEP_OPERATION = "hermes.react_step"
+"""The step's ``gen_ai.operation.name``: ours, namespaced. The conventions have no value for one round of an agent's
+loop (``invoke_workflow`` is a process of several agents, ``plan`` a planning phase told apart from reasoning), and
+a custom value MAY be used; see the README."""
+OPENINFERENCE_SPAN_KIND = "openinference.span.kind"
+"""OpenInference's span kind, set (``CHAIN``) on the step only: Phoenix maps ``gen_ai.operation.name`` to its kinds
+for the conventions' values alone (a custom one is UNKNOWN) and keeps a kind the span sets itself."""
+REACT_ROUND = "hermes.react.round"
+"""The step's round number in its invocation: 1, 2, ..."""
+REACT_FINISH_REASON = "hermes.react.finish_reason"
+"""How the step ended: ``tool_calls`` (it asked for tools, which ran), ``stop`` (the answer), ``error``."""
+LEGACY_REACT_ROUND = "gen_ai.react.round"
+LEGACY_REACT_FINISH_REASON = "gen_ai.react.finish_reason"
+"""Deprecated: the names of :data:`REACT_ROUND` and :data:`REACT_FINISH_REASON` up to 0.2 (loongsuite's, inside the
+``gen_ai`` namespace the conventions own), set beside them only with
+``OTEL_INSTRUMENTATION_HERMES_AGENT_LEGACY_REACT_ATTRIBUTES=true``."""
 EVICTED_ATTRIBUTE = "statebackends.state.evicted"
 """Set (True) on an ``invoke_agent`` span whose state the store evicted while the call was still open."""
 EVICTED_EVENT = "statebackends.state.evicted"
@@ -106,6 +122,7 @@ _TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
 _TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
 _TOOL_DESCRIPTION = GenAI.GEN_AI_TOOL_DESCRIPTION
 _REQUEST_MODEL = GenAI.GEN_AI_REQUEST_MODEL
+_STEP_ATTRIBUTES = {_OPERATION_NAME: STEP_OPERATION, OPENINFERENCE_SPAN_KIND: "CHAIN"}
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ERROR = StatusCode.ERROR
@@ -259,12 +276,12 @@ class Components:
     ``span_content`` / ``event_content``: message content goes on spans / in events; ``content``: either.
     ``error_text``: an error's message text (and stack trace) is recorded; otherwise only its class and
     content-free facts (:func:`~statebackends_hermes_agent.genai.error_summary`). ``limit``: characters kept of
-    each captured text (0: unbounded). ``chunk_lock`` orders a streamed chat's first chunk against its end (made
-    anew in a forked child).
+    each captured text (0: unbounded). ``legacy_react``: the steps also carry the deprecated ``gen_ai.react.*``
+    names. ``chunk_lock`` orders a streamed chat's first chunk against its end (made anew in a forked child).
     """
 
     __slots__ = ("tracer", "store", "duration", "tokens", "first_chunk", "event_logger", "span_content",
-                 "event_content", "content", "error_text", "limit", "chunk_lock")
+                 "event_content", "content", "error_text", "limit", "legacy_react", "chunk_lock")
 
     def __init__(
         self,
@@ -278,6 +295,7 @@ class Components:
         span_content: bool = False,
         error_text: bool = False,
         limit: int = DEFAULT_CONTENT_MAX_LENGTH,
+        legacy_react: bool = False,
     ) -> None:
         self.tracer = tracer
         self.store = store
@@ -290,6 +308,7 @@ class Components:
         self.content = span_content or self.event_content
         self.error_text = error_text or self.content
         self.limit = limit
+        self.legacy_react = legacy_react
         self.chunk_lock = threading.Lock()
 
 
@@ -339,10 +358,15 @@ def _end_step(
         return
     state.step_span = state.step_ctx = None
     try:
+        finish = None
+        if finish_reason:
+            finish = {REACT_FINISH_REASON: finish_reason}
+            if c.legacy_react:
+                finish[LEGACY_REACT_FINISH_REASON] = finish_reason
         if error_type is not None:
-            _error(c, span, error_type, description, exc, {REACT_FINISH_REASON: finish_reason} if finish_reason else None)
-        elif finish_reason:
-            span.set_attributes({REACT_FINISH_REASON: finish_reason})  # what the SDK's set_attribute calls
+            _error(c, span, error_type, description, exc, finish)
+        elif finish is not None:
+            span.set_attributes(finish)  # what the SDK's set_attribute calls
     finally:
         span.end()
 
@@ -836,7 +860,8 @@ class HermesTelemetry:
     :class:`~statebackends_hermes_agent.genai.CaptureMode` (``True`` means ``SPAN_ONLY``, ``False`` ``NO_CONTENT``);
     events need ``event_logger`` (a Logs API ``Logger``). ``error_text``: record error messages even with content
     capture off (content capture on records them anyway). ``content_max_length``: characters kept of each captured
-    text (0: unbounded).
+    text (0: unbounded). ``legacy_react_attributes``: the steps also carry the deprecated ``gen_ai.react.round`` and
+    ``gen_ai.react.finish_reason`` beside ``hermes.react.*``.
     """
 
     def __init__(
@@ -849,6 +874,7 @@ class HermesTelemetry:
         *,
         error_text: bool = False,
         content_max_length: int = DEFAULT_CONTENT_MAX_LENGTH,
+        legacy_react_attributes: bool = False,
     ) -> None:
         if isinstance(capture_content, CaptureMode):
             mode = capture_content
@@ -872,6 +898,7 @@ class HermesTelemetry:
             span_content=mode.on_span,
             error_text=error_text,
             limit=content_max_length,
+            legacy_react=legacy_react_attributes,
         )
         self.tracer = tracer
         self.store = store
@@ -1159,8 +1186,11 @@ def _open_step(c: Components, state: InvocationState) -> Optional[Context]:
     agent_ctx = state.agent_ctx
     step = None
     try:
-        step = c.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL,
-                                   attributes={REACT_ROUND: state.round + 1})
+        number = state.round + 1
+        attributes = {**_STEP_ATTRIBUTES, REACT_ROUND: number}
+        if c.legacy_react:
+            attributes[LEGACY_REACT_ROUND] = number
+        step = c.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes=attributes)
         step_ctx = _set_span_in_context(step, agent_ctx)
     except BaseException as exc:  # noqa: BLE001 - the chat goes on under the invocation
         if step is not None:
