@@ -170,6 +170,16 @@ def test_turns_are_grouped_by_session(phoenix: Phoenix, agent_run: Run) -> None:
     assert sessions == {k: sorted(v) for k, v in want.items()}
 
 
+def test_every_span_of_ours_has_a_phoenix_kind_the_react_step_chain(agent_run: Run) -> None:
+    """Phoenix gives a kind from ``gen_ai.operation.name`` to the conventions' values only; the react step (whose
+    operation name is ours) carries OpenInference's CHAIN itself, so no span of ours is UNKNOWN (issue 18)."""
+    kinds = Counter((s["name"].split(" ")[0], s["span_kind"]) for s in agent_run.spans
+                    if s["name"].split(" ")[0] in ("invoke_agent", "react", "chat", "execute_tool"))
+    steps = sum(2 if t.tools else 1 for t in agent_run.turns)
+    assert kinds == {("invoke_agent", "AGENT"): len(agent_run.turns), ("react", "CHAIN"): steps, ("chat", "LLM"): steps,
+                     ("execute_tool", "TOOL"): sum(t.tools for t in agent_run.turns)}
+
+
 def test_known_the_stack_as_bootstrap_installs_it_doubles_each_llm_span_and_the_traces_tokens(
     phoenix: Phoenix, tmp_path: Path
 ) -> None:
