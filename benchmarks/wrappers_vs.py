@@ -6,9 +6,10 @@ temporary package, builds each copy's wrappers over the same components ``instru
 bench's tracer provider, the global meter provider, content capture off, a fresh store of ``--backend``), and
 replays both around the same stub (:class:`~benchmarks.replay.WrapperReplay`: one ``[tools:1]`` conversation, its
 request threads built under the chat as Hermes builds them) with the floor (the same spans with the bare SDK),
-interleaved in a rotating order (:func:`~benchmarks.replay.interleaved`). Prints microseconds per call, each one's
-ratio to the floor and the ratio this/REV with a 95% bootstrap interval over the paired repeats. Needs git, the
-testbed and hermes-agent (the stub reads the real agent's attributes).
+interleaved in a rotating order (:func:`~benchmarks.replay.interleaved`), each block timed in this thread's CPU time
+(:func:`~benchmarks.replay.cpu_block`; ``--wall`` for wall-clock time: on a shared machine other processes' turns land
+in it). Prints microseconds per call, each one's ratio to the floor and the ratio this/REV with a 95% bootstrap
+interval over the paired repeats. Needs git, the testbed and hermes-agent (the stub reads the real agent's attributes).
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--backend", default="invocation_id")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--wall", action="store_true", help="time blocks in wall-clock time, not this thread's CPU time")
     args = parser.parse_args(argv)
 
     import statebackends_hermes_agent
     from statebackends_hermes_testbed.agentbench import AgentBench
 
-    from .replay import WrapperReplay, interleaved, replay_responses
+    from .replay import WrapperReplay, cpu_block, interleaved, replay_responses
 
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = load_snapshot(args.rev, Path(tmp))
@@ -108,12 +110,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                     raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
             for _ in range(50):
                 bench.floor_call()
-            out = interleaved(bench, replays, repeats=args.repeats, calls=args.calls)
+            out = interleaved(bench, replays, repeats=args.repeats, calls=args.calls,
+                              block=None if args.wall else cpu_block)
         finally:
             bench.close()
     us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
     r, lo, hi = bootstrap_ci([out[THIS], out[args.rev]], ratio_of_trimmed_means)
-    print(f"wrappers alone ({args.backend}), {args.repeats} interleaved blocks of {args.calls} calls, 20%-trimmed mean")
+    clock = "wall-clock" if args.wall else "CPU"
+    print(f"wrappers alone ({args.backend}), {args.repeats} interleaved blocks of {args.calls} calls, {clock} time, "
+          "20%-trimmed mean")
     print("| wrappers | us per call | / floor |")
     print("|---|---:|---:|")
     for name in (THIS, args.rev, FLOOR):

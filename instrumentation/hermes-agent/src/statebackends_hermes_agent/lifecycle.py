@@ -45,7 +45,7 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from statebackends import Scope, StateStore, at_fork_in_child, log_safely
+from statebackends import Scope, StateStore, at_fork_in_child, first_open, log_safely
 
 from . import genai
 from .descriptions import ToolDescriptions
@@ -401,12 +401,7 @@ class Invocation:
         if self._done or (self._streaming and not self._end_streamed()):
             return
         self._done = True
-        failure: Optional[BaseException] = None
-        try:
-            self._record(result, None)
-        except BaseException as exc:  # noqa: BLE001 - contained below, after everything is ended
-            failure = exc
-        self._end(failure)
+        self._finish(result, None)
 
     def fail(self, error: BaseException) -> None:
         """End it with the exception ``error`` the wrapped call raised, recorded on the span; never raises (only
@@ -414,12 +409,7 @@ class Invocation:
         if self._done or (self._streaming and not self._end_streamed()):
             return
         self._done = True
-        failure: Optional[BaseException] = None
-        try:
-            self._record(None, error)
-        except BaseException as exc:  # noqa: BLE001 - contained below, after everything is ended
-            failure = exc
-        self._end(failure)
+        self._finish(None, error)
 
     def __enter__(self) -> Invocation:
         return self
@@ -439,12 +429,19 @@ class Invocation:
     def _record(self, result: Any, error: Optional[BaseException]) -> None:
         """Record the outcome (``error`` None: ``result``) on the span, the state and the metrics; may raise."""
 
+    _releases = False  # whether _release has anything to give back (a call saved where it has not)
+
     def _release(self) -> None:
         """Give back what the invocation holds beyond its span and context (its state); may raise."""
 
-    def _end(self, failure: Optional[BaseException]) -> None:
-        """End the span, detach its context and release the rest, each whatever the step before raised; then
-        contain the first failure (``failure``, from recording, or one of these)."""
+    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
+        """Record the outcome, end the span, detach its context and release the rest, each whatever the one before
+        raised; then contain the first failure: the one boundary of ``stop`` and ``fail``."""
+        failure: Optional[BaseException] = None
+        try:
+            self._record(result, error)
+        except BaseException as exc:  # noqa: BLE001 - contained below, once everything is ended
+            failure = exc
         span = self.span
         if span is not None:
             try:
@@ -459,11 +456,12 @@ class Invocation:
             except BaseException as exc:  # noqa: BLE001 - detach logs its own failure: a raising log handler
                 if failure is None:
                     failure = exc
-        try:
-            self._release()
-        except BaseException as exc:  # noqa: BLE001 - a store's end
-            if failure is None:
-                failure = exc
+        if self._releases:
+            try:
+                self._release()
+            except BaseException as exc:  # noqa: BLE001 - a store's end
+                if failure is None:
+                    failure = exc
         if failure is not None:
             _contain(failure, self._what)
 
@@ -484,8 +482,15 @@ class AgentInvocation(Invocation):
     __slots__ = ("task_id", "scope", "_started", "_identity")
     _what = "could not complete invoke_agent"
 
+    _releases = True
+
     def __init__(self, components: Components, task_id: Any) -> None:
-        super().__init__(components)
+        # Every slot set here, the base's too (one call instead of two: this runs once per invocation).
+        self._c = components
+        self.span = None
+        self._token = None
+        self._done = False
+        self.result = None
         self.task_id = task_id
         self.scope: Optional[Scope[InvocationState]] = None
         self._started = 0.0
@@ -520,7 +525,11 @@ class AgentInvocation(Invocation):
         if identity is not None and c.duration is not None:
             try:
                 error_type = type(error).__qualname__ if error is not None else (_RUN_FAILED if failed else None)
-                c.duration.record(_monotonic() - self._started, identity.final(state.response_model, error_type))
+                labels = identity.finals.get((state.response_model, error_type)) if state.response_model else (
+                    identity.labels if error_type is None else None)
+                if labels is None:
+                    labels = identity.final(state.response_model, error_type)
+                c.duration.record(_monotonic() - self._started, labels)
             except BaseException as exc:  # noqa: BLE001 - raised below
                 failure = failure if failure is not None else exc
         if state.step_span is not None:  # the step ends before the invocation
@@ -603,7 +612,12 @@ class ChatCall(Invocation):
     _what = "could not complete the chat span"
 
     def __init__(self, components: Components) -> None:
-        super().__init__(components)
+        # Every slot set here, the base's too (one call instead of two: this runs once per LLM call).
+        self._c = components
+        self.span = None
+        self._token = None
+        self._done = False
+        self.result = None
         self._state: Optional[InvocationState] = None  # the invocation it counts in (its llm_depth was raised)
         self._started = 0.0
         self._identity: Optional[_Identity] = None  # None: a passive call (inside another chat) records nothing
@@ -659,12 +673,14 @@ class ChatCall(Invocation):
             return True
 
     def _record(self, result: Any, error: Optional[BaseException]) -> None:
+        state = self._state
+        if state is not None:  # first: given back however the rest goes
+            state.llm_depth -= 1
         identity = self._identity
         if identity is None:  # passive
             return
         c = self._c
         span = self.span
-        state = self._state
         # Spans, metrics and events fail alone: each is tried whatever the one before raised; the first failure is
         # raised once all are done.
         failure: Optional[BaseException] = None
@@ -724,7 +740,8 @@ class ChatCall(Invocation):
                 failure = failure if failure is not None else exc
         if c.duration is not None:
             try:
-                final, tokens_in, tokens_out = identity.usage(response_model)
+                found = identity.usages.get(response_model)
+                final, tokens_in, tokens_out = found if found is not None else identity.usage(response_model)
                 c.duration.record(_monotonic() - self._started, final)
                 tokens = c.tokens
                 if tokens is not None:
@@ -737,10 +754,6 @@ class ChatCall(Invocation):
         if failure is not None:
             raise failure
 
-    def _release(self) -> None:
-        state = self._state
-        if state is not None:
-            state.llm_depth -= 1
 
 
 def _emit_details(
@@ -814,37 +827,37 @@ class _Identity:
     """The span name, start attributes and metric attributes of one (provider, base URL, model) or (provider, model,
     session id), and the metric attributes of its outcomes (response model, error type), each built once."""
 
-    __slots__ = ("name", "attributes", "labels", "_finals", "_usages")
+    __slots__ = ("name", "attributes", "labels", "finals", "usages")
 
     def __init__(self, name: str, attributes: dict[str, Any], labels: dict[str, Any]) -> None:
         self.name = name
         self.attributes = attributes
         self.labels = labels  # shared by every call of this identity: never mutated
-        self._finals: dict[tuple[Optional[str], Optional[str]], dict[str, Any]] = {}
-        self._usages: dict[Optional[str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        self.finals: dict[tuple[Optional[str], Optional[str]], dict[str, Any]] = {}
+        self.usages: dict[Optional[str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
     def final(self, response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
         """The metric attributes of an outcome: the start ones plus the response model and the error type."""
         if response_model is None and error_type is None:
             return self.labels
         key = (response_model, error_type)
-        found = self._finals.get(key)
+        found = self.finals.get(key)
         if found is None:
             found = dict(self.labels)
             if response_model is not None:
                 found[_RESPONSE_MODEL] = response_model
             if error_type is not None:
                 found[ERROR_TYPE] = error_type
-            _remember(self._finals, key, found)
+            _remember(self.finals, key, found)
         return found
 
     def usage(self, response_model: Optional[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(duration, input token, output token) metric attributes of a successful chat answered by ``response_model``."""
-        found = self._usages.get(response_model)
+        found = self.usages.get(response_model)
         if found is None:
             final = self.final(response_model, None)
             found = (final, {**final, _TOKEN_TYPE: "input"}, {**final, _TOKEN_TYPE: "output"})
-            _remember(self._usages, response_model, found)
+            _remember(self.usages, response_model, found)
         return found
 
 
@@ -905,7 +918,8 @@ class HermesTelemetry:
         self.capture_content = self.components.content
         """Whether any message content is recorded (the wrappers pass the user message only then)."""
         self._pending: weakref.WeakKeyDictionary[Any, PendingSubagent] = weakref.WeakKeyDictionary()
-        self._pending_count = 0  # registrations not taken yet (or whose child is gone): 0 skips the lock
+        self.subagents_pending = 0
+        """Subagents registered and not taken yet (or whose child is gone): 0 lets a caller skip :meth:`take_subagent`."""
         self._pending_lock = threading.Lock()
         # (provider label, base URL, model) -> the chat identity
         self._chat_identities: dict[tuple[Any, ...], _Identity] = {}
@@ -941,10 +955,12 @@ class HermesTelemetry:
         invocation = AgentInvocation(c, task_id or _new_task_id())
         scope = span = None
         try:
-            if parent is None:
-                parent = self._parent_of_agent(agent)
             scope = c.store.begin(agent, invocation_id=invocation.task_id)
             state = scope.state
+            if parent is None:  # the invocation that was current where this one began encloses it, if still open
+                enclosing = first_open(scope.previous).state
+                if enclosing is not None and enclosing.agent_span is not None:
+                    parent = _parent_within(enclosing)
             key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
             try:
                 identity = self._agent_identities.get(key)
@@ -992,16 +1008,6 @@ class HermesTelemetry:
         identity = _Identity(_AGENT_SPAN_NAME, attributes, labels)
         _remember(self._agent_identities, key, identity)
         return identity
-
-    def _parent_of_agent(self, agent: Any) -> Optional[Context]:
-        """A nested invocation hangs under its enclosing invocation; a top-level one under the caller's span."""
-        enclosing = self.components.store.current(agent)
-        if enclosing is None or enclosing.agent_span is None:
-            return None
-        ambient = trace.get_current_span().get_span_context()
-        if ambient.is_valid and ambient.trace_id == enclosing.agent_span.get_span_context().trace_id:
-            return None  # same thread (or a copied context): the ambient span is the exact parent
-        return enclosing.delegate_parent or enclosing.agent_ctx
 
     # -- react step -------------------------------------------------------------------------------
 
@@ -1156,7 +1162,7 @@ class HermesTelemetry:
         runs leaves nothing); may raise (an unhashable child)."""
         with self._pending_lock:
             self._pending[child] = pending
-            self._pending_count += 1
+            self.subagents_pending += 1
 
     def _subagent_parent(self, child: Any) -> Optional[Context]:
         state = self.components.store.current(child)
@@ -1167,17 +1173,28 @@ class HermesTelemetry:
     def take_subagent(self, agent: Any) -> Optional[PendingSubagent]:
         """The pending record :meth:`prepare_subagent` made for ``agent`` (removed), or None; never raises (only
         ``KeyboardInterrupt`` is let through)."""
-        if not self._pending_count:  # only subagents are registered: most calls skip the lock
+        if not self.subagents_pending:  # only subagents are registered: most calls skip the lock
             return None
         try:
             with self._pending_lock:
                 pending = self._pending.pop(agent, None)
                 if pending is not None or not self._pending:
-                    self._pending_count = len(self._pending)
+                    self.subagents_pending = len(self._pending)
                 return pending
         except BaseException as exc:  # noqa: BLE001 - an unhashable agent
             _contain(exc, "no subagent record for this agent")
             return None
+
+
+def _parent_within(enclosing: InvocationState) -> Optional[Context]:
+    """Where an invocation nested in ``enclosing`` (begun while it was current) hangs: under the ambient span when
+    that is in the enclosing invocation's trace (same thread, or a copied context: the exact parent), else under
+    the enclosing invocation's latest ``delegate_task`` span, else its ``invoke_agent``."""
+    ambient = trace.get_current_span().get_span_context()
+    agent_span = enclosing.agent_span
+    if ambient.is_valid and agent_span is not None and ambient.trace_id == agent_span.get_span_context().trace_id:
+        return None
+    return enclosing.delegate_parent or enclosing.agent_ctx
 
 
 def _open_step(c: Components, state: InvocationState) -> Optional[Context]:
