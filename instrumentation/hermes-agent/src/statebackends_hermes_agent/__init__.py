@@ -24,21 +24,22 @@ import inspect
 import logging
 import sys
 import threading
+from collections.abc import Collection
 from importlib.metadata import version
-from typing import Any, Collection, Optional
+from typing import Any
 
+import wrapt
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-import wrapt
 from wrapt import wrap_function_wrapper
 
 from statebackends import StateStore, log_safely
 
 from . import genai
 from .config import resolve, resolve_store
+from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
 from .package import _instruments
 from .state import InvocationState
-from .lifecycle import AgentInvocation, ChatCall, HermesTelemetry, ToolCall
 from .version import __version__
 from .wrappers import HermesWrappers, _in_chat
 
@@ -116,15 +117,15 @@ class _WrapOnImport:
     def forget(self) -> None:
         """Take this hook out of wrapt's registry if it has not fired (best effort: it is neutralised anyway)."""
         try:
-            from wrapt import importer
+            import wrapt.importer as importer
 
             with importer._post_import_hooks_lock:  # noqa: SLF001 - wrapt has no public way to unregister
-                hooks = importer._post_import_hooks.get(self.module)  # noqa: SLF001
+                hooks = importer._post_import_hooks.get(self.module)  # noqa: SLF001 - likewise
                 if hooks:
                     hooks[:] = [hook for hook in hooks if hook is not self]
                     if not hooks:
-                        del importer._post_import_hooks[self.module]  # noqa: SLF001
-        except Exception:  # noqa: BLE001
+                        del importer._post_import_hooks[self.module]  # noqa: SLF001 - likewise
+        except Exception:  # noqa: BLE001 - best effort: a hook left registered is inert
             log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: post-import hook on %s left, inert",
                        self.module, exc_info=True)
 
@@ -138,13 +139,13 @@ class HermesAgentInstrumentor(BaseInstrumentor):
     ``state_backend``; content capture follows ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
     """
 
-    state_backend: Optional[str] = None
-    store: Optional[StateStore[InvocationState]] = None
-    _wrappers: Optional[HermesWrappers] = None
+    state_backend: str | None = None
+    store: StateStore[InvocationState] | None = None
+    _wrappers: HermesWrappers | None = None
     _hooks: tuple[_WrapOnImport, ...] = ()
 
     @property
-    def telemetry(self) -> Optional[HermesTelemetry]:
+    def telemetry(self) -> HermesTelemetry | None:
         """The live lifecycle (the same object the ``wrapt`` wrappers use), or None when not instrumented."""
         wrappers = self._wrappers
         return wrappers.telemetry if wrappers is not None and self.store is not None else None
@@ -160,7 +161,7 @@ class HermesAgentInstrumentor(BaseInstrumentor):
                 log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: already instrumented with state "
                            "backend %r; state_backend=%r is ignored (uninstrument() first)", self.state_backend,
                            asked.name or value)
-        return super().instrument(**kwargs)  # type: ignore[no-any-return]  # BaseInstrumentor's is untyped
+        super().instrument(**kwargs)
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -184,7 +185,8 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         for hook in self._hooks:
             wrapt.register_post_import_hook(hook, hook.module)
         # Hermes makes each LLM request in a thread built inside the chat call: carry the chat's context into it.
-        # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel ours.
+        # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel
+        # ours.
         # wrapt calls the hook only while the gate is set (enabled=): other threads pay one C-level check.
         wrapt.wrap_object(threading.Thread, "__init__", wrapt.FunctionWrapper, (wrappers.thread_init, _in_chat.get))
         log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: enabled with state backend %r", store.name)
@@ -228,11 +230,12 @@ def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
     while isinstance(node, _Proxy):
         # Only a function wrapper's own attributes are read: another proxy would answer with those of what it wraps.
         if isinstance(node, _FunctionWrappers):
-            parent = node._self_parent
-            if parent is not None and node._self_instance is None:
+            # wrapt's documented _self_ attributes: the wrapper's own, never forwarded to what it wraps.
+            parent = node._self_parent  # noqa: SLF001 - wrapt's documented _self_ attribute
+            if parent is not None and node._self_instance is None:  # noqa: SLF001 - likewise
                 _link(owner, attribute, outer, parent)  # the same wrapper, unbound
                 node = parent
-            if wrappers is not None and node._self_wrapper in wrappers.callables:
+            if wrappers is not None and node._self_wrapper in wrappers.callables:  # noqa: SLF001 - likewise
                 _link(owner, attribute, outer, node.__wrapped__)
                 return True
         outer, node = node, node.__wrapped__

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import statebackends
 from statebackends import StateStore, get_store, log_safely, store_from_config
@@ -36,7 +37,8 @@ ENV_HERMES_STATE_BACKEND = "OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND"
 """Names the state backend of this instrumentation only; wins over the library-wide variable."""
 
 ENV_LIBRARY_STATE_BACKEND: str = statebackends.ENV_STATE_BACKEND
-"""The library-wide variable (``STATEBACKENDS_BACKEND``; ``OTEL_PYTHON_STATE_BACKEND`` before statebackends renamed it)."""
+"""The library-wide variable (``STATEBACKENDS_BACKEND``; ``OTEL_PYTHON_STATE_BACKEND`` before statebackends renamed
+it)."""
 
 _DEPRECATED_LIBRARY_STATE_BACKEND = statebackends.DEPRECATED_ENV_STATE_BACKEND
 """The library's old variable name, still honoured by ``store_from_config`` as an alias."""
@@ -47,7 +49,8 @@ ENV_CAPTURE_CONTENT = genai.ENV_CAPTURE_CONTENT
 
 ENV_CAPTURE_ERROR_TEXT = "OTEL_INSTRUMENTATION_HERMES_AGENT_CAPTURE_ERROR_TEXT"
 """``true``: errors keep their text (exception messages and stack traces, Hermes's and tools' error text) with content
-capture off; ``false`` (default) records only their class and content-free facts. Content capture on records the text."""
+capture off; ``false`` (default) records only their class and content-free facts. Content capture on records the
+text."""
 
 ENV_CONTENT_MAX_LENGTH = "OTEL_INSTRUMENTATION_HERMES_AGENT_CONTENT_MAX_LENGTH"
 """Characters kept of each captured text (a message part, tool arguments, a tool result); ``0``: unbounded; default
@@ -78,7 +81,9 @@ class Settings:
     legacy_react_attributes: bool = False
 
 
-def resolve(kwargs: Mapping[str, Any], factory: Callable[[], Any], environ: Optional[Mapping[str, str]] = None) -> Settings:
+def resolve(
+    kwargs: Mapping[str, Any], factory: Callable[[], Any], environ: Mapping[str, str] | None = None
+) -> Settings:
     """The :class:`Settings` of one ``instrument(**kwargs)``: the environment is read once, here.
 
     A bad ``state_backend`` keyword raises ``ValueError``; a bad environment variable never raises (one log record
@@ -127,7 +132,7 @@ def _valid_names() -> str:
         return "(could not be listed)"
 
 
-def _env_source(environ: Mapping[str, str]) -> Optional[tuple[str, str]]:
+def _env_source(environ: Mapping[str, str]) -> tuple[str, str] | None:
     """The first set backend variable and its value, in the order the library reads them."""
     for var in dict.fromkeys((*STATE_BACKEND_ENV_VARS, _DEPRECATED_LIBRARY_STATE_BACKEND)):
         raw = environ.get(var, "").strip()
@@ -137,7 +142,7 @@ def _env_source(environ: Mapping[str, str]) -> Optional[tuple[str, str]]:
 
 
 def resolve_store(
-    value: str | StateStore[Any] | None, factory: Callable[[], Any], environ: Optional[Mapping[str, str]] = None
+    value: str | StateStore[Any] | None, factory: Callable[[], Any], environ: Mapping[str, str] | None = None
 ) -> StateStore[Any]:
     """The store to use: the kwarg, else the environment variables in order, else :data:`DEFAULT_HERMES_BACKEND`.
 
@@ -152,7 +157,8 @@ def resolve_store(
             raise
         except Exception as exc:  # a plugin whose constructor raised, before statebackends wrapped it
             raise ValueError(
-                f"state backend {value!r} could not be built ({type(exc).__name__}: {exc}); valid names: {_valid_names()}"
+                f"state backend {value!r} could not be built ({type(exc).__name__}: {exc}); "
+                f"valid names: {_valid_names()}"
             ) from exc
         log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: state backend %r (from "
                    "instrument(state_backend=...))", store.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from statebackends import log_safely
 
@@ -28,14 +28,14 @@ class ToolDescriptions:
     Hermes has imported its registry (a driver without Hermes) the answer is None.
     """
 
-    __slots__ = ("_registry", "_state", "_limit")
+    __slots__ = ("_limit", "_registry", "_state")
 
     def __init__(self, limit: int = 256) -> None:
         self._registry: Any = None
-        self._state: tuple[Any, dict[str, Optional[str]]] = (None, {})
+        self._state: tuple[Any, dict[str, str | None]] = (None, {})
         self._limit = limit
 
-    def __call__(self, name: str) -> Optional[str]:
+    def __call__(self, name: str) -> str | None:
         try:
             registry = self._registry
             if registry is None:
@@ -63,7 +63,7 @@ class ToolDescriptions:
             return None
 
 
-def _look_up(registry: Any, name: str) -> Optional[str]:
+def _look_up(registry: Any, name: str) -> str | None:
     """The registry's description of ``name``: its schema's, else its entry's; None when it has none."""
     entry = registry.get_entry(name)
     if entry is None:

@@ -17,27 +17,28 @@ import logging
 import os
 import re
 import threading
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from opentelemetry.metrics import Histogram, Meter
-from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+from opentelemetry.semconv.schemas import Schemas
 
 from statebackends import log_safely
 
 _logger = logging.getLogger(__name__)
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means ``SPAN_ONLY``
-and ``false`` ``NO_CONTENT`` (the two values ``opentelemetry-instrumentation-openai-v2`` documents)."""
+"""``NO_CONTENT`` (default), ``SPAN_ONLY``, ``EVENT_ONLY`` or ``SPAN_AND_EVENT``, case-insensitive; ``true`` means
+``SPAN_ONLY`` and ``false`` ``NO_CONTENT`` (the two values ``opentelemetry-instrumentation-openai-v2`` documents)."""
 
 SEMCONV_VERSION = "1.37.0"
 """The semantic-conventions release this instrumentation follows: its attribute names (``gen_ai.provider.name``,
 ``gen_ai.input.messages``, ...), message shapes, metrics and event are those of 1.37.0."""
 SCHEMA_URL: str = Schemas.V1_37_0.value
-"""The schema URL of :data:`SEMCONV_VERSION`, given with the tracer, meter and logger (``opentelemetry-semantic-conventions``
-0.58b0, the oldest release admitted, lists it)."""
+"""The schema URL of :data:`SEMCONV_VERSION`, given with the tracer, meter and logger
+(``opentelemetry-semantic-conventions`` 0.58b0, the oldest release admitted, lists it)."""
 
 # -- content capture ----------------------------------------------------------------------------
 
@@ -68,7 +69,7 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def capture_mode(environ: Optional[Mapping[str, str]] = None) -> CaptureMode:
+def capture_mode(environ: Mapping[str, str] | None = None) -> CaptureMode:
     """The capture mode that ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` names; never raises.
 
     Unset means ``NO_CONTENT``; ``true`` is an alias of ``SPAN_ONLY`` and ``false`` of ``NO_CONTENT`` (any case);
@@ -121,7 +122,7 @@ def _arguments(raw: Any, limit: int) -> Any:
     return raw
 
 
-def _text(content: Any, limit: int) -> Optional[str]:
+def _text(content: Any, limit: int) -> str | None:
     """Chat content as text (at most ``limit`` characters and the cut's mark): a string, or the text pieces of a list
     of content parts."""
     if content is None:
@@ -183,7 +184,7 @@ def output_messages(response: Any, limit: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def text_message(role: str, text: Any, reason: Optional[str] = None, limit: int = 0) -> dict[str, Any]:
+def text_message(role: str, text: Any, reason: str | None = None, limit: int = 0) -> dict[str, Any]:
     """A message of one text part (at most ``limit`` characters); with ``reason``, an output message."""
     message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": bounded(safe_str(text), limit)}]}
     if reason is not None:
@@ -218,7 +219,7 @@ def to_json(value: Any, limit: int = 0) -> str:
     except Exception:  # noqa: BLE001 - a circular structure, keys json cannot write, a nesting too deep
         try:
             shown = repr(value)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a __repr__ that raises: the type names it
             shown = f"<{type(value).__name__}>"
         text = json.dumps(shown, ensure_ascii=False)
     return bounded(text, limit)
@@ -305,7 +306,7 @@ HERMES_INTERRUPTED = "hermes.interrupted"
 message): not an error, so the status stays unset."""
 
 
-def provider_name(label: Any) -> Optional[str]:
+def provider_name(label: Any) -> str | None:
     """``gen_ai.provider.name`` for a Hermes provider label: the well-known value, else the label."""
     if not label:
         return None
@@ -313,7 +314,7 @@ def provider_name(label: Any) -> Optional[str]:
     return PROVIDER_NAMES.get(text.lower(), text)
 
 
-def server_of(base_url: Any) -> tuple[Optional[str], Optional[int]]:
+def server_of(base_url: Any) -> tuple[str | None, int | None]:
     """(``server.address``, ``server.port``) of a base URL; the port defaults by scheme; never raises."""
     if not base_url:
         return None, None
@@ -340,7 +341,8 @@ FIRST_CHUNK_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.
 """Advisory bucket boundaries, in seconds, of ``gen_ai.client.operation.time_to_first_chunk`` (those of the
 conventions' other first-token/first-chunk latencies, e.g. ``gen_ai.server.time_to_first_token``)."""
 
-OPERATION_DURATION: str = getattr(gen_ai_metrics, "GEN_AI_CLIENT_OPERATION_DURATION", "gen_ai.client.operation.duration")
+OPERATION_DURATION: str = getattr(gen_ai_metrics, "GEN_AI_CLIENT_OPERATION_DURATION",
+                                  "gen_ai.client.operation.duration")
 TOKEN_USAGE: str = getattr(gen_ai_metrics, "GEN_AI_CLIENT_TOKEN_USAGE", "gen_ai.client.token.usage")
 TIME_TO_FIRST_CHUNK: str = getattr(
     gen_ai_metrics, "GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK", "gen_ai.client.operation.time_to_first_chunk"
@@ -355,7 +357,7 @@ class Instruments(NamedTuple):
     time_to_first_chunk: Histogram
 
 
-def _histogram(meter: Meter, name: str, unit: str, description: str, buckets: tuple) -> Histogram:
+def _histogram(meter: Meter, name: str, unit: str, description: str, buckets: tuple[float, ...]) -> Histogram:
     """A histogram with the advisory ``buckets`` (without them on an API too old to take the advice)."""
     try:
         return meter.create_histogram(
@@ -371,6 +373,7 @@ def create_instruments(meter: Meter) -> Instruments:
         _histogram(meter, OPERATION_DURATION, "s", "GenAI operation duration", DURATION_BUCKETS),
         _histogram(meter, TOKEN_USAGE, "{token}", "Number of input and output tokens used", TOKEN_BUCKETS),
         _histogram(
-            meter, TIME_TO_FIRST_CHUNK, "s", "Time to receive the first chunk of a streaming response", FIRST_CHUNK_BUCKETS
+            meter, TIME_TO_FIRST_CHUNK, "s", "Time to receive the first chunk of a streaming response",
+            FIRST_CHUNK_BUCKETS,
         ),
     )

@@ -25,6 +25,7 @@ decides whether the tree is right; this module never asks which backend it is.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -33,8 +34,10 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
+from contextvars import Token
 from types import SimpleNamespace, TracebackType
-from typing import Any, Callable, Optional
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -44,6 +47,7 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as Ge
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
 
 from statebackends import Scope, StateStore, at_fork_in_child, first_open, log_safely
 
@@ -122,7 +126,7 @@ _TOOL_TYPE = GenAI.GEN_AI_TOOL_TYPE
 _TOOL_CALL_ID = GenAI.GEN_AI_TOOL_CALL_ID
 _TOOL_DESCRIPTION = GenAI.GEN_AI_TOOL_DESCRIPTION
 _REQUEST_MODEL = GenAI.GEN_AI_REQUEST_MODEL
-_STEP_ATTRIBUTES = {_OPERATION_NAME: STEP_OPERATION, OPENINFERENCE_SPAN_KIND: "CHAIN"}
+_STEP_ATTRIBUTES: dict[str, AttributeValue] = {_OPERATION_NAME: STEP_OPERATION, OPENINFERENCE_SPAN_KIND: "CHAIN"}
 _INTERNAL = SpanKind.INTERNAL
 _CLIENT = SpanKind.CLIENT
 _ERROR = StatusCode.ERROR
@@ -132,7 +136,8 @@ _detach = otel_context.detach
 _monotonic = time.monotonic
 _AGENT_SPAN_NAME = f"invoke_agent {AGENT_NAME}"
 _RUN_FAILED = "agent_run_failed"
-_PARTIAL_STREAM_ID = "partial-stream-stub"  # hermes_constants.PARTIAL_STREAM_STUB_ID (not imported: Hermes is optional here)
+# hermes_constants.PARTIAL_STREAM_STUB_ID (not imported: Hermes is optional here)
+_PARTIAL_STREAM_ID = "partial-stream-stub"
 # agent.gemini_native_adapter makes up f"chatcmpl-{uuid.uuid4().hex[:12]}" for every response it translates (the
 # Gemini API's own responseId is dropped): a real ChatCompletion's id is longer, and never on a SimpleNamespace.
 _GEMINI_MADE_UP_ID = re.compile(r"chatcmpl-[0-9a-f]{12}")
@@ -179,7 +184,7 @@ at_fork_in_child(_new_task_ids_after_fork)
 # -- reading Hermes's values --------------------------------------------------------------------------------
 
 
-def _provider_id(response: Any, response_id: Any) -> Optional[str]:
+def _provider_id(response: Any, response_id: Any) -> str | None:
     """``response_id`` as a string, or None when it is empty, cannot be read, or Hermes made it up; never raises.
 
     Hermes rebuilds a streamed response as a ``SimpleNamespace`` and drops the provider's id for one
@@ -187,20 +192,17 @@ def _provider_id(response: Any, response_id: Any) -> Optional[str]:
     native Gemini client answers with a ``SimpleNamespace`` whose id it makes up (``chatcmpl-`` and
     12 hex digits): ``gen_ai.response.id`` is the provider's id, so none is recorded for those.
     """
-    if type(response_id) is not str:
-        response_id = _id_text(response_id)
-    if not response_id:
+    text: str | None = response_id if type(response_id) is str else _id_text(response_id)
+    if not text:
         return None
     if type(response) is SimpleNamespace and (
-        response_id.startswith("stream-")
-        or response_id == _PARTIAL_STREAM_ID
-        or _GEMINI_MADE_UP_ID.fullmatch(response_id) is not None
+        text.startswith("stream-") or text == _PARTIAL_STREAM_ID or _GEMINI_MADE_UP_ID.fullmatch(text) is not None
     ):
         return None
-    return response_id
+    return text
 
 
-def _id_text(response_id: Any) -> Optional[str]:
+def _id_text(response_id: Any) -> str | None:
     """A response id that is not a ``str`` as text (bytes decoded), or None when empty or unreadable; never raises."""
     try:
         if not response_id:
@@ -224,7 +226,7 @@ def _outcome(result: Any) -> tuple[bool, bool, Any, Any]:
         interrupted = bool(result.get("interrupted"))
         final = result.get("final_response")
         return failed, interrupted, (final if final else None), (result.get("error") if failed else None)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - an unreadable result counts as a plain one with no answer
         log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: the run's result could not be read",
                    exc_info=True)
         return False, False, None, None
@@ -236,7 +238,7 @@ def _interrupted_answer(final: Any) -> bool:
     return isinstance(final, str) and not final.startswith(_INTERRUPT_NOTICE)
 
 
-def _tool_error_type(result: Any) -> Optional[tuple[str, str]]:
+def _tool_error_type(result: Any) -> tuple[str, str] | None:
     """Hermes turns a tool's exception into a JSON ``{"error": ...}`` result: (error.type, message) or None."""
     if not isinstance(result, str) or not result.startswith("{") or '"error"' not in result:
         return None
@@ -260,10 +262,8 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     """``cache[key] = value``, the cache emptied first when full; an unhashable key is not remembered."""
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
-    try:
+    with contextlib.suppress(TypeError):
         cache[key] = value
-    except TypeError:
-        pass
 
 
 # -- the components -------------------------------------------------------------------------------------------
@@ -277,20 +277,38 @@ class Components:
     ``error_text``: an error's message text (and stack trace) is recorded; otherwise only its class and
     content-free facts (:func:`~statebackends_hermes_agent.genai.error_summary`). ``limit``: characters kept of
     each captured text (0: unbounded). ``legacy_react``: the steps also carry the deprecated ``gen_ai.react.*``
-    names. ``chunk_lock`` orders a streamed chat's first chunk against its end (made anew in a forked child).
+    names. ``chunk_lock`` orders a streamed chat's first chunk against its end (made anew in a forked child). The
+    identity caches keep the attributes of each (provider, model, ...) built once; ``tool_descriptions`` looks up
+    the description of a tool Hermes's registry has.
     """
 
-    __slots__ = ("tracer", "store", "duration", "tokens", "first_chunk", "event_logger", "span_content",
-                 "event_content", "content", "error_text", "limit", "legacy_react", "chunk_lock")
+    __slots__ = (
+        "agent_identities",
+        "chat_identities",
+        "chunk_lock",
+        "content",
+        "duration",
+        "error_text",
+        "event_content",
+        "event_logger",
+        "first_chunk",
+        "legacy_react",
+        "limit",
+        "span_content",
+        "store",
+        "tokens",
+        "tool_descriptions",
+        "tracer",
+    )
 
     def __init__(
         self,
         tracer: Tracer,
         store: StateStore[InvocationState],
         *,
-        duration: Optional[Histogram] = None,
-        tokens: Optional[Histogram] = None,
-        first_chunk: Optional[Histogram] = None,
+        duration: Histogram | None = None,
+        tokens: Histogram | None = None,
+        first_chunk: Histogram | None = None,
         event_logger: Any = None,
         span_content: bool = False,
         error_text: bool = False,
@@ -310,6 +328,11 @@ class Components:
         self.limit = limit
         self.legacy_react = legacy_react
         self.chunk_lock = threading.Lock()
+        self.tool_descriptions = ToolDescriptions()
+        self.agent_identities: dict[tuple[Any, ...], _Identity] = {}
+        """(provider label, model, session id) -> the ``invoke_agent`` attributes, built once."""
+        self.chat_identities: dict[tuple[Any, ...], _Identity] = {}
+        """(provider label, base URL, model) -> the chat span's name and attributes, built once."""
 
 
 def _error(
@@ -317,8 +340,8 @@ def _error(
     span: Span,
     error_type: str,
     description: str,
-    exc: Optional[BaseException] = None,
-    attributes: Optional[dict[str, Any]] = None,
+    exc: BaseException | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> None:
     """The one way an error is recorded on a span: ERROR status with ``description``, ``error.type`` (set with
     ``attributes`` in one call) and, for an exception, an ``exception`` event: the SDK's (message, stack trace)
@@ -346,10 +369,10 @@ def _exception_text(c: Components, exc: BaseException) -> str:
 def _end_step(
     c: Components,
     state: InvocationState,
-    finish_reason: Optional[str],
-    error_type: Optional[str] = None,
+    finish_reason: str | None,
+    error_type: str | None = None,
     description: str = "",
-    exc: Optional[BaseException] = None,
+    exc: BaseException | None = None,
 ) -> None:
     """End the open react step, if any, with ``finish_reason`` (and as failed when ``error_type`` is given); the state
     names no step from the first line on, and the span is ended even when recording on it raised."""
@@ -384,14 +407,14 @@ class Invocation:
     Subclasses say what ending records (``_record``) and release what they hold (``_release``).
     """
 
-    __slots__ = ("_c", "span", "_token", "_done", "result")
+    __slots__ = ("_c", "_done", "_token", "result", "span")
     _what = "could not complete the span"
     _streaming = False  # a streamed chat decides its end under the chunk lock (ChatCall)
 
     def __init__(self, components: Components) -> None:
         self._c = components
-        self.span: Optional[Span] = None
-        self._token: Optional[object] = None
+        self.span: Span | None = None
+        self._token: Token[Context] | None = None
         self._done = False
         self.result: Any = None
         """What the ``with`` form ends the invocation with (``stop(result)``) when its block returns."""
@@ -415,7 +438,7 @@ class Invocation:
         return self
 
     def __exit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is None:
             self.stop(self.result)
@@ -426,7 +449,7 @@ class Invocation:
         """Whether this stop/fail is the one ending a streamed chat (see :class:`ChatCall`)."""
         return not self._done
 
-    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+    def _record(self, result: Any, error: BaseException | None) -> None:
         """Record the outcome (``error`` None: ``result``) on the span, the state and the metrics; may raise."""
 
     _releases = False  # whether _release has anything to give back (a call saved where it has not)
@@ -434,10 +457,10 @@ class Invocation:
     def _release(self) -> None:
         """Give back what the invocation holds beyond its span and context (its state); may raise."""
 
-    def _finish(self, result: Any, error: Optional[BaseException]) -> None:
+    def _finish(self, result: Any, error: BaseException | None) -> None:
         """Record the outcome, end the span, detach its context and release the rest, each whatever the one before
         raised; then contain the first failure: the one boundary of ``stop`` and ``fail``."""
-        failure: Optional[BaseException] = None
+        failure: BaseException | None = None
         try:
             self._record(result, error)
         except BaseException as exc:  # noqa: BLE001 - contained below, once everything is ended
@@ -479,22 +502,71 @@ class AgentInvocation(Invocation):
     ``stop`` takes Hermes's result dict, which may report a failure (``failed``).
     """
 
-    __slots__ = ("task_id", "scope", "_started", "_identity")
+    __slots__ = ("_identity", "_started", "scope", "task_id")
     _what = "could not complete invoke_agent"
 
     _releases = True
 
-    def __init__(self, components: Components, task_id: Any) -> None:
+    def __init__(
+        self,
+        components: Components,
+        agent: Any,
+        task_id: Any = None,
+        *,
+        user_message: Any = None,
+        parent: Context | None = None,
+    ) -> None:
+        """Begin the state of one invocation of ``agent`` and start its span, current here (see
+        :meth:`HermesTelemetry.start_invocation`, the way to make one); never raises (only ``KeyboardInterrupt``
+        is let through, after undoing what was begun)."""
         # Every slot set here, the base's too (one call instead of two: this runs once per invocation).
-        self._c = components
+        c = self._c = components
         self.span = None
         self._token = None
         self._done = False
         self.result = None
-        self.task_id = task_id
-        self.scope: Optional[Scope[InvocationState]] = None
+        self.task_id = task_id or _new_task_id()
+        self.scope: Scope[InvocationState] | None = None
         self._started = 0.0
-        self._identity: Optional[_Identity] = None
+        self._identity: _Identity | None = None
+        scope = span = None
+        try:
+            scope = c.store.begin(agent, invocation_id=self.task_id)
+            state = scope.state
+            if parent is None:  # the invocation that was current where this one began encloses it, if still open
+                enclosing = first_open(scope.previous).state
+                if enclosing is not None and enclosing.agent_span is not None:
+                    parent = _parent_within(enclosing)
+            key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
+            try:
+                identity = c.agent_identities.get(key)
+            except TypeError:  # an unhashable label: built each time, not cached
+                identity = None
+            if identity is None:
+                identity = _agent_identity(c, key)
+            self._identity = identity
+            attributes = identity.attributes
+            if c.span_content and user_message is not None:
+                attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message,
+                                                                                               None, c.limit)])}
+            state.agent_ctx = parent  # the context its spans hang under until (unless) its own span starts
+            self.scope = scope
+            self._started = _monotonic()
+            span = c.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=_INTERNAL, attributes=attributes)
+            self.span = state.agent_span = span
+            current = _set_span_in_context(span)
+            # With no explicit parent both contexts are the current one plus the span: build it once.
+            state.agent_ctx = current if parent is None else _set_span_in_context(span, parent)
+            self._token = _attach(current)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if scope is None or isinstance(exc, KeyboardInterrupt):  # nothing begun, or undo all: uninstrumented
+                self._done = True
+                if span is not None:
+                    _end_quietly(span)
+                if scope is not None:
+                    self.scope = None
+                    _end_scope_quietly(c.store, scope)
+            _contain(exc, "could not open invoke_agent" if scope is None else "invoke_agent started incompletely")
 
     @property
     def evicted(self) -> bool:
@@ -502,7 +574,7 @@ class AgentInvocation(Invocation):
         scope = self.scope
         return scope is not None and scope.evicted
 
-    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+    def _record(self, result: Any, error: BaseException | None) -> None:
         scope = self.scope
         if scope is None:
             return
@@ -514,7 +586,7 @@ class AgentInvocation(Invocation):
             failed, interrupted, final, failure_text = _outcome(result)
         # The span, the metric and the step fail alone: each is tried whatever the one before raised; the first
         # failure is raised once all are done.
-        failure: Optional[BaseException] = None
+        failure: BaseException | None = None
         span = self.span
         if span is not None:
             try:
@@ -546,7 +618,7 @@ class AgentInvocation(Invocation):
         self,
         span: Span,
         state: InvocationState,
-        error: Optional[BaseException],
+        error: BaseException | None,
         failed: bool,
         interrupted: bool,
         final: Any,
@@ -608,22 +680,59 @@ class ChatCall(Invocation):
     chat already covers). ``stop`` takes the LLM's response.
     """
 
-    __slots__ = ("_state", "_started", "_identity", "_inputs", "_first_chunk", "_streaming")
+    __slots__ = ("_first_chunk", "_identity", "_inputs", "_started", "_state", "_streaming")
     _what = "could not complete the chat span"
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, agent: Any, api_kwargs: Any = None) -> None:
+        """Start the chat span of one LLM request of ``agent`` (opening a react step if none is open; see
+        :meth:`HermesTelemetry.start_chat`); never raises (only ``KeyboardInterrupt`` is let through)."""
         # Every slot set here, the base's too (one call instead of two: this runs once per LLM call).
-        self._c = components
+        c = self._c = components
         self.span = None
         self._token = None
         self._done = False
         self.result = None
-        self._state: Optional[InvocationState] = None  # the invocation it counts in (its llm_depth was raised)
+        self._state: InvocationState | None = None  # the invocation it counts in (its llm_depth was raised)
         self._started = 0.0
-        self._identity: Optional[_Identity] = None  # None: a passive call (inside another chat) records nothing
-        self._inputs: Optional[list[dict[str, Any]]] = None  # the request's messages, only when content goes to events
+        self._identity: _Identity | None = None  # None: a passive call (inside another chat) records nothing
+        self._inputs: list[dict[str, Any]] | None = None  # the request's messages, only when content goes to events
         self._first_chunk = False
         self._streaming = False
+        try:
+            state = c.store.current(agent)
+            if state is not None:
+                self._state = state
+                state.llm_depth += 1  # given back by the chat's end, however it ends
+                if state.llm_depth > 1:  # the streaming path falling back to the plain call: one span, the outer one
+                    return
+                parent = state.step_ctx if state.step_span is not None else _open_step(c, state)
+            else:
+                parent = None
+            model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
+            key = (getattr(agent, "provider", None), getattr(agent, "base_url", None),
+                   model or getattr(agent, "model", None))
+            try:
+                identity = c.chat_identities.get(key)
+            except TypeError:  # an unhashable label: built each time, not cached
+                identity = None
+            if identity is None:
+                identity = _chat_identity(c, key)
+            attributes = identity.attributes
+            if c.content:  # spans or events: otherwise no message is ever built
+                messages = api_kwargs.get("messages") if isinstance(api_kwargs, dict) else None
+                inputs = genai.input_messages(messages, c.limit)
+                if c.event_content:
+                    self._inputs = inputs
+                if c.span_content:
+                    attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
+            self._identity = identity
+            self._started = _monotonic()
+            self.span = c.tracer.start_span(identity.name, context=parent, kind=_CLIENT, attributes=attributes)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if isinstance(exc, KeyboardInterrupt):
+                self._identity = None  # passive: its end records nothing, ends its span, gives its depth back
+                self.stop(None)
+            _contain(exc, "could not start the chat span")
 
     def first_chunk(self) -> None:
         """Record the time to the first streamed chunk (span attribute and metric), once, if the chat is still open;
@@ -636,7 +745,8 @@ class ChatCall(Invocation):
         if span is None or self._first_chunk or self._done:
             return
         try:
-            with self._c.chunk_lock:  # stop/fail take it to end the chat: a chunk is recorded before the end or not at all
+            # stop/fail take it to end the chat: a chunk is recorded before the end or not at all
+            with self._c.chunk_lock:
                 if not (self._first_chunk or self._done):
                     self._record_first_chunk(span)
         except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
@@ -650,7 +760,7 @@ class ChatCall(Invocation):
         if histogram is not None and identity is not None:
             histogram.record(elapsed, identity.labels)
 
-    def wrap_first_delta(self, callback: Optional[Callable[[], Any]]) -> Callable[[], Any]:
+    def wrap_first_delta(self, callback: Callable[[], Any] | None) -> Callable[[], Any]:
         """A callback for Hermes's ``on_first_delta``: records :meth:`first_chunk`, then calls ``callback`` (if any)."""
         self._streaming = True
         first_chunk = self.first_chunk
@@ -672,7 +782,7 @@ class ChatCall(Invocation):
             self._done = True
             return True
 
-    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+    def _record(self, result: Any, error: BaseException | None) -> None:
         state = self._state
         if state is not None:  # first: given back however the rest goes
             state.llm_depth -= 1
@@ -683,7 +793,7 @@ class ChatCall(Invocation):
         span = self.span
         # Spans, metrics and events fail alone: each is tried whatever the one before raised; the first failure is
         # raised once all are done.
-        failure: Optional[BaseException] = None
+        failure: BaseException | None = None
         if error is not None:
             error_type = type(error).__qualname__
             if span is not None:
@@ -761,8 +871,8 @@ def _emit_details(
     span: Span,
     labels: dict[str, Any],
     response: dict[str, Any],
-    inputs: Optional[list[dict[str, Any]]],
-    outputs: Optional[list[dict[str, Any]]],
+    inputs: list[dict[str, Any]] | None,
+    outputs: list[dict[str, Any]] | None,
 ) -> None:
     """Emit one ``gen_ai.client.inference.operation.details`` event for a chat, tied to its span."""
     attributes: dict[str, Any] = dict(labels)
@@ -780,7 +890,8 @@ def _emit_details(
 
 
 class ToolCall(Invocation):
-    """One tool execution (an ``execute_tool`` span, current while the tool runs): from :meth:`HermesTelemetry.start_tool`.
+    """One tool execution (an ``execute_tool`` span, current while the tool runs): from
+    :meth:`HermesTelemetry.start_tool`.
 
     ``stop`` takes the tool's result: a Hermes ``{"error": ...}`` result marks the span failed.
     """
@@ -788,7 +899,45 @@ class ToolCall(Invocation):
     __slots__ = ()
     _what = "could not complete the execute_tool span"
 
-    def _record(self, result: Any, error: Optional[BaseException]) -> None:
+    def __init__(
+        self, components: Components, owner: Any, name: Any, arguments: Any = None, *, task_id: Any = None,
+        tool_call_id: Any = None,
+    ) -> None:
+        """Start an ``execute_tool`` span and make it current here (see :meth:`HermesTelemetry.start_tool`); never
+        raises (only ``KeyboardInterrupt`` is let through)."""
+        c = self._c = components
+        self.span = None
+        self._token = None
+        self._done = False
+        self.result = None
+        try:
+            state = c.store.current(owner, task_id or None)
+            parent = None
+            if state is not None:
+                parent = state.step_ctx or state.agent_ctx
+            if type(name) is not str:
+                name = str(name)
+            attributes: dict[str, Any] = {_OPERATION_NAME: _OP_EXECUTE_TOOL, _TOOL_NAME: name, _TOOL_TYPE: "function"}
+            description = c.tool_descriptions(name)  # Hermes's registry, once per tool name
+            if description is not None:
+                attributes[_TOOL_DESCRIPTION] = description
+            if tool_call_id:
+                attributes[_TOOL_CALL_ID] = str(tool_call_id)
+            if c.span_content and arguments is not None:
+                attributes[_TOOL_ARGUMENTS] = (genai.bounded(arguments, c.limit) if isinstance(arguments, str)
+                                               else genai.to_json(arguments, c.limit))
+            span = self.span = c.tracer.start_span(f"execute_tool {name}", context=parent, kind=_INTERNAL,
+                                                   attributes=attributes)
+            span_ctx = _set_span_in_context(span)
+            if state is not None and name == "delegate_task":
+                state.delegate_parent = span_ctx
+            self._token = _attach(span_ctx)
+        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
+            if self.span is not None and (self._token is None or isinstance(exc, KeyboardInterrupt)):
+                self.stop(None)  # not current: ended at once, nothing left open
+            _contain(exc, "could not start the execute_tool span")
+
+    def _record(self, result: Any, error: BaseException | None) -> None:
         span = self.span
         if span is None:
             return
@@ -796,7 +945,7 @@ class ToolCall(Invocation):
         if error is not None:
             _error(c, span, type(error).__qualname__, _exception_text(c, error), error)
             return
-        attributes: Optional[dict[str, Any]] = None
+        attributes: dict[str, Any] | None = None
         if c.span_content and result is not None:
             attributes = {_TOOL_RESULT: genai.bounded(result, c.limit) if isinstance(result, str)
                           else genai.to_json(result, c.limit)}
@@ -816,7 +965,7 @@ class PendingSubagent:
 
     __slots__ = ("parent",)
 
-    def __init__(self, parent: Optional[Context]) -> None:
+    def __init__(self, parent: Context | None) -> None:
         self.parent = parent
 
 
@@ -827,16 +976,16 @@ class _Identity:
     """The span name, start attributes and metric attributes of one (provider, base URL, model) or (provider, model,
     session id), and the metric attributes of its outcomes (response model, error type), each built once."""
 
-    __slots__ = ("name", "attributes", "labels", "finals", "usages")
+    __slots__ = ("attributes", "finals", "labels", "name", "usages")
 
     def __init__(self, name: str, attributes: dict[str, Any], labels: dict[str, Any]) -> None:
         self.name = name
         self.attributes = attributes
         self.labels = labels  # shared by every call of this identity: never mutated
-        self.finals: dict[tuple[Optional[str], Optional[str]], dict[str, Any]] = {}
-        self.usages: dict[Optional[str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        self.finals: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        self.usages: dict[str | None, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
-    def final(self, response_model: Optional[str], error_type: Optional[str]) -> dict[str, Any]:
+    def final(self, response_model: str | None, error_type: str | None) -> dict[str, Any]:
         """The metric attributes of an outcome: the start ones plus the response model and the error type."""
         if response_model is None and error_type is None:
             return self.labels
@@ -851,8 +1000,9 @@ class _Identity:
             _remember(self.finals, key, found)
         return found
 
-    def usage(self, response_model: Optional[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(duration, input token, output token) metric attributes of a successful chat answered by ``response_model``."""
+    def usage(self, response_model: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(duration, input token, output token) metric attributes of a successful chat answered by
+        ``response_model``."""
         found = self.usages.get(response_model)
         if found is None:
             final = self.final(response_model, None)
@@ -881,7 +1031,7 @@ class HermesTelemetry:
         self,
         tracer: Tracer,
         store: StateStore[InvocationState],
-        meter: Optional[Meter] = None,
+        meter: Meter | None = None,
         capture_content: bool | CaptureMode = False,
         event_logger: Any = None,
         *,
@@ -894,7 +1044,7 @@ class HermesTelemetry:
         else:
             mode = CaptureMode.SPAN_ONLY if capture_content else CaptureMode.NO_CONTENT
         self.capture_mode = mode
-        histograms: list[Optional[Histogram]] = [None, None, None]
+        histograms: list[Histogram | None] = [None, None, None]
         if meter is not None:
             try:
                 # A no-op meter's histograms record nothing: dropped, so no attributes are built for them.
@@ -919,13 +1069,9 @@ class HermesTelemetry:
         """Whether any message content is recorded (the wrappers pass the user message only then)."""
         self._pending: weakref.WeakKeyDictionary[Any, PendingSubagent] = weakref.WeakKeyDictionary()
         self.subagents_pending = 0
-        """Subagents registered and not taken yet (or whose child is gone): 0 lets a caller skip :meth:`take_subagent`."""
+        """Subagents registered and not taken yet (or whose child is gone): 0 lets a caller skip
+        :meth:`take_subagent`."""
         self._pending_lock = threading.Lock()
-        # (provider label, base URL, model) -> the chat identity
-        self._chat_identities: dict[tuple[Any, ...], _Identity] = {}
-        # (provider label, model, session id) -> the invoke_agent identity
-        self._agent_identities: dict[tuple[Any, ...], _Identity] = {}
-        self._tool_description = ToolDescriptions()
         at_fork_in_child(self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
@@ -938,10 +1084,10 @@ class HermesTelemetry:
     def start_invocation(
         self,
         agent: Any,
-        task_id: Optional[str] = None,
+        task_id: str | None = None,
         *,
         user_message: Any = None,
-        parent: Optional[Context] = None,
+        parent: Context | None = None,
     ) -> AgentInvocation:
         """Begin the state of one invocation of ``agent`` and start its ``invoke_agent`` span, current here.
 
@@ -951,67 +1097,11 @@ class HermesTelemetry:
         when the store cannot begin the state the call runs uninstrumented; when the span cannot be started the
         call keeps its state and its spans hang under ``parent``.
         """
-        c = self.components
-        invocation = AgentInvocation(c, task_id or _new_task_id())
-        scope = span = None
-        try:
-            scope = c.store.begin(agent, invocation_id=invocation.task_id)
-            state = scope.state
-            if parent is None:  # the invocation that was current where this one began encloses it, if still open
-                enclosing = first_open(scope.previous).state
-                if enclosing is not None and enclosing.agent_span is not None:
-                    parent = _parent_within(enclosing)
-            key = (getattr(agent, "provider", None), getattr(agent, "model", None), getattr(agent, "session_id", None))
-            try:
-                identity = self._agent_identities.get(key)
-            except TypeError:  # an unhashable label: built each time, not cached
-                identity = None
-            if identity is None:
-                identity = self._agent_identity(key)
-            invocation._identity = identity
-            attributes = identity.attributes
-            if c.span_content and user_message is not None:
-                attributes = {**attributes, _INPUT_MESSAGES: genai.to_json([genai.text_message("user", user_message,
-                                                                                               None, c.limit)])}
-            state.agent_ctx = parent  # the context its spans hang under until (unless) its own span starts
-            invocation.scope = scope
-            invocation._started = _monotonic()
-            span = c.tracer.start_span(_AGENT_SPAN_NAME, context=parent, kind=_INTERNAL, attributes=attributes)
-            invocation.span = state.agent_span = span
-            current = _set_span_in_context(span)
-            # With no explicit parent both contexts are the current one plus the span: build it once.
-            state.agent_ctx = current if parent is None else _set_span_in_context(span, parent)
-            invocation._token = _attach(current)
-        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
-            if scope is None or isinstance(exc, KeyboardInterrupt):  # nothing begun, or undo all: uninstrumented
-                invocation._done = True
-                if span is not None:
-                    _end_quietly(span)
-                if scope is not None:
-                    invocation.scope = None
-                    _end_scope_quietly(c.store, scope)
-            _contain(exc, "could not open invoke_agent" if scope is None else "invoke_agent started incompletely")
-        return invocation
-
-    def _agent_identity(self, key: tuple[Any, ...]) -> _Identity:
-        """The ``invoke_agent`` span attributes and metric attributes of one (provider, model, session id)."""
-        provider, model, session_id = key
-        attributes: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT, GenAI.GEN_AI_AGENT_NAME: AGENT_NAME}
-        labels: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT}
-        if provider:
-            attributes[GenAI.GEN_AI_PROVIDER_NAME] = labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
-            attributes[genai.HERMES_PROVIDER] = str(provider)
-        if model:
-            attributes[_REQUEST_MODEL] = labels[_REQUEST_MODEL] = str(model)
-        if session_id:
-            attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
-        identity = _Identity(_AGENT_SPAN_NAME, attributes, labels)
-        _remember(self._agent_identities, key, identity)
-        return identity
+        return AgentInvocation(self.components, agent, task_id, user_message=user_message, parent=parent)
 
     # -- react step -------------------------------------------------------------------------------
 
-    def end_tool_round(self, owner: Any, task_id: Any = None, error: Optional[BaseException] = None) -> None:
+    def end_tool_round(self, owner: Any, task_id: Any = None, error: BaseException | None = None) -> None:
         """Close the ReAct step of ``owner``'s invocation (found by ``task_id``) once its tools ran or failed; never
         raises (only ``KeyboardInterrupt`` is let through)."""
         try:
@@ -1034,63 +1124,7 @@ class HermesTelemetry:
         ``api_kwargs`` is the request (its ``model`` names the span). With ``streaming`` pass
         :meth:`ChatCall.wrap_first_delta` as the call's ``on_first_delta``.
         """
-        c = self.components
-        chat = ChatCall(c)
-        try:
-            state = c.store.current(agent)
-            if state is not None:
-                chat._state = state
-                state.llm_depth += 1  # given back by the chat's end, however it ends
-                if state.llm_depth > 1:  # the streaming path falling back to the plain call: one span, the outer one
-                    return chat
-                parent = state.step_ctx if state.step_span is not None else _open_step(c, state)
-            else:
-                parent = None
-            model = api_kwargs.get("model") if isinstance(api_kwargs, dict) else None
-            key = (getattr(agent, "provider", None), getattr(agent, "base_url", None), model or getattr(agent, "model", None))
-            try:
-                identity = self._chat_identities.get(key)
-            except TypeError:  # an unhashable label: built each time, not cached
-                identity = None
-            if identity is None:
-                identity = self._chat_identity(key)
-            attributes = identity.attributes
-            if c.content:  # spans or events: otherwise no message is ever built
-                messages = api_kwargs.get("messages") if isinstance(api_kwargs, dict) else None
-                inputs = genai.input_messages(messages, c.limit)
-                if c.event_content:
-                    chat._inputs = inputs
-                if c.span_content:
-                    attributes = {**attributes, _INPUT_MESSAGES: genai.to_json(inputs)}
-            chat._identity = identity
-            chat._started = _monotonic()
-            chat.span = c.tracer.start_span(identity.name, context=parent, kind=_CLIENT, attributes=attributes)
-        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
-            if isinstance(exc, KeyboardInterrupt):
-                chat._identity = None  # passive: its end records nothing, ends its span, gives its depth back
-                chat.stop(None)
-            _contain(exc, "could not start the chat span")
-        return chat
-
-    def _chat_identity(self, key: tuple[Any, ...]) -> _Identity:
-        """The chat span name, span start attributes and metric attributes of one (provider, base URL, model)."""
-        provider, base_url, model = key
-        labels: dict[str, Any] = {_OPERATION_NAME: _OP_CHAT}
-        if model:  # the conventions: the request model only if known, and then the span is named "chat"
-            model = labels[_REQUEST_MODEL] = str(model)
-        if provider:
-            labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
-        address, port = genai.server_of(base_url)
-        if address:
-            labels[SERVER_ADDRESS] = address
-            if port:
-                labels[SERVER_PORT] = port
-        attributes = dict(labels)
-        if provider:
-            attributes[genai.HERMES_PROVIDER] = str(provider)
-        identity = _Identity(f"chat {model}" if model else _OP_CHAT, attributes, labels)
-        _remember(self._chat_identities, key, identity)
-        return identity
+        return ChatCall(self.components, agent, api_kwargs)
 
     # -- execute_tool ---------------------------------------------------------------------------------
 
@@ -1108,35 +1142,7 @@ class HermesTelemetry:
         ``task_id`` finds the invocation where only the id travels (a tool pool). Never raises (only
         ``KeyboardInterrupt`` is let through): on failure a :class:`ToolCall` without a span is returned.
         """
-        c = self.components
-        tool = ToolCall(c)
-        try:
-            state = c.store.current(owner, task_id or None)
-            parent = None
-            if state is not None:
-                parent = state.step_ctx or state.agent_ctx
-            if type(name) is not str:
-                name = str(name)
-            attributes: dict[str, Any] = {_OPERATION_NAME: _OP_EXECUTE_TOOL, _TOOL_NAME: name, _TOOL_TYPE: "function"}
-            description = self._tool_description(name)  # Hermes's registry, once per tool name
-            if description is not None:
-                attributes[_TOOL_DESCRIPTION] = description
-            if tool_call_id:
-                attributes[_TOOL_CALL_ID] = str(tool_call_id)
-            if c.span_content and arguments is not None:
-                attributes[_TOOL_ARGUMENTS] = (genai.bounded(arguments, c.limit) if isinstance(arguments, str)
-                                               else genai.to_json(arguments, c.limit))
-            span = tool.span = c.tracer.start_span(f"execute_tool {name}", context=parent, kind=_INTERNAL,
-                                                   attributes=attributes)
-            span_ctx = _set_span_in_context(span)
-            if state is not None and name == "delegate_task":
-                state.delegate_parent = span_ctx
-            tool._token = _attach(span_ctx)
-        except BaseException as exc:  # noqa: BLE001 - the one boundary of this entry
-            if tool.span is not None and (tool._token is None or isinstance(exc, KeyboardInterrupt)):
-                tool.stop(None)  # not current: ended at once, nothing left open
-            _contain(exc, "could not start the execute_tool span")
-        return tool
+        return ToolCall(self.components, owner, name, arguments, task_id=task_id, tool_call_id=tool_call_id)
 
     # -- subagents -------------------------------------------------------------------------------------
 
@@ -1164,13 +1170,13 @@ class HermesTelemetry:
             self._pending[child] = pending
             self.subagents_pending += 1
 
-    def _subagent_parent(self, child: Any) -> Optional[Context]:
+    def _subagent_parent(self, child: Any) -> Context | None:
         state = self.components.store.current(child)
         if state is None:
             return None
         return state.delegate_parent or state.agent_ctx
 
-    def take_subagent(self, agent: Any) -> Optional[PendingSubagent]:
+    def take_subagent(self, agent: Any) -> PendingSubagent | None:
         """The pending record :meth:`prepare_subagent` made for ``agent`` (removed), or None; never raises (only
         ``KeyboardInterrupt`` is let through)."""
         if not self.subagents_pending:  # only subagents are registered: most calls skip the lock
@@ -1186,7 +1192,46 @@ class HermesTelemetry:
             return None
 
 
-def _parent_within(enclosing: InvocationState) -> Optional[Context]:
+def _agent_identity(c: Components, key: tuple[Any, ...]) -> _Identity:
+    """The ``invoke_agent`` span attributes and metric attributes of one (provider, model, session id), remembered."""
+    provider, model, session_id = key
+    attributes: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT, GenAI.GEN_AI_AGENT_NAME: AGENT_NAME}
+    labels: dict[str, Any] = {_OPERATION_NAME: _OP_INVOKE_AGENT}
+    if provider:
+        attributes[GenAI.GEN_AI_PROVIDER_NAME] = labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
+        attributes[genai.HERMES_PROVIDER] = str(provider)
+    if model:
+        attributes[_REQUEST_MODEL] = labels[_REQUEST_MODEL] = str(model)
+    if session_id:
+        attributes[GenAI.GEN_AI_CONVERSATION_ID] = str(session_id)
+    identity = _Identity(_AGENT_SPAN_NAME, attributes, labels)
+    _remember(c.agent_identities, key, identity)
+    return identity
+
+
+def _chat_identity(c: Components, key: tuple[Any, ...]) -> _Identity:
+    """The chat span name, span start attributes and metric attributes of one (provider, base URL, model),
+    remembered."""
+    provider, base_url, model = key
+    labels: dict[str, Any] = {_OPERATION_NAME: _OP_CHAT}
+    if model:  # the conventions: the request model only if known, and then the span is named "chat"
+        model = labels[_REQUEST_MODEL] = str(model)
+    if provider:
+        labels[GenAI.GEN_AI_PROVIDER_NAME] = genai.provider_name(provider)
+    address, port = genai.server_of(base_url)
+    if address:
+        labels[SERVER_ADDRESS] = address
+        if port:
+            labels[SERVER_PORT] = port
+    attributes = dict(labels)
+    if provider:
+        attributes[genai.HERMES_PROVIDER] = str(provider)
+    identity = _Identity(f"chat {model}" if model else _OP_CHAT, attributes, labels)
+    _remember(c.chat_identities, key, identity)
+    return identity
+
+
+def _parent_within(enclosing: InvocationState) -> Context | None:
     """Where an invocation nested in ``enclosing`` (begun while it was current) hangs: under the ambient span when
     that is in the enclosing invocation's trace (same thread, or a copied context: the exact parent), else under
     the enclosing invocation's latest ``delegate_task`` span, else its ``invoke_agent``."""
@@ -1197,14 +1242,14 @@ def _parent_within(enclosing: InvocationState) -> Optional[Context]:
     return enclosing.delegate_parent or enclosing.agent_ctx
 
 
-def _open_step(c: Components, state: InvocationState) -> Optional[Context]:
+def _open_step(c: Components, state: InvocationState) -> Context | None:
     """Open the invocation's next react step under its span; the context a chat hangs under: the step's, or the
     invocation's when the step could not be started (nothing is left half-open; only KeyboardInterrupt is raised)."""
     agent_ctx = state.agent_ctx
     step = None
     try:
         number = state.round + 1
-        attributes = {**_STEP_ATTRIBUTES, REACT_ROUND: number}
+        attributes: dict[str, AttributeValue] = {**_STEP_ATTRIBUTES, REACT_ROUND: number}
         if c.legacy_react:
             attributes[LEGACY_REACT_ROUND] = number
         step = c.tracer.start_span(STEP_SPAN_NAME, context=agent_ctx, kind=_INTERNAL, attributes=attributes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
@@ -12,34 +12,34 @@ class InvocationState:
     """Everything the wrappers share between the methods of one agent invocation."""
 
     __slots__ = (
-        "agent_span",
         "agent_ctx",
-        "step_span",
-        "step_ctx",
-        "round",
-        "llm_depth",
+        "agent_span",
+        "delegate_parent",
+        "finish_reasons",
         "input_tokens",
+        "llm_depth",
         "output_tokens",
         "response_id",
         "response_model",
-        "finish_reasons",
-        "delegate_parent",
+        "round",
+        "step_ctx",
+        "step_span",
     )
 
     def __init__(self) -> None:
-        self.agent_span: Optional[Span] = None
-        self.agent_ctx: Optional[Context] = None
-        self.step_span: Optional[Span] = None
-        self.step_ctx: Optional[Context] = None
+        self.agent_span: Span | None = None
+        self.agent_ctx: Context | None = None
+        self.step_span: Span | None = None
+        self.step_ctx: Context | None = None
         self.round = 0
         self.llm_depth = 0
         self.input_tokens = 0
         self.output_tokens = 0
-        self.response_id: Optional[str] = None
-        self.response_model: Optional[str] = None
+        self.response_id: str | None = None
+        self.response_model: str | None = None
         self.finish_reasons: tuple[str, ...] = ()
         # context of the latest delegate_task tool span: parent of the subagents it starts
-        self.delegate_parent: Optional[Context] = None
+        self.delegate_parent: Context | None = None
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"InvocationState(round={self.round}, in={self.input_tokens}, out={self.output_tokens})"

@@ -12,9 +12,10 @@ starts for the call's LLM requests and subagents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from functools import partial
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -43,7 +44,7 @@ class Switch(Protocol):
 # The agent whose tool is running in this thread, set around Hermes's tool dispatch
 # (same thread, synchronous), because ``handle_function_call`` is not given the agent.
 _tool_owner: ContextVar[Any] = ContextVar("statebackends_hermes_tool_owner", default=None)
-_tool_call_id: ContextVar[Optional[str]] = ContextVar("statebackends_hermes_tool_call_id", default=None)
+_tool_call_id: ContextVar[str | None] = ContextVar("statebackends_hermes_tool_call_id", default=None)
 # True on the thread (or greenlet, or copied context) where one of our chat wrappers is running the LLM call: a
 # ``threading.Thread`` built there carries OpenTelemetry's current context (the chat span's) into its ``run``.
 _in_chat: ContextVar[bool] = ContextVar("statebackends_hermes_in_chat", default=False)
@@ -120,7 +121,7 @@ def _detach_contained(token: Any) -> None:
     """``detach(token)``: OpenTelemetry logs a failed detach, and a raising log handler raises from there."""
     try:
         _detach(token)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - the call went on: only our detach failed
         _contain(exc, "could not detach a context")
 
 
@@ -205,7 +206,7 @@ def execute_tool_calls(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
         if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         token = _tool_owner.set(instance)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             return wrapped(*args, **kwargs)
         except BaseException as exc:
@@ -219,7 +220,8 @@ def execute_tool_calls(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
 
 
 def api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
-    """``AIAgent._interruptible_api_call``: one ``chat`` span, current for the call and carried into its request thread."""
+    """``AIAgent._interruptible_api_call``: one ``chat`` span, current for the call and carried into its request
+    thread."""
     start_chat = telemetry.start_chat
 
     def traced_api_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
