@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import enum
 import functools
 import gc
 import importlib
@@ -86,14 +87,31 @@ class _Problems(list[str]):
             self.append(message)
 
 
-def _describe(seen: Any, own: Any, ended: Any = ()) -> str:
+class Seen(str, enum.Enum):
+    """What a probe found where it asked a store for the current state: the outcomes the kit compares (their values
+    are the words it reports; as ``str`` they compare equal to those words, which is how they come back from the
+    greenlet subprocess, as JSON)."""
+
+    NONE = "None"
+    OWN = "its own state"
+    ENDED = "an ended invocation's state"
+    OTHER = "another invocation's state"
+
+    def __str__(self) -> str:  # the words, on every Python (3.11 changed what a str mixin's members print)
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _describe(seen: Any, own: Any, ended: Any = ()) -> Seen:
     if seen is None:
-        return "None"
+        return Seen.NONE
     if seen is own:
-        return "its own state"
+        return Seen.OWN
     if any(seen is e for e in ended):
-        return "an ended invocation's state"
-    return "another invocation's state"
+        return Seen.ENDED
+    return Seen.OTHER
 
 
 class _Raised(Exception):
@@ -238,11 +256,11 @@ def _bystander(store: StateStore[Any], invocation_id: Any = None) -> Iterator[An
             raise box["error"]
 
 
-_LOST_OR_ANOTHERS = {"None": "nothing", "another invocation's state": "another's state"}
+_LOST_OR_ANOTHERS = {Seen.NONE: "nothing", Seen.OTHER: "another's state"}
 """What ``_count`` reports of an open invocation that should see its own state."""
 
 
-def _count(results: list[Any], what: str, index: int, messages: dict[str, str]) -> list[str]:
+def _count(results: list[Any], what: str, index: int, messages: dict[Seen, str]) -> list[str]:
     out = []
     for value, text in messages.items():
         k = sum(1 for r in results if r is not None and r[index] == value)
@@ -428,7 +446,7 @@ def _rule_no_ended_state_in_copied_context(make: Make) -> list[str]:
             return tuple(_describe(x, None, [s.state]) for x in seen)
 
         seen = asyncio.run(main())
-        p.expect(seen == ("None", "None"), f"an asyncio task created during the invocation and running after it "
+        p.expect(seen == (Seen.NONE, Seen.NONE), f"an asyncio task created during the invocation and running after it "
                  f"ended gets {seen[0]} / with the id {seen[1]}, not None")
 
         outer = store.begin(owner)
@@ -583,8 +601,8 @@ def _observe_threads(make: Make, n: int = 4, shared_id: str | None = None) -> li
     out += _count(results, "threads got, with current(owner, id),", 0, _LOST_OR_ANOTHERS)
     out += _count(results, "threads got, with current(owner),", 1, _LOST_OR_ANOTHERS)
     out += _count(results, "threads got, right after their own end (others open),", 2,
-                  {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"})
-    out += _count(results, "threads got, after all ended,", 3, {"another invocation's state": "a state"})
+                  {Seen.ENDED: "the ended state", Seen.OTHER: "another's state"})
+    out += _count(results, "threads got, after all ended,", 3, {Seen.OTHER: "a state"})
     if store.current(owner) is not None:
         out.append("a state is left behind after every thread ended")
     if store.live() not in (0, None):
@@ -629,10 +647,10 @@ def _observe_async_tasks(make: Make, n: int = 4) -> list[str]:
         return list(await asyncio.gather(*(call(i, gate, started, done) for i in range(n))))
 
     results = asyncio.run(main())
-    late = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
+    late = {Seen.ENDED: "the ended state", Seen.OTHER: "another's state"}
     out = _count(results, "tasks got, with current(owner),", 0, _LOST_OR_ANOTHERS)
     out += _count(results, "tasks got, with current(owner, id),", 1, _LOST_OR_ANOTHERS)
-    out += _count(results, "tasks got, right after their own end,", 2, {"another invocation's state": "a state"})
+    out += _count(results, "tasks got, right after their own end,", 2, {Seen.OTHER: "a state"})
     out += _count(results, "tasks created during an invocation and run after it ended (others open) got", 3, late)
     out += _count(results, "tasks created during an invocation and run after it ended (others open) got, "
                   "with the id,", 4, late)
@@ -730,7 +748,7 @@ def _observe_raw_thread(make: Make) -> list[str]:
     with _bystander(store):  # a third invocation open on another owner throughout
         results, errors = _threads(2, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
-    after = {"an ended invocation's state": "the ended state", "another invocation's state": "another's state"}
+    after = {Seen.ENDED: "the ended state", Seen.OTHER: "another's state"}
     out += _count(results, "raw hops (owner and id carried) got", 0, _LOST_OR_ANOTHERS)
     out += _count(results, "raw hops (owner and id carried) after the end got", 1, after)
     out += _count(results, "raw hops (owner carried) after the end got", 2, after)
@@ -811,7 +829,7 @@ def _observe_shared_id_raw_thread(make: Make) -> list[str]:
     results, errors = _threads(2, call)
     out = [f"a thread raised {e!r}" for e in errors[:1]]
     out += _count(results, "raw hops carrying only the shared id got", 0,
-                  {"None": "nothing (the state is lost)", "another invocation's state": "another's state"})
+                  {Seen.NONE: "nothing (the state is lost)", Seen.OTHER: "another's state"})
     return out
 
 
@@ -869,8 +887,8 @@ def _greenlet_problems(make: Make, n: int = 4) -> list[str]:
     out += _count(results, "greenlets spawned during an invocation (owner and id handed over) got", 1,
                   _LOST_OR_ANOTHERS)
     out += _count(results, "greenlets spawned during an invocation and running after it ended got", 2,
-                  {"an ended invocation's state": "the ended state", "another invocation's state": "a state"})
-    out += _count(results, "greenlets got after their own end", 3, {"an ended invocation's state": "the ended state"})
+                  {Seen.ENDED: "the ended state", Seen.OTHER: "a state"})
+    out += _count(results, "greenlets got after their own end", 3, {Seen.ENDED: "the ended state"})
     if store.live() not in (0, None):
         out.append(f"live() is {store.live()!r} after every greenlet ended")
     return out

@@ -106,6 +106,8 @@ def test_new_rows_are_in_the_matrix_with_their_expectations() -> None:
         "raw_thread+threading": {"instance", "invocation_id", "otel_context"},
         "shared_task_id_raw+threading": {"otel_context"},
         "shared_task_id_two_agents_raw+threading": {"instance", "invocation_id", "otel_context"},
+        # Issue 17, finding 5: late work of one turn, run on its thread while the next turn is open (LATE_WORK).
+        "late_work_next_turn": {"contextvar", "invocation_id", "otel_context"},
     }
     for sid, ok in expected.items():
         assert {b for b in BACKENDS if expected_ok(BY_ID[sid], b)} == ok, sid

@@ -126,6 +126,8 @@ class HermesBench:
         self.instrumentor = self.instrumentors.ours
         self.judge_requests = False
         """Whether :meth:`truth` lists the LLM requests received, for the judge to check their HTTP spans."""
+        self.fixtures: dict[Any, Any] = {}
+        """What code driving this bench builds once and keeps with it, by a key of its own (the scenarios' agents)."""
 
     # -- set-up --------------------------------------------------------------------------
 

@@ -13,31 +13,49 @@ one of the call's own ``chat`` spans (the one that got that response).
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import SpanKind
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
+from opentelemetry.trace import SpanKind
 
 CALLER_PREFIX = "call "
-KINDS = ("invoke_agent", "step", "chat", "execute_tool")
+
+
+class Kind(enum.StrEnum):
+    """What the judge makes of a span (the outcome it counts and compares; as ``str``, its value)."""
+
+    INVOKE_AGENT = "invoke_agent"
+    STEP = "step"
+    CHAT = "chat"
+    EXECUTE_TOOL = "execute_tool"
+    LATE = "late_work"
+    """An ``execute_tool sb_late_job`` span: work that outlived its call, counted apart from the call's own tree."""
+    ENTRY = "entry"
+    """A span the parentage checks look through and never count (:data:`ENTRY_OPERATIONS`)."""
+    CALL = "call"
+    """A caller span (``call <tag>``), the root of every driven call."""
+
+
+KINDS = (Kind.INVOKE_AGENT, Kind.STEP, Kind.CHAT, Kind.EXECUTE_TOOL)
+"""The kinds of a call's own tree, judged in every cell."""
 LATE_TOOL = "sb_late_job"
 """The tool that work outliving its call runs (``late_work`` scenario): its spans are judged apart."""
-LATE = "late_work"
-"""The kind of an ``execute_tool sb_late_job`` span: counted apart from the call's own tree."""
+LATE = Kind.LATE
 
 
-OPERATION_KINDS: dict[str, str] = {
-    "invoke_agent": "invoke_agent",
-    "create_agent": "invoke_agent",
-    "chat": "chat",
-    "text_completion": "chat",
-    "execute_tool": "execute_tool",
-    "react": "step",
-    "hermes.react_step": "step",
+OPERATION_KINDS: dict[str, Kind] = {
+    "invoke_agent": Kind.INVOKE_AGENT,
+    "create_agent": Kind.INVOKE_AGENT,
+    "chat": Kind.CHAT,
+    "text_completion": Kind.CHAT,
+    "execute_tool": Kind.EXECUTE_TOOL,
+    "react": Kind.STEP,
+    "hermes.react_step": Kind.STEP,
 }
 """``gen_ai.operation.name`` values and the kind they make a span (``react``: loongsuite's step spans;
 ``hermes.react_step``: ours)."""
@@ -52,7 +70,7 @@ def _operation(span: Any) -> Optional[str]:
     return op if isinstance(op, str) else None
 
 
-def kind_of(span: ReadableSpan) -> Optional[str]:
+def kind_of(span: ReadableSpan) -> Optional[Kind]:
     """The kind of an instrumentation span (one of :data:`KINDS`, or :data:`LATE`), None for any other span.
 
     Classified by the standard ``gen_ai.operation.name`` where the span carries a known one
@@ -72,8 +90,7 @@ def is_instrumentation_span(span: ReadableSpan) -> bool:
     return kind_of(span) is not None or is_entry(span)
 
 
-ENTRY = "entry"
-"""What :meth:`Reading.classify` calls a span the parentage checks look through and never count."""
+ENTRY = Kind.ENTRY
 
 
 def _native_tags(attrs: Mapping[str, Any]) -> Iterable[Optional[str]]:
@@ -113,24 +130,24 @@ class Reading:
     not_applicable: tuple[tuple[str, str], ...] = ()
     """(what is not judged, why), printed under the matrix."""
 
-    def classify(self, span: Any) -> Optional[str]:
+    def classify(self, span: Any) -> Optional[Kind]:
         """One of :data:`KINDS`, :data:`LATE` or :data:`ENTRY`; None for a span of no judged kind."""
         name = span.name
         op = _operation(span) or ""
         if op in ENTRY_OPERATIONS:
-            return ENTRY
+            return Kind.ENTRY
         kind = OPERATION_KINDS.get(op)
         if kind is None:
-            kind = next((k for prefix, k in self.names if name.startswith(prefix)), None)
-        if kind is not None and kind != ENTRY and kind not in self.kinds:
+            kind = next((Kind(k) for prefix, k in self.names if name.startswith(prefix)), None)
+        if kind is not None and kind != Kind.ENTRY and kind not in self.kinds:
             return None
-        if kind == "execute_tool":
+        if kind == Kind.EXECUTE_TOOL:
             attrs = span.attributes or {}
             if attrs.get(GenAI.GEN_AI_TOOL_NAME) == LATE_TOOL or name.endswith(LATE_TOOL):
                 return LATE
         return kind
 
-    def kind(self, span: Optional[Any]) -> Optional[str]:
+    def kind(self, span: Optional[Any]) -> Optional[Kind]:
         """:meth:`classify`, with entry spans as None."""
         if span is None:
             return None
@@ -150,7 +167,7 @@ class Reading:
                     allowed.append(parent)
                 else:
                     todo.extend(PARENT_KINDS.get(parent, ()))
-            if kind == "invoke_agent" and not self.under_caller:
+            if kind == Kind.INVOKE_AGENT and not self.under_caller:
                 allowed.append(None)
             out[kind] = tuple(dict.fromkeys(allowed))
         return out
@@ -269,7 +286,8 @@ class CallTruth:
 
     def total(self, kind: str) -> int:
         """Spans of ``kind`` this call and its children should have made."""
-        own = {"invoke_agent": 1, "step": self.steps, "chat": self.chats, "execute_tool": self.tools, LATE: self.late}[kind]
+        own = {Kind.INVOKE_AGENT: 1, Kind.STEP: self.steps, Kind.CHAT: self.chats, Kind.EXECUTE_TOOL: self.tools,
+               Kind.LATE: self.late}[Kind(kind)]
         return own + sum(child.total(kind) for child in self.children)
 
 
@@ -360,18 +378,17 @@ def _tag_in(value: Any, prefix: str, sep: str) -> Optional[str]:
     return tag or None
 
 
-CALL = "call"
-"""The kind of a caller span (``call <tag>``), the root of every driven call."""
-PARENT_KINDS: dict[str, tuple[str, ...]] = {
-    "invoke_agent": (CALL, "execute_tool"),  # top level, or nested under the tool that ran it
-    "step": ("invoke_agent",),
-    "chat": ("step",),
-    "execute_tool": ("step",),
+CALL = Kind.CALL
+PARENT_KINDS: dict[Kind, tuple[Kind, ...]] = {
+    Kind.INVOKE_AGENT: (Kind.CALL, Kind.EXECUTE_TOOL),  # top level, or nested under the tool that ran it
+    Kind.STEP: (Kind.INVOKE_AGENT,),
+    Kind.CHAT: (Kind.STEP,),
+    Kind.EXECUTE_TOOL: (Kind.STEP,),
 }
 """The kinds a span of each kind may hang under."""
 
 
-def kind_or_call(span: Optional[ReadableSpan], reading: Optional[Reading] = None) -> Optional[str]:
+def kind_or_call(span: Optional[ReadableSpan], reading: Optional[Reading] = None) -> Optional[Kind]:
     """:func:`kind_of` (by ``reading``), or :data:`CALL` for a caller span; None for no span."""
     if span is None:
         return None
@@ -456,7 +473,7 @@ def judge(
         ancestor never exported, else its root."""
         current, seen = span, 0
         while seen < 64:
-            if kind(current) == "invoke_agent" or current.parent is None:
+            if kind(current) == Kind.INVOKE_AGENT or current.parent is None:
                 return current.context.span_id
             parent = by_id.get(current.parent.span_id)
             if parent is None:
@@ -486,7 +503,7 @@ def judge(
     def judge_late(span: ReadableSpan, owner: Optional[str], parent: Optional[ReadableSpan]) -> None:
         """Work that outlived its call: a root of its own, or under the tool span that started it, never in the call's tree."""
         if span.parent is not None:
-            started_by_tool = kind(parent) == "execute_tool" and owner in late_tags if parent is not None else False
+            started_by_tool = kind(parent) == Kind.EXECUTE_TOOL and owner in late_tags if parent is not None else False
             if not started_by_tool:
                 verdict.orphans += 1
                 where = parent.name if parent is not None else "a span never exported"
@@ -546,13 +563,13 @@ def judge(
         if crossed:
             verdict.cross_talk += crossed
             broken.add(owner)
-        if k == "chat" and reading.tokens_on == "chat":
+        if k == Kind.CHAT and reading.tokens_on == Kind.CHAT:
             sums = turn_tokens.setdefault(turn_of(span), [None, None])
             for i, value in enumerate(reading.tokens(attrs)):
                 if isinstance(value, int):
                     sums[i] = (sums[i] or 0) + value
         top_level = parent_kind == CALL if reading.under_caller else own_tag == owner
-        if k == "invoke_agent" and top_level:
+        if k == Kind.INVOKE_AGENT and top_level:
             call = truth[owner]
             if reading.tokens_on == "invoke_agent":
                 check_tokens(owner, *reading.tokens(attrs))
@@ -602,7 +619,7 @@ def _judge_requests(
     root_call: Any,
     broken: set[str],
     *,
-    kind: Callable[[Optional[ReadableSpan]], Optional[str]] = kind_of,
+    kind: Callable[[Optional[ReadableSpan]], Optional[Kind]] = kind_of,
     same_trace: bool = True,
 ) -> None:
     """Count the LLM requests of ``calls`` (and their children) whose ``traceparent`` is not under their own chat.
@@ -622,7 +639,7 @@ def _judge_requests(
         if http is None or not is_llm_request(http):
             return f"sent a traceparent whose span is {'not exported' if http is None else repr(http.name)}, not its HTTP span"
         chat = by_id.get(http.parent.span_id) if http.parent is not None else None
-        if chat is None or kind(chat) != "chat":
+        if chat is None or kind(chat) != Kind.CHAT:
             return f"has its HTTP span under {chat.name if chat is not None else 'no exported span'!r}, not a chat"
         if root_call(chat) != owner:
             return "has its HTTP span under another call's chat"
