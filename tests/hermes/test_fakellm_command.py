@@ -31,11 +31,30 @@ def _run(*args: str, command: Optional[list[str]] = None) -> subprocess.Complete
     return subprocess.run([*(command or MODULE), *args], capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def _popen_in_the_foreground(command: list[str]) -> subprocess.Popen[str]:
+    """``command`` started as a terminal starts a foreground program: with SIGINT at its default, so that Python
+    installs its KeyboardInterrupt handler there and Ctrl-C (SIGINT) stops it.
+
+    A child inherits an ignored SIGINT across exec, and Python then leaves it ignored: a shell without job control
+    starts every background job (``pytest ... &`` in a script, CI's second lane) with SIGINT ignored, so a child
+    started from such a run as it is would never see Ctrl-C. A handled SIGINT is reset to its default by exec, so
+    the parent holds Python's own handler (what an interactive pytest has) while it starts the child.
+    """
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Served:
     """A running ``fakellm`` command: its process and the base URL it printed."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*MODULE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = _popen_in_the_foreground([*MODULE, *args])
         assert self.proc.stdout is not None
         self.first_line = self.proc.stdout.readline()
         assert self.first_line.startswith("fake LLM serving on http://127.0.0.1:"), (self.first_line, self._rest())
@@ -60,6 +79,18 @@ class Served:
         self.proc.send_signal(signum)
         out, err = self.proc.communicate(timeout=TIMEOUT)
         return self.proc.returncode, out, err
+
+
+@pytest.fixture(params=["interactive", "background"])
+def sigint(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The SIGINT disposition this test process runs with: Python's handler (pytest from a terminal), or ignored (the
+    suite run as a background job of a shell without job control, as CI's second lane runs it)."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if request.param == "background" else signal.default_int_handler)
+    try:
+        yield request.param
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
@@ -91,7 +122,7 @@ def test_help_lists_every_directive(command: list[str]) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serves_the_script_until_stopped(served: Served, signum: int) -> None:
+def test_serves_the_script_until_stopped(sigint: str, served: Served, signum: int) -> None:
     status, body = served.chat("[conv:demo] [tools:2] hello")
     assert status == 200
     calls = body["choices"][0]["message"]["tool_calls"]
