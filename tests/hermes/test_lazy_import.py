@@ -188,3 +188,107 @@ def test_hooks_wrap_only_while_instrumented_and_at_once_when_hermes_is_imported(
 def test_a_wrap_that_fails_in_the_hook_never_fails_hermess_import(tmp_path: Path) -> None:
     out = _hooks("failing", tmp_path)
     assert out["imported"] is True and out["logged"] == 8
+
+
+# -- instrument() while Hermes is still importing run_agent --------------------------------------------------------------
+#
+# `import run_agent` imports model_tools before it defines AIAgent, and model_tools runs Hermes's plugin discovery at
+# import: an enabled Hermes plugin's register(ctx) runs while run_agent is in sys.modules, partly executed. A plugin
+# that turns tracing on there (the natural place inside Hermes's CLI, gateway or any app that imports run_agent),
+# or an instrument() in another thread during that import, finds a run_agent without AIAgent yet.
+
+PLUGIN = textwrap.dedent(
+    """
+    import sys, threading
+
+
+    def register(ctx):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from statebackends_hermes_agent import HermesAgentInstrumentor
+
+        app = sys.modules["__main__"]
+        app.EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(app.EXPORTER))
+        app.PARTIAL = "run_agent" in sys.modules and not hasattr(sys.modules["run_agent"], "AIAgent")
+        instrumentor = HermesAgentInstrumentor()
+        try:
+            if app.MODE == "thread":  # another thread instruments while this one is inside Hermes's import
+                worker = threading.Thread(target=instrumentor.instrument, kwargs={"tracer_provider": provider})
+                worker.start()
+                worker.join()
+            else:
+                instrumentor.instrument(tracer_provider=provider)
+            if app.MODE == "uninstrument":
+                instrumentor.uninstrument()
+        except BaseException as exc:
+            app.RAISED = repr(exc)
+    """
+)
+
+PLUGGED = textwrap.dedent(
+    """
+    import json, logging, sys, types
+    from pathlib import Path
+
+    from statebackends_hermes_testbed.fakellm import FakeLLMServer
+    from statebackends_hermes_testbed.hermes_harness import hermes_home, loopback_only, make_agent
+
+    MODE, RAISED, PARTIAL, EXPORTER = sys.argv[1], None, None, None
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("statebackends_hermes_agent").addHandler(handler)
+    with hermes_home(Path("home")) as home, FakeLLMServer() as llm, loopback_only() as guard:
+        plugin = home / "plugins" / "tracing"
+        plugin.mkdir(parents=True)
+        (plugin / "plugin.yaml").write_text("name: tracing\\nversion: 0.1.0\\ndescription: OpenTelemetry tracing\\n")
+        (plugin / "__init__.py").write_text(Path("plugin.py").read_text())
+        config = home / "config.yaml"
+        config.write_text(config.read_text() + "plugins:\\n  enabled: [tracing]\\n")
+        import run_agent  # its model_tools import discovers the plugins: register() runs before AIAgent exists
+        plain = type(run_agent) is types.ModuleType
+        result = make_agent(llm.base_url).run_conversation("[conv:plug] [tools:1] hello")
+    print("PLUGGED " + json.dumps({
+        "partial_at_register": PARTIAL,
+        "raised": RAISED,
+        "final": result.get("final_response"),
+        "plain_module_after_import": plain,
+        "plain_module_after_turn": type(run_agent) is types.ModuleType,
+        "spans": sorted(s.name.split(" ")[0] for s in EXPORTER.get_finished_spans()) if EXPORTER else None,
+        "logged": [r.getMessage() for r in records],
+        "blocked": [list(b) for b in guard.blocked],
+    }))
+    """
+)
+
+
+def _plugged(mode: str, tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "plugged.py").write_text(PLUGGED)
+    (tmp_path / "plugin.py").write_text(PLUGIN)
+    proc = subprocess.run([sys.executable, "plugged.py", mode], env=_env(tmp_path / "home"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PLUGGED ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("PLUGGED "):])
+
+
+@pytest.mark.parametrize("mode", ["plugin", "thread"])
+def test_instrument_while_hermes_imports_run_agent_traces_its_turns(tmp_path: Path, mode: str) -> None:
+    """instrument() from an enabled Hermes plugin's register() (inside `import run_agent`), or from another thread
+    during that import: run_agent is wrapped once its import has defined it, and a real turn is traced whole."""
+    out = _plugged(mode, tmp_path)
+    assert out["partial_at_register"] is True  # the case under test: AIAgent not defined yet
+    assert out["raised"] is None and out["final"] and out["blocked"] == []
+    assert out["logged"] == [], out["logged"]  # no 'has no run_agent.AIAgent...' for a release that has them all
+    assert out["spans"] == ["chat", "chat", "execute_tool", "invoke_agent", "react", "react"], out["spans"]
+    assert out["plain_module_after_turn"] is True  # run_agent is a plain module again once wrapped
+
+
+def test_uninstrument_while_hermes_imports_run_agent_leaves_it_untouched(tmp_path: Path) -> None:
+    out = _plugged("uninstrument", tmp_path)
+    assert out["partial_at_register"] is True
+    assert out["raised"] is None and out["final"] and out["logged"] == []
+    assert out["spans"] == [] and out["plain_module_after_import"] is True

@@ -3,6 +3,7 @@ and every other method is still wrapped (what the missing one does runs untraced
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import types
 from typing import Any
@@ -59,7 +60,9 @@ def test_a_missing_method_is_one_warning_and_the_rest_is_wrapped(caplog: pytest.
     (record,) = records
     assert record.levelno == logging.WARNING and not record.exc_info
     message = record.getMessage()
-    assert "has no run_agent.AIAgent._dispatch_delegate_task, so what it does runs untraced" in message
+    release = importlib.metadata.version("hermes-agent")  # the installed release is named (was: "(version unknown)")
+    assert f"hermes-agent {release} has no run_agent.AIAgent._dispatch_delegate_task, so what it does runs untraced" \
+        in message
     assert "hermes-agent >= 0.13.0, < 0.20" in message
     for name in ("run_conversation", "_interruptible_api_call", "_interruptible_streaming_api_call",
                  "_execute_tool_calls", "_invoke_tool"):

@@ -20,12 +20,12 @@ can use) is :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry`, avai
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 import sys
 import threading
 from collections.abc import Collection
-from importlib.metadata import version
 from typing import Any
 
 import wrapt
@@ -79,8 +79,8 @@ def _has_path(module: Any, path: str) -> bool:
 
 def _hermes_version() -> str:
     """The installed hermes-agent's version, for log lines."""
-    try:
-        return version("hermes-agent")
+    try:  # not `from importlib.metadata import version`: the package's own `version` submodule takes that name
+        return importlib.metadata.version("hermes-agent")
     except Exception:  # noqa: BLE001 - only ever named in a message
         return "(version unknown)"
 
@@ -88,34 +88,120 @@ def _hermes_version() -> str:
 class _WrapOnImport:
     """A ``wrapt`` post-import hook: wraps the methods of one Hermes module when Hermes imports it (at once if it
     already has), unless its instrumentation was uninstrumented meanwhile. Never raises: an exception in a post-import
-    hook would fail Hermes's own import."""
+    hook would fail Hermes's own import.
+
+    ``instrument()`` can run while Hermes is still importing the module: ``import run_agent`` imports ``model_tools``
+    before it defines ``AIAgent``, and ``model_tools`` runs Hermes's plugin discovery, so a Hermes plugin's
+    ``register()`` (or another thread) finds ``run_agent`` in ``sys.modules`` without ``AIAgent`` yet, and wrapt
+    fires the hook at once. What is not defined yet is then wrapped as soon as it is: until then the module's class
+    is a ``types.ModuleType`` subclass (the data model's way to customise a module's attribute access) that finishes
+    the wrapping on the first attribute read from outside the module (``from run_agent import AIAgent``,
+    ``run_agent.AIAgent``), which any use of ``AIAgent`` starts with, and then puts the module's class back.
+    """
 
     def __init__(self, module: str, wrappers: HermesWrappers) -> None:
         self.module = module
         self.wrappers = wrappers
+        self._maybe_partial = False  # True while wrapt may fire this hook on a module Hermes is still importing
+        self._lock = threading.RLock()
+        self._busy = False  # a wrapping in progress on this thread (reads of the module from there pass through)
+        self._pending: tuple[tuple[str, str], ...] = ()  # (attribute path, wrapper name) whose owner is not defined
+        self._deferred: tuple[Any, type, type] | None = None  # (module, its deferring class, the class it had)
+
+    def register(self) -> None:
+        """Register with wrapt; a module already in ``sys.modules`` may be one Hermes is still importing."""
+        self._maybe_partial = True
+        try:
+            wrapt.register_post_import_hook(self, self.module)
+        finally:
+            self._maybe_partial = False
 
     def __call__(self, module: Any) -> None:
-        wrappers = self.wrappers
-        if not wrappers.active:  # uninstrumented before the import: neutralised
+        if not self.wrappers.active:  # uninstrumented before the import: neutralised
             return
-        for owner, name, method in _WRAPPED:
-            if owner != self.module:
+        paths = tuple((name, method) for owner, name, method in _WRAPPED if owner == self.module)
+        if self._maybe_partial:  # fired at once, from register(): what is not defined yet may still come
+            with self._lock:
+                self._pending = self._wrap(module, paths, defer=True)
+                if self._pending:
+                    self._defer(module)
+        else:  # fired by wrapt at the end of Hermes's import: what is missing now is missing in this release
+            self._wrap(module, paths, defer=False)
+
+    def _wrap(self, module: Any, paths: tuple[tuple[str, str], ...], *, defer: bool) -> tuple[tuple[str, str], ...]:
+        """Wrap each of ``paths`` in ``module``; those whose owner is not defined yet are returned when ``defer``."""
+        later = []
+        for name, method in paths:
+            if defer and not _has_path(module, name.split(".")[0]):  # its class or function is not defined yet
+                later.append((name, method))
                 continue
             if not _has_path(module, name):  # a Hermes release without it: one line, the rest still traced
                 log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: hermes-agent %s has no %s.%s, so "
-                           "what it does runs untraced; every wrapped method is in %s", _hermes_version(), owner,
+                           "what it does runs untraced; every wrapped method is in %s", _hermes_version(), self.module,
                            name, ", ".join(_instruments))
                 continue
             try:
-                wrap_function_wrapper(module, name, getattr(wrappers, method))
+                wrap_function_wrapper(module, name, getattr(self.wrappers, method))
             except KeyboardInterrupt:
                 raise
             except BaseException:  # noqa: BLE001 - Hermes must import whatever happens here
                 log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: could not wrap %s.%s; it runs "
-                           "untraced", owner, name, exc_info=True)
+                           "untraced", self.module, name, exc_info=True)
+        return tuple(later)
+
+    def _defer(self, module: Any) -> None:
+        """Give ``module`` a class whose attribute reads finish the wrapping once what is pending is defined."""
+        base: Any = type(module)
+        hook = self
+
+        def __getattribute__(self: Any, name: str) -> Any:
+            if name[:2] != "__":  # the import system's own reads (__spec__, __name__, ...) pass straight through
+                hook.arrived(self)
+            return base.__getattribute__(self, name)
+
+        try:
+            deferring = type(base.__name__, (base,), {"__getattribute__": __getattribute__, "__slots__": (),
+                                                      "__module__": base.__module__, "__qualname__": base.__qualname__})
+            module.__class__ = deferring
+        except Exception:  # noqa: BLE001 - not a module whose class can change: say so, Hermes runs untraced
+            log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: instrument() ran while Hermes was "
+                       "importing %s, which cannot be wrapped later; %s runs untraced (instrument before or after "
+                       "Hermes's import)", self.module, ", ".join(name for name, _ in self._pending), exc_info=True)
+            self._pending = ()
+            return
+        self._deferred = (module, deferring, base)
+
+    def arrived(self, module: Any) -> None:
+        """Wrap what was pending in ``module`` if it is defined now; once nothing is, ``module`` is plain again."""
+        with self._lock:
+            if self._busy or self._deferred is None:  # our own reads while wrapping, or done meanwhile
+                return
+            self._busy = True
+            try:
+                if self.wrappers.active:
+                    self._pending = self._wrap(module, self._pending, defer=True)
+                if not self._pending or not self.wrappers.active:
+                    self._undefer()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # noqa: BLE001 - a read of Hermes's module must never fail because of us
+                log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: could not finish wrapping %s",
+                           self.module, exc_info=True)
+            finally:
+                self._busy = False
+
+    def _undefer(self) -> None:
+        deferred, self._deferred, self._pending = self._deferred, None, ()
+        if deferred is not None:
+            module, deferring, base = deferred
+            if type(module) is deferring:  # another party's class since then stays
+                module.__class__ = base
 
     def forget(self) -> None:
-        """Take this hook out of wrapt's registry if it has not fired (best effort: it is neutralised anyway)."""
+        """Take this hook out of wrapt's registry if it has not fired, and give back a module whose wrapping waited
+        (best effort for wrapt's registry: the hook is neutralised anyway)."""
+        with self._lock:
+            self._undefer()
         try:
             import wrapt.importer as importer
 
@@ -183,7 +269,7 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         # so its first import stays its own, after its CLI applied `-p PROFILE` (its import-time paths follow it).
         self._hooks = tuple(_WrapOnImport(module, wrappers) for module in _MODULES)
         for hook in self._hooks:
-            wrapt.register_post_import_hook(hook, hook.module)
+            hook.register()
         # Hermes makes each LLM request in a thread built inside the chat call: carry the chat's context into it.
         # On __init__, not start/run: opentelemetry-instrumentation-threading wraps those, and its unwrap would peel
         # ours.
@@ -204,8 +290,8 @@ class HermesAgentInstrumentor(BaseInstrumentor):
                 continue
             *path, attribute = name.split(".")
             for part in path:
-                owner = getattr(owner, part)
-            if not _take_out(owner, attribute, wrappers):
+                owner = getattr(owner, part, None)  # None: not defined (Hermes is still importing it), not wrapped
+            if owner is not None and not _take_out(owner, attribute, wrappers):
                 log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: our wrapper on %s.%s is out of reach "
                            "(another instrumentation's patch on top, or its unwrap took ours); it stays, inert", module,
                            name)
