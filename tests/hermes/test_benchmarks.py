@@ -262,11 +262,11 @@ def test_the_replay_builds_each_chats_request_thread_under_our_hook(agent_bench:
     carried: list[str] = []
     real = hermes_wrappers._run_carried
 
-    def spy(thread: Any, context: Any) -> Any:
+    def spy(thread: Any, run: Any, context: Any) -> Any:
         from opentelemetry import trace
 
         carried.append(trace.get_current_span(context).name)
-        return real(thread, context)
+        return real(thread, run, context)
 
     monkeypatch.setattr(hermes_wrappers, "_run_carried", spy)
     ours, telemetry = rp.installed_ours(agent_bench)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Iterator
 
 import pytest
@@ -250,3 +252,81 @@ def test_an_abandoned_stream_worker_outlives_its_chat_harmlessly(
     (chat,) = _requests_under_their_chats(bench, "abandon")
     assert chat.status.status_code is StatusCode.ERROR and chat.attributes["error.type"] == "InterruptedError"
     assert bench.instrumentor.store.live() == 0
+
+
+class _RunSetFirst(threading.Thread):
+    """A thread whose ``run`` is an instance attribute set before ``Thread.__init__`` (which never touches it)."""
+
+    def __init__(self, out: list[str]) -> None:
+        self.out = out
+        self.run = lambda: out.append("instance run")  # type: ignore[method-assign]
+        super().__init__(daemon=True)
+
+    def run(self) -> None:
+        self.out.append("class run")
+
+
+class _StaticRun(threading.Thread):
+    """A thread whose class ``run`` is a staticmethod (its instance's ``run`` takes no argument)."""
+
+    out: list[str] = []
+    run = staticmethod(lambda: _StaticRun.out.append("static run"))  # type: ignore[assignment]
+
+
+def _build_odd_threads(out: dict[str, Any]) -> None:
+    """What code running in a chat's own thread may build: threads of unusual shapes, and one never started."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # only reference counting may free the thread below
+    try:
+        unstarted = threading.Thread(target=lambda: None)
+        out["unstarted"] = weakref.ref(unstarted)
+        del unstarted
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    runs: list[str] = []
+    _StaticRun.out = runs
+    failures: list[str] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(repr(args.exc_value))
+    try:
+        for thread in (_RunSetFirst(runs), _StaticRun(daemon=True)):
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous_hook
+    carried: list[Any] = []
+    plain = threading.Thread(target=lambda: carried.append(trace.get_current_span()))
+    plain.start()
+    plain.join()
+    out.update(runs=runs, failures=failures, carried=carried[0])
+
+
+@pytest.mark.parametrize("instrumented", [False, True], ids=["plain", "instrumented"])
+def test_threads_built_under_a_chat_run_as_they_would(bench: HermesBench, instrumented: bool) -> None:
+    """Threads built by other code in a chat's thread (a cron agent's request runs there, so its client factory does):
+    each runs what it would run uninstrumented (an instance ``run`` set before ``Thread.__init__``, a class ``run``
+    that is a staticmethod), with the chat's context when instrumented, and a thread built there but never started is
+    freed by reference counting (no cycle through its ``run`` attribute keeps it, and the chat's context, alive)."""
+    if instrumented:
+        bench.instrument("invocation_id")
+    agent = bench.agent(fresh=True)
+    agent.platform = "cron"
+    original = agent._create_request_openai_client
+    out: dict[str, Any] = {}
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if not out:
+            _build_odd_threads(out)
+        return original(*args, **kwargs)
+
+    agent._create_request_openai_client = factory
+    result = bench.call(agent, "odd", "[tools:1]")
+    assert result["final_response"] == "done odd"
+    assert out["runs"] == ["instance run", "static run"] and out["failures"] == [], out
+    assert out["unstarted"]() is None, "a thread built under the chat, never started, is kept alive by a cycle"
+    chats = sorted((s for s in bench.exporter.get_finished_spans() if kind_of(s) == "chat"), key=lambda s: s.start_time)
+    if instrumented:
+        assert out["carried"].get_span_context().span_id == chats[0].context.span_id
+    else:
+        assert not out["carried"].get_span_context().is_valid and chats == []

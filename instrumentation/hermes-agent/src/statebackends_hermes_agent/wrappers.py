@@ -12,6 +12,7 @@ starts for the call's LLM requests and subagents.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from functools import partial
@@ -50,6 +51,9 @@ _tool_call_id: ContextVar[str | None] = ContextVar("statebackends_hermes_tool_ca
 _in_chat: ContextVar[bool] = ContextVar("statebackends_hermes_in_chat", default=False)
 _THREADING_CONTEXT = "_otel_context"
 """Where opentelemetry-instrumentation-threading keeps the context its ``Thread.start`` wrapper captured."""
+_CLASS_RUN = object()
+"""A thread that had no ``run`` instance attribute before ours (its class's ``run`` runs)."""
+_weakref = weakref.ref
 _get_current = otel_context.get_current
 _attach = otel_context.attach
 _detach = otel_context.detach
@@ -135,10 +139,21 @@ def _carry_only(wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
         _in_chat.reset(gate)
 
 
-def _run_carried(thread: Any, context: Any) -> Any:
-    """``thread``'s own ``run`` (its class's), with OpenTelemetry's ``context`` attached unless the threading
-    instrumentation carries one itself; set, bound by ``functools.partial``, as the thread's instance attribute
-    ``run`` by :func:`thread_init`, and removed when it returns (no reference cycle left)."""
+def _run_carried(thread_ref: Callable[[], Any], run: Any, context: Any) -> Any:
+    """The thread's own ``run``, with OpenTelemetry's ``context`` attached unless the threading instrumentation carries
+    one itself; set, bound by ``functools.partial``, as the thread's instance attribute ``run`` by :func:`thread_init`.
+
+    It first gives the thread back the ``run`` attribute it had (``run``: an instance attribute set before
+    ``Thread.__init__``, or :data:`_CLASS_RUN` for none), so what then runs is exactly what would have run (an instance
+    ``run``, a staticmethod, any descriptor). The thread is held weakly: a thread built under a chat and never started
+    is freed by reference counting, with the chat's context."""
+    thread = thread_ref()
+    if thread is None:  # only this partial outlived its thread: nothing is left to run
+        return None
+    if run is _CLASS_RUN:
+        thread.__dict__.pop("run", None)
+    else:
+        thread.__dict__["run"] = run
     token = None
     if _THREADING_CONTEXT not in thread.__dict__:  # else opentelemetry-instrumentation-threading attaches its copy
         try:
@@ -146,14 +161,13 @@ def _run_carried(thread: Any, context: Any) -> Any:
         except BaseException as exc:  # noqa: BLE001 - the thread runs uncarried
             _contain(exc, "could not carry the chat context into a thread")
     try:
-        return type(thread).run(thread)
+        return thread.run()
     finally:
         if token is not None:
             try:
                 _detach(token)
             except BaseException as exc:  # noqa: BLE001 - detach logs its own failure: a raising log handler
                 _contain(exc, "could not detach the chat context in its request thread")
-        thread.__dict__.pop("run", None)
 
 
 class _SuppressedSubagent(PendingSubagent):
@@ -269,7 +283,8 @@ def thread_init(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
         # other installation (the benchmarks' stub, a copy of the wrapper).
         if _in_chat.get() and switch.active:
             try:
-                instance.run = partial(_run_carried, instance, _get_current())
+                instance.run = partial(_run_carried, _weakref(instance), vars(instance).get("run", _CLASS_RUN),
+                                       _get_current())
             except BaseException as exc:  # noqa: BLE001 - the thread runs as it would, uncarried
                 _contain(exc, "could not carry the chat context into a thread")
 
