@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import shlex
 import statistics
 import sys

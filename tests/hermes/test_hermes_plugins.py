@@ -128,7 +128,7 @@ def _plugin_trees(*, detached: bool, tool_of: str = "t1") -> list[Any]:
             context = trace.set_span_in_context(trace.INVALID_SPAN) if detached else None
             with tracer.start_as_current_span("turn", context=context):
                 for k in (1, 2):
-                    with tracer.start_as_current_span(f"chat m", attributes={
+                    with tracer.start_as_current_span("chat m", attributes={
                             "gen_ai.operation.name": "chat", "gen_ai.response.id": f"chatcmpl-{tag}-{k}",
                             "gen_ai.usage.input_tokens": 100 * k + 7, "gen_ai.usage.output_tokens": 10 * k + 3}):
                         pass

@@ -265,7 +265,6 @@ def test_readme_embeds_the_current_isolation_table() -> None:
 def _late_trace(parent_kind: str | None) -> Any:
     """One finished call (``late``: one step, one tool) and a late-work span under ``parent_kind`` (None: a root)."""
     from opentelemetry import trace
-    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from statebackends_hermes_testbed.fakellm import LogEntry, Reply, Script, ScriptRecords
+from statebackends_hermes_testbed.fakellm import Reply, Script, ScriptRecords
 
 if TYPE_CHECKING:  # pragma: no cover
     from run_agent import AIAgent
