@@ -1,9 +1,10 @@
 """The instrumentation's wrappers alone, this checkout beside another commit's, side by side in one process.
 
-``python -m benchmarks.wrappers_vs [REV] [--backend NAME] [--repeats N] [--calls N]`` copies
+``python -m benchmarks.wrappers_vs [REV] [--this REV2] [--backend NAME] [--repeats N] [--calls N]`` copies
 ``instrumentation/hermes-agent/src/statebackends_hermes_agent/`` as it is at ``REV`` (default ``main``) into a
-temporary package, builds each copy's wrappers over the same components ``instrument()`` would give them (the
-bench's tracer provider, the global meter provider, content capture off, a fresh store of ``--backend``), and
+temporary package (``--this REV2``: REV2's too, in place of this checkout), builds each copy's wrappers over the
+same components ``instrument()`` would give them (the bench's tracer provider, the global meter provider or the one ``--meter`` names, content capture off, a fresh store
+of ``--backend``), and
 replays both around the same stub (:class:`~benchmarks.replay.WrapperReplay`: one ``[tools:1]`` conversation, its
 request threads built under the chat as Hermes builds them) with the floor (the same spans with the bare SDK),
 interleaved in a rotating order (:func:`~benchmarks.replay.interleaved`), each block timed in this thread's CPU time
@@ -38,24 +39,46 @@ TARGETS = {  # the stub's wrapped callables (benchmarks.replay) -> the wrapper's
 }
 
 
-def load_snapshot(rev: str, into: Path) -> Any:
-    """The instrumentation package at ``rev``, written under ``into`` as :data:`SNAPSHOT` and imported."""
+def load_snapshot(rev: str, into: Path, name: str = SNAPSHOT) -> Any:
+    """The instrumentation package at ``rev``, written under ``into`` as the package ``name`` and imported."""
     names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{PACKAGE}"],
                            check=True, capture_output=True, text=True).stdout.split()
-    package = into / SNAPSHOT
+    package = into / name
     package.mkdir()
-    for name in names:
-        if name.endswith(".py"):
-            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{PACKAGE}/{name}"],
+    for file in names:
+        if file.endswith(".py"):
+            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{PACKAGE}/{file}"],
                                     check=True, capture_output=True, text=True).stdout
-            (package / name).write_text(source)
-    sys.path.insert(0, str(into))
-    return importlib.import_module(SNAPSHOT)
+            (package / file).write_text(source)
+    if str(into) not in sys.path:
+        sys.path.insert(0, str(into))
+    return importlib.import_module(name)
 
 
-def wrappers_of(package: Any, provider: Any, backend: str) -> Dict[str, Any]:
+METERS = ("global", "noop", "sdk")
+"""Where the wrappers' metrics go: the global meter provider as ``instrument()`` gets it with none given (the API's
+proxy until an SDK provider is set: nothing set here), ``NoOpMeterProvider``, or an SDK ``MeterProvider`` with an
+in-memory reader (every point recorded)."""
+
+
+def meter_provider(kind: str) -> Any:
+    """The meter provider of :data:`METERS` ``kind`` (None: the global one)."""
+    if kind == "noop":
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        return NoOpMeterProvider()
+    if kind == "sdk":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        return MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return None
+
+
+def wrappers_of(package: Any, provider: Any, backend: str, meters: Any = None) -> Dict[str, Any]:
     """The wrapper callables of ``package`` (either release's shape), by stub target, as ``instrument()`` builds them
-    on ``provider``: the global meter provider, content capture off, a fresh ``backend`` store."""
+    on ``provider`` and the meter provider ``meters`` (None: the global one): content capture off, a fresh
+    ``backend`` store."""
     from opentelemetry import metrics, trace
 
     from statebackends import get_store
@@ -64,7 +87,7 @@ def wrappers_of(package: Any, provider: Any, backend: str) -> Dict[str, Any]:
     lifecycle = importlib.import_module(f"{package.__name__}.lifecycle")
     state = importlib.import_module(f"{package.__name__}.state")
     tracer = trace.get_tracer(package.__name__, "0", provider)
-    meter = metrics.get_meter(package.__name__, "0")
+    meter = metrics.get_meter(package.__name__, "0", meters)
     store = get_store(backend, state.InvocationState)
     cls = wrappers_module.HermesWrappers
     if issubclass(cls, lifecycle.HermesTelemetry):  # the release before: the wrappers ARE the telemetry
@@ -81,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--wall", action="store_true", help="time blocks in wall-clock time, not this thread's CPU time")
+    parser.add_argument("--meter", choices=METERS, default="global", help="where the metrics go (default: global)")
+    parser.add_argument("--this", default=None, metavar="REV",
+                        help="a commit to stand in for this checkout (a snapshot too: two commits side by side)")
     args = parser.parse_args(argv)
 
     import statebackends_hermes_agent
@@ -88,17 +114,20 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from .replay import WrapperReplay, cpu_block, interleaved, replay_responses
 
+    this_label = args.this or THIS
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = load_snapshot(args.rev, Path(tmp))
+        this = load_snapshot(args.this, Path(tmp), f"{SNAPSHOT}_this") if args.this else statebackends_hermes_agent
         bench = AgentBench(warm=["none"])
         try:
             responses = replay_responses(bench)
             bench.record_plan(args.backend)
+            meters = meter_provider(args.meter)
             replays = {
-                THIS: WrapperReplay(bench, THIS, responses, wrappers=wrappers_of(statebackends_hermes_agent,
-                                                                                   bench.provider, args.backend)),
-                args.rev: WrapperReplay(bench, args.rev, responses, wrappers=wrappers_of(snapshot, bench.provider,
-                                                                                       args.backend)),
+                this_label: WrapperReplay(bench, this_label, responses,
+                                          wrappers=wrappers_of(this, bench.provider, args.backend, meters)),
+                args.rev: WrapperReplay(bench, args.rev, responses,
+                                        wrappers=wrappers_of(snapshot, bench.provider, args.backend, meters)),
             }
             for label, replay in replays.items():  # warm-up; both must make the real call's span count
                 for _ in range(50):
@@ -115,15 +144,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         finally:
             bench.close()
     us = {k: trimmed_mean(v) * 1e6 for k, v in out.items()}
-    r, lo, hi = bootstrap_ci([out[THIS], out[args.rev]], ratio_of_trimmed_means)
+    r, lo, hi = bootstrap_ci([out[this_label], out[args.rev]], ratio_of_trimmed_means)
     clock = "wall-clock" if args.wall else "CPU"
-    print(f"wrappers alone ({args.backend}), {args.repeats} interleaved blocks of {args.calls} calls, {clock} time, "
-          "20%-trimmed mean")
+    print(f"wrappers alone ({args.backend}, metrics to the {args.meter} meter provider), {args.repeats} interleaved "
+          f"blocks of {args.calls} calls, {clock} time, 20%-trimmed mean")
     print("| wrappers | us per call | / floor |")
     print("|---|---:|---:|")
-    for name in (THIS, args.rev, FLOOR):
+    for name in (this_label, args.rev, FLOOR):
         print(f"| {name} | {us[name]:.1f} | {us[name] / us[FLOOR]:.3f}x |")
-    print(f"this / {args.rev}: {r:.3f} (95% CI {lo:.3f}-{hi:.3f}, paired repeats)")
+    print(f"{this_label} / {args.rev}: {r:.3f} (95% CI {lo:.3f}-{hi:.3f}, paired repeats)")
 
 
 if __name__ == "__main__":

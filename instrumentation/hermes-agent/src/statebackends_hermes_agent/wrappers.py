@@ -2,7 +2,8 @@
 
 As ``opentelemetry-instrumentation-openai-v2``'s ``patch.py`` does, each factory below takes the telemetry
 (and the switch :class:`HermesWrappers` that ``uninstrument()`` turns off) and returns the wrapper:
-a thin call into the public lifecycle around the wrapped Hermes method. The lifecycle never raises
+a thin call into the public lifecycle around the wrapped Hermes method (the invocation objects its
+``start_*`` methods make, built here from its components directly). The lifecycle never raises
 what the telemetry raises (only ``KeyboardInterrupt`` is let through), so the agent's return values,
 exceptions and tool results pass through unchanged; spans are always ended and the state is always
 released. Inside ``opentelemetry.instrumentation.utils.suppress_instrumentation()`` every wrapper only
@@ -23,10 +24,12 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from .lifecycle import (
+    AgentInvocation,
     ChatCall,
     HermesTelemetry,
     Invocation,
     PendingSubagent,
+    ToolCall,
     _contain,
 )
 
@@ -184,7 +187,7 @@ def run_conversation(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
     """``AIAgent.run_conversation``: one ``invoke_agent`` (a subagent's hangs under its ``delegate_task``); when the
     caller passes no ``task_id``, the one the invocation made (shaped as Hermes's own) is passed on, so the tools get
     it; one the caller passes reaches Hermes and its tools unchanged."""
-    start_invocation, take_subagent = telemetry.start_invocation, telemetry.take_subagent
+    components, take_subagent = telemetry.components, telemetry.take_subagent
     content = telemetry.capture_content
 
     def traced_run_conversation(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -198,8 +201,8 @@ def run_conversation(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
                 return _call_in(pending.parent, wrapped, args, kwargs)
             parent = pending.parent  # a subagent: hang under its parent's delegate_task span
         task_id = args[3] if len(args) > 3 else kwargs.get("task_id")
-        invocation = start_invocation(instance, task_id, user_message=_arg(args, kwargs, 0, "user_message")
-                                      if content else None, parent=parent)
+        invocation = AgentInvocation(components, instance, task_id, parent=parent,  # telemetry.start_invocation
+                                     user_message=_arg(args, kwargs, 0, "user_message") if content else None)
         if not task_id:
             # Hermes would make one (``task_id or uuid4()``); making it here lets the id reach the tools.
             if len(args) > 3:
@@ -236,7 +239,7 @@ def execute_tool_calls(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
 def api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
     """``AIAgent._interruptible_api_call``: one ``chat`` span, current for the call and carried into its request
     thread."""
-    start_chat = telemetry.start_chat
+    components = telemetry.components
 
     def traced_api_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> Any:
@@ -244,7 +247,7 @@ def api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
             return wrapped(*args, **kwargs)
         if not is_instrumentation_enabled():
             return _carry_only(wrapped, args, kwargs)
-        call = start_chat(instance, args[0] if args else kwargs.get("api_kwargs"))
+        call = ChatCall(components, instance, args[0] if args else kwargs.get("api_kwargs"))  # telemetry.start_chat
         return _call_current(call, wrapped, args, kwargs)
 
     return traced_api_call
@@ -252,7 +255,7 @@ def api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
 
 def streaming_api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
     """``AIAgent._interruptible_streaming_api_call``: one ``chat`` span with the time to the first chunk."""
-    start_chat = telemetry.start_chat
+    components = telemetry.components
 
     def traced_streaming_api_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                                   kwargs: dict[str, Any]) -> Any:
@@ -260,7 +263,7 @@ def streaming_api_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
             return wrapped(*args, **kwargs)
         if not is_instrumentation_enabled():
             return _carry_only(wrapped, args, kwargs)
-        call = start_chat(instance, _arg(args, kwargs, 0, "api_kwargs"), streaming=True)
+        call = ChatCall(components, instance, _arg(args, kwargs, 0, "api_kwargs"))  # telemetry.start_chat
         if call.span is not None:
             kwargs = {**kwargs, "on_first_delta": call.wrap_first_delta(kwargs.get("on_first_delta"))}
         return _call_current(call, wrapped, args, kwargs)
@@ -311,14 +314,15 @@ def invoke_tool(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
 
 def handle_function_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
     """``run_agent.handle_function_call``: one ``execute_tool`` span."""
-    start_tool = telemetry.start_tool
+    components = telemetry.components
 
     def traced_handle_function_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                                     kwargs: dict[str, Any]) -> Any:
         if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         n = len(args)  # handle_function_call(function_name, function_args, task_id=None, tool_call_id=None, ...)
-        call = start_tool(
+        call = ToolCall(  # telemetry.start_tool
+            components,
             _tool_owner.get(),
             args[0] if n else kwargs.get("function_name"),
             args[1] if n > 1 else kwargs.get("function_args"),
@@ -332,14 +336,14 @@ def handle_function_call(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
 
 def dispatch_delegate_task(telemetry: HermesTelemetry, switch: Switch) -> Wrapper:
     """``AIAgent._dispatch_delegate_task``: the ``execute_tool delegate_task`` span its subagents hang under."""
-    start_tool = telemetry.start_tool
+    components = telemetry.components
 
     def traced_dispatch_delegate_task(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                                       kwargs: dict[str, Any]) -> Any:
         if not switch.active or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        call = start_tool(instance, "delegate_task", _arg(args, kwargs, 0, "function_args"),
-                          tool_call_id=_tool_call_id.get())
+        call = ToolCall(components, instance, "delegate_task", _arg(args, kwargs, 0, "function_args"),
+                        tool_call_id=_tool_call_id.get())  # telemetry.start_tool
         return _call(call, wrapped, args, kwargs)
 
     return traced_dispatch_delegate_task
