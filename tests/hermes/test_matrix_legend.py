@@ -67,3 +67,14 @@ def test_next_for_another_instrumentation(delegate_ok: bool, says: str) -> None:
     assert "is expected wherever" not in text
     (next_line,) = [line for line in text.splitlines() if line.startswith("Next: ")]
     assert says in next_line
+
+
+@pytest.mark.parametrize(("column", "see_ours"), [
+    ("x:Y", "run the same rows without `--instrumentor` to see ours."),
+    ("otel_tracing", "run the same rows with `--backend invocation_id` beside `--hermes-plugin otel_tracing` to see ours."),
+])
+def test_next_for_another_column_names_the_flag_that_made_it(column: str, see_ours: str) -> None:
+    """A Hermes plugin's column comes from --hermes-plugin (was: 'without `--instrumentor`' for it too)."""
+    text = table([cell("delegate", column, None, BROKEN)])
+    (next_line,) = [line for line in text.splitlines() if line.startswith("Next: ")]
+    assert next_line.endswith(see_ours), next_line

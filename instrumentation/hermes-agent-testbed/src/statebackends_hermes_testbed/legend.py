@@ -76,8 +76,12 @@ def next_step(cells: Sequence[Any], default_backend: str, unexpected_mark: str) 
         bad = [c.scenario.id for c in foreign if not c.ok]
         if not bad:
             return f"`{name}` traced every row right here."
+        # An --instrumentor column is named MODULE:CLASS; a --hermes-plugin column by the plugin's key, and ours can
+        # run beside it (--backend), never beside an --instrumentor.
+        see_ours = ("without `--instrumentor`" if ":" in name else
+                    f"with `--backend {default_backend}` beside `--hermes-plugin {name}`")
         return (f"an application that runs its turns like the rows where `{name}` is not ok ({', '.join(bad)}) gets "
-                "wrong traces from it; run the same rows without `--instrumentor` to see ours.")
+                f"wrong traces from it; run the same rows {see_ours} to see ours.")
     ok = Counter(c.backend for c in run if c.ok)
     rows = len({c.scenario.id for c in run})
     app = ("check your own application's traces with docs/examples/hermes-app/app.py, or by pointing it at "
