@@ -120,8 +120,16 @@ def _closed_port() -> int:
          "hermes-app: error: HERMES_APP_BASE_URL='127.0.0.1:8765/v1' is not an http(s) URL"),
         ({"HERMES_APP_BASE_URL": "http://127.0.0.1:8765/v1"},
          "hermes-app: error: HERMES_APP_MODEL is not set"),
+        ({"HERMES_APP_BASE_URL": "http://[::1/v1", "HERMES_APP_MODEL": "m"},
+         "hermes-app: error: HERMES_APP_BASE_URL='http://[::1/v1' is not an http(s) URL"),
+        ({"HERMES_APP_BASE_URL": "http://localhost:abc/v1", "HERMES_APP_MODEL": "m"},
+         "hermes-app: error: HERMES_APP_BASE_URL='http://localhost:abc/v1' is not an http(s) URL"),
+        ({"HERMES_APP_BASE_URL": "http://127.0.0.1:99999/v1", "HERMES_APP_MODEL": "m"},
+         "hermes-app: error: HERMES_APP_BASE_URL='http://127.0.0.1:99999/v1' is not an http(s) URL"),
+        ({"HERMES_APP_BASE_URL": "http://127.0.0.1:8765/v1 x", "HERMES_APP_MODEL": "m"},
+         "hermes-app: error: HERMES_APP_BASE_URL='http://127.0.0.1:8765/v1 x' is not an http(s) URL"),
     ],
-    ids=["unreachable", "not-a-url", "no-model"],
+    ids=["unreachable", "not-a-url", "no-model", "bad-ipv6", "bad-port", "port-out-of-range", "space"],
 )
 def test_a_bad_endpoint_is_one_line_naming_it(tmp_path: Path, env: dict[str, str], message: str) -> None:
     port = _closed_port()

@@ -79,8 +79,13 @@ class Endpoint:
         base_url = os.environ.get("HERMES_APP_BASE_URL", "").strip()
         if not base_url:
             return None
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:  # an unclosed [IPv6] host, a bad port
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or any(c.isspace() or not c.isprintable() for c in base_url)):
             raise AppError(f"HERMES_APP_BASE_URL={base_url!r} is not an http(s) URL such as "
                            "https://api.example.com/v1 or http://127.0.0.1:8765/v1")
         model = os.environ.get("HERMES_APP_MODEL", "").strip()
