@@ -971,6 +971,100 @@ def test_a_base_exception_from_the_store_is_never_the_agents(bench: HermesBench,
     assert store.raised > 0 and store.live() == 0
 
 
+class BaseRaisingHistogram:
+    """A histogram whose ``record`` raises ``exc_type`` (a ``BaseException`` that is not an ``Exception``)."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type, self.raised = exc_type, 0
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        self.raised += 1
+        raise self.exc_type("record")
+
+
+class BaseRaisingMeterProvider:
+    """A meter provider whose histograms all raise ``exc_type`` in ``record``."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type, self.histograms = exc_type, list[BaseRaisingHistogram]()
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> BaseRaisingMeterProvider:
+        return self
+
+    def create_histogram(self, *args: Any, **kwargs: Any) -> BaseRaisingHistogram:
+        self.histograms.append(BaseRaisingHistogram(self.exc_type))
+        return self.histograms[-1]
+
+    def raised(self) -> int:
+        return sum(h.raised for h in self.histograms)
+
+
+class BaseRaisingLogProcessor(RaisingLogProcessor):
+    """A log record processor raising ``exc_type`` in ``on_emit``: every content event fails."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        super().__init__()
+        self.exc_type = exc_type
+
+    def on_emit(self, *args: Any, **kwargs: Any) -> None:
+        self.raised += 1
+        raise self.exc_type("on_emit")
+
+
+class BaseRaisingExporter(RaisingExporter):
+    """An exporter raising ``exc_type`` from ``export`` (``SimpleSpanProcessor`` catches ``Exception`` only)."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        super().__init__()
+        self.exc_type = exc_type
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        raise self.exc_type("export")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
+@pytest.mark.parametrize("exc_type", [GeneratorExit, TelemetryExit], ids=["GeneratorExit", "custom_BaseException"])
+@pytest.mark.parametrize("source", ["meter", "event_log_processor", "exporter"])
+def test_a_base_exception_from_a_meter_an_event_or_an_exporter_is_never_the_agents(
+    bench: HermesBench, hermes: Any, monkeypatch: pytest.MonkeyPatch, source: str, exc_type: type[BaseException],
+    streaming: bool,
+) -> None:
+    """Issue 17, finding 2, beyond span processors and stores: the telemetry's other parts (histograms, including the
+    time to first chunk recorded in Hermes's stream reader thread; the log record processor behind the content events;
+    an exporter behind ``SimpleSpanProcessor``) raising a ``BaseException`` that is not an ``Exception`` change
+    nothing the agent returns, tool results included, and leave no state."""
+    from opentelemetry.sdk._logs import LoggerProvider
+
+    agent = bench.agent(streaming=True) if streaming else hermes
+    tag = f"bx-{source}-{exc_type.__name__}-{'s' if streaming else 'p'}"
+    reference = outcome(lambda: bench.call(agent, tag, "[tools:2] [tool_ms:5]"))
+    assert reference[0] == "returned", reference
+    bench.server.reset()
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_AND_EVENT")
+    provider = TracerProvider()
+    meters, logs, exporter = BaseRaisingMeterProvider(exc_type), BaseRaisingLogProcessor(exc_type), None
+    logger_provider = LoggerProvider()
+    extra: dict[str, Any] = {}
+    if source == "meter":
+        extra["meter_provider"] = meters
+    elif source == "event_log_processor":
+        logger_provider.add_log_record_processor(logs)  # type: ignore[arg-type]  # a duck-typed processor
+        extra["logger_provider"] = logger_provider
+    else:
+        exporter = BaseRaisingExporter(exc_type)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bench.uninstrument()
+    bench.instrumentor.instrument(tracer_provider=provider, state_backend="invocation_id", **extra)
+    got = outcome(lambda: bench.call(agent, tag, "[tools:2] [tool_ms:5]"))
+    same_outcome(reference, got)
+    assert got[1]["tools"] == [f"{tag}-1", f"{tag}-2"]
+    raised = {"meter": meters.raised(), "event_log_processor": logs.raised,
+              "exporter": exporter.calls if exporter is not None else 0}[source]
+    assert raised > 0, f"the {source} really raised"
+    assert bench.instrumentor.store.live() == 0
+
+
 @pytest.mark.parametrize("where", ["on_start", "on_end"])
 def test_a_keyboard_interrupt_from_the_telemetry_is_let_through_after_cleaning_up(where: str) -> None:
     """The one exception the boundary lets through: a ``KeyboardInterrupt`` raised by a span processor leaves the
