@@ -9,6 +9,7 @@ capture on, or with the error-text opt-in, show that the text is really there to
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterator
 
@@ -33,6 +34,11 @@ def _sb_leak(args: dict[str, Any], **_: Any) -> str:
     raise FileNotFoundError(f"no such file: /home/ada/{args.get('text')}/{SECRET_FILE}")
 
 
+def _sb_leak_returned(args: dict[str, Any], **_: Any) -> str:
+    """A tool failing as Hermes's file tools do, without raising: an ``{"error": ...}`` result naming the path."""
+    return json.dumps({"error": f"File not found: /home/ada/{args.get('text')}/{SECRET_FILE}"})
+
+
 def _sb_huge(args: dict[str, Any], **_: Any) -> str:
     """A tool returning 10 MB of text."""
     return str(args.get("text", "")) + "x" * HUGE
@@ -41,6 +47,8 @@ def _sb_huge(args: dict[str, Any], **_: Any) -> str:
 @pytest.fixture(scope="module")
 def agent(hermes_bench: HermesBench) -> Any:
     register_tool("sb_leak", PRIVACY_TOOLSET, _sb_leak, "Privacy test tool: fails with its argument in the text.")
+    register_tool("sb_leak_returned", PRIVACY_TOOLSET, _sb_leak_returned,
+                  "Privacy test tool: returns an error result with its argument in the text.")
     register_tool("sb_huge", PRIVACY_TOOLSET, _sb_huge, "Privacy test tool: returns 10 MB.")
     return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, PRIVACY_TOOLSET))
 
@@ -89,28 +97,35 @@ def _spans(bench: HermesBench, kind: str) -> list[ReadableSpan]:
     return [s for s in _ours(bench) if kind_of(s) == kind]
 
 
+@pytest.mark.parametrize("how", ["raised", "returned"])
 def test_a_failing_tools_error_text_stays_out_of_its_span_with_content_capture_off(
-    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, how: str
 ) -> None:
-    """Finding 4 (failed on dff20c4: the tool span's status description carried the path): only the error's class."""
+    """Finding 4 (failed on dff20c4 and 83ee177: the tool span's status description carried the path): only the
+    error's class, whether the tool raised (Hermes turns that into an ``{"error": ...}`` result) or returned an
+    ``{"error": ...}`` result itself, as Hermes's file tools do for a missing file."""
     _configure(bench, monkeypatch)
-    result = bench.call(agent, "pv-tool", "[tool:sb_leak] [tools:1]")
-    assert result["final_response"] == "done pv-tool"
+    tool_name = {"raised": "sb_leak", "returned": "sb_leak_returned"}[how]
+    result = bench.call(agent, f"pv-tool-{how}", f"[tool:{tool_name}] [tools:1]")
+    assert result["final_response"] == f"done pv-tool-{how}"
     assert SECRET_FILE in str(result["messages"]), "the tool's error text is really there (Hermes keeps it)"
     assert _leaks(bench, SECRET_FILE, logs) == []
     (tool,) = _spans(bench, "execute_tool")
     assert tool.status.status_code is StatusCode.ERROR
-    assert tool.status.description == tool.attributes["error.type"] == "FileNotFoundError"
+    error_type = {"raised": "FileNotFoundError", "returned": "tool_error"}[how]
+    assert tool.status.description == tool.attributes["error.type"] == error_type
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
 def test_a_provider_error_quoting_the_prompt_stays_out_of_every_span_with_content_capture_off(
-    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, streaming: bool
 ) -> None:
-    """Finding 4 (failed on dff20c4: the chat's status and exception event, invoke_agent's and the step's status
-    quoted it): the error's class and its content-free facts (HTTP status, the provider's error code and type)."""
+    """Finding 4 (failed on dff20c4 and 83ee177: the chat's status and exception event, invoke_agent's and the step's
+    status quoted it): the error's class and its content-free facts (HTTP status, the provider's error code and type),
+    on the plain and the streaming chat path."""
     _configure(bench, monkeypatch)
-    tag = "pv-quoted-prompt-7f3a"
-    result = bench.call(agent, tag, "[llm_error]")
+    tag = f"pv-quoted-prompt-7f3a-{'s' if streaming else 'p'}"
+    result = bench.call(bench.agent(streaming=True) if streaming else agent, tag, "[llm_error]")
     assert result.get("failed") and tag in str(result.get("error")), "the provider's text quotes the prompt"
     assert _leaks(bench, tag, logs) == []
     (chat,) = _spans(bench, "chat")
