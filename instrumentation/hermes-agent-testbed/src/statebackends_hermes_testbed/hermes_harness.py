@@ -372,7 +372,7 @@ class InProcessLLM(ScriptRecords):
         def _factory(*, reason: str = "", api_kwargs: Optional[dict] = None) -> _FakeClient:
             return self.client
 
-        agent._create_request_openai_client = _factory  # type: ignore[method-assign]
+        agent._create_request_openai_client = _factory  # type: ignore[method-assign]  # this agent's client factory, shadowed
         return agent
 
     @staticmethod
@@ -499,10 +499,10 @@ def loopback_only() -> Iterator[NetGuard]:
         guard.check("getaddrinfo", host)
         return orig_getaddrinfo(host, *args, **kwargs)
 
-    sock_cls.connect = connect  # type: ignore[method-assign]
-    sock_cls.connect_ex = connect_ex  # type: ignore[method-assign]
-    socket.create_connection = create_connection  # type: ignore[assignment]
-    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+    sock_cls.connect = connect  # type: ignore[method-assign]  # the guard patches socket for the block
+    sock_cls.connect_ex = connect_ex  # type: ignore[method-assign]  # likewise
+    socket.create_connection = create_connection  # type: ignore[assignment]  # likewise
+    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]  # likewise
     try:
         yield guard
     finally:
@@ -512,5 +512,5 @@ def loopback_only() -> Iterator[NetGuard]:
                     delattr(sock_cls, name)
             else:
                 setattr(sock_cls, name, value)
-        socket.create_connection = orig_create_connection  # type: ignore[assignment]
-        socket.getaddrinfo = orig_getaddrinfo  # type: ignore[assignment]
+        socket.create_connection = orig_create_connection  # type: ignore[assignment]  # put back
+        socket.getaddrinfo = orig_getaddrinfo  # type: ignore[assignment]  # put back

@@ -267,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.perf_counter()
     cells: list[Cell] = []
-    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - a default the plugin set-up replaces
     plugins: dict[str, Any] = {}
     plugin_errors: list[str] = []
     with loopback_only() as guard, contextlib.redirect_stdout(sys.stderr):

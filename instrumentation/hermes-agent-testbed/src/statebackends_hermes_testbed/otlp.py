@@ -149,7 +149,7 @@ class OTLPSink:
                         sink._bodies.append((raw, self.headers.get("Content-Type") or ""))
                 self._reply()
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 with sink._lock:
                     sink.requests.append(("GET", self.path))
                 self._reply(b"{}")

@@ -388,7 +388,7 @@ class Turns:
             for round_ in range(self.rounds):
                 batch = [f"{self.prefix}{round_ * n + i}" for i in range(n)]
                 tags += batch
-                run_threads(lambda i: bench.call(owners[i % len(owners)], batch[i], self.directives,  # noqa: B023
+                run_threads(lambda i: bench.call(owners[i % len(owners)], batch[i], self.directives,  # noqa: B023 - run_threads runs it in this round
                                                  task_id=self.task_id), n)
         return _explain(bench, bench.verdict([bench.truth(t, tools=self.tools) for t in tags], owners=owners))
 
