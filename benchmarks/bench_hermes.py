@@ -43,10 +43,10 @@ MODES = [NONE] + BACKENDS + [LOONGSUITE]
 def _unavailable() -> str | None:
     """Why the Hermes benchmarks cannot run in this environment/commit, or None."""
     try:
-        import statebackends_hermes_agent  # noqa: F401
-        import run_agent  # noqa: F401  # hermes-agent
-        import statebackends_hermes_testbed.agentbench  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
+        import statebackends_hermes_agent  # noqa: F401 - imported to see that it can be
+        import run_agent  # noqa: F401 - likewise (hermes-agent)
+        import statebackends_hermes_testbed.agentbench  # noqa: F401 - likewise
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the benchmarks say why they cannot run
         return f"Hermes instrumentation or hermes-agent not importable here: {type(exc).__name__}: {exc}"
     return None
 
@@ -84,7 +84,7 @@ def _track(unit: str, doc: str, key: str, *, by_param: bool = False) -> Callable
     def track(self: Any, cache: Dict[str, Any], param: str) -> float:
         return cache[param][key] if by_param else cache[key][param]
 
-    track.unit = unit  # type: ignore[attr-defined]
+    track.unit = unit  # type: ignore[attr-defined]  # asv reads attributes set on the function
     track.__doc__ = doc
     return track
 
@@ -206,7 +206,7 @@ class PairedOverhead:
     track_overhead_us = _track("microseconds", "Trimmed mean overhead per call, us.", "overhead_us")
     track_overhead_vs_floor = _track("ratio", "Overhead / the floor.", "vs_floor")
     track_overhead_vs_loongsuite = _track("ratio", "Overhead / loongsuite's.", "vs_loongsuite")
-    track_overhead_vs_loongsuite.setup = _skip_without_loongsuite  # type: ignore[attr-defined]
+    track_overhead_vs_loongsuite.setup = _skip_without_loongsuite  # type: ignore[attr-defined]  # likewise
 
 
 class Correctness:

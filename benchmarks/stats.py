@@ -23,9 +23,9 @@ def bootstrap_ci(
     """
     columns: List[List[float]]
     if samples and isinstance(samples[0], (list, tuple)):
-        columns = [list(c) for c in samples]  # type: ignore[arg-type]
+        columns = [list(c) for c in samples]  # type: ignore[arg-type]  # several sequences: checked above
     else:
-        columns = [list(samples)]  # type: ignore[arg-type]
+        columns = [list(samples)]  # type: ignore[arg-type]  # one sequence of floats
     n = len(columns[0])
     if n == 0:
         return float("nan"), float("nan"), float("nan")
@@ -39,7 +39,7 @@ def bootstrap_ci(
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with matplotlib in the bench extra
-        np = None  # type: ignore[assignment]
+        np = None  # type: ignore[assignment]  # numpy is optional: None means pure Python
     vectorised = (mean, ratio_of_means, trimmed_mean, ratio_of_trimmed_means)
     if np is not None and statistic in vectorised:
         idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
