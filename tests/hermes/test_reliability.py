@@ -1339,3 +1339,70 @@ def test_to_json_keeps_its_promise_on_an_object_whose_str_raises() -> None:
     loop: dict[str, Any] = {"u": Unprintable()}
     loop["self"] = loop
     assert json.loads(genai.to_json(loop)) == "<dict>"
+
+
+_FORK_DURING_DEFERRED_WRAP = '''
+import json, logging, os, signal, sys, threading, time, types
+
+from opentelemetry.sdk.trace import TracerProvider
+from statebackends_hermes_agent import HermesAgentInstrumentor
+
+parent = os.getpid()
+entered, release = threading.Event(), threading.Event()
+
+
+class SlowHandler(logging.Handler):
+    """A log handler that blocks (a log shipper waiting on its network), in the parent only."""
+
+    def emit(self, record):
+        if os.getpid() == parent:
+            entered.set()
+            release.wait(30)
+
+
+logging.getLogger("statebackends_hermes_agent").addHandler(SlowHandler(logging.WARNING))
+module = types.ModuleType("run_agent")  # Hermes importing run_agent: AIAgent not defined yet
+sys.modules["run_agent"] = module
+HermesAgentInstrumentor().instrument(tracer_provider=TracerProvider())
+deferred = type(module) is not types.ModuleType
+module.__dict__["AIAgent"] = type("AIAgent", (), {})  # defined now, without the methods: one WARNING each
+module.__dict__["handle_function_call"] = lambda *args, **kwargs: None
+reader = threading.Thread(target=lambda: module.AIAgent)  # finishes the wrapping, logging under the hook's lock
+reader.start()
+assert entered.wait(10), "the reader holds the hook's lock"
+pid = os.fork()
+if pid == 0:
+    module.AIAgent  # the child's first read of the module finishes the wrapping there
+    os._exit(0 if type(module) is types.ModuleType else 3)
+deadline, status = time.monotonic() + 10, None
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.02)
+else:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    status = "hung"
+release.set()
+reader.join(10)
+print("RESULT " + json.dumps({"deferred": deferred, "child": status}))
+'''
+
+
+def test_a_fork_while_another_thread_finishes_a_deferred_wrapping_cannot_hang_the_child(tmp_path: Any) -> None:
+    """Issue 17, finding 7: the post-import hook's lock is made anew in a forked child too. ``instrument()`` ran while
+    Hermes was importing ``run_agent`` (as a Hermes plugin's ``register()`` does), so the wrapping waits for the first
+    read of the module; a thread finishing it holds the hook's lock while a slow log handler writes its WARNING, and
+    the caller's thread forks. The child's first read of ``run_agent`` must not wait forever for that lock (it did on
+    b313985; a fresh interpreter: run_agent here is a stand-in)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORK_DURING_DEFERRED_WRAP], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**__import__("os").environ, "HOME": str(tmp_path)})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-2000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["deferred"] is True, "instrument() found run_agent still importing and deferred the wrapping"
+    assert result["child"] == 0, f"the forked child hung or failed: {result['child']}"

@@ -33,7 +33,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from wrapt import wrap_function_wrapper
 
-from statebackends import StateStore, log_safely
+from statebackends import StateStore, at_fork_in_child, log_safely
 
 from . import genai
 from .config import resolve, resolve_store
@@ -107,6 +107,12 @@ class _WrapOnImport:
         self._busy = False  # a wrapping in progress on this thread (reads of the module from there pass through)
         self._pending: tuple[tuple[str, str], ...] = ()  # (attribute path, wrapper name) whose owner is not defined
         self._deferred: tuple[Any, type, type] | None = None  # (module, its deferring class, the class it had)
+        at_fork_in_child(self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        """A thread that held the lock (finishing a deferred wrapping) is not in the child: the lock is made anew."""
+        self._lock = threading.RLock()
+        self._busy = False
 
     def register(self) -> None:
         """Register with wrapt; a module already in ``sys.modules`` may be one Hermes is still importing."""
