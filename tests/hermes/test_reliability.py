@@ -650,6 +650,52 @@ def test_lifecycle_never_raises_and_stop_or_fail_twice_is_harmless(broken: str) 
         assert names == []
 
 
+@pytest.mark.parametrize("broken", ["nothing", "on_end"])
+def test_the_invocations_with_form_ends_them_by_the_blocks_outcome_and_never_replaces_its_exception(
+    broken: str,
+) -> None:
+    """Issue 17, deliverable 1: agent, chat and tool invocations are context managers, as util-genai's are. A block
+    that raises ends each with ``fail`` (``error.type`` the exception's class, ERROR status) and the very exception
+    leaves the ``with`` unchanged, with nothing of the telemetry chained onto it, even when a span processor raises
+    in ``on_end``; a block that returns ends each with ``stop(invocation.result)``. No state is left either way.
+    (On 83ee177 the invocations had no ``__enter__``/``__exit__``: the API was absent.)"""
+    from types import SimpleNamespace
+
+    from statebackends_hermes_agent.lifecycle import HermesTelemetry
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    raising = RaisingProcessor("on_end" if broken == "on_end" else "nowhere", "")  # after the exporter's
+    provider.add_span_processor(raising)
+    store = ContextVarStore(InvocationState)
+    telemetry = HermesTelemetry(provider.get_tracer("test"), store)
+    owner = _Owner()
+    boom = AgentError("from the agent")
+    with pytest.raises(AgentError) as info:
+        with telemetry.start_invocation(owner):
+            with telemetry.start_tool(owner, "sb_echo", {"text": "x"}, tool_call_id="c1"):
+                raise boom
+    assert info.value is boom and info.value.__context__ is None, "the block's own exception, nothing chained"
+    failed = {s.name: s for s in exporter.get_finished_spans()}
+    for name in ("invoke_agent hermes", "execute_tool sb_echo"):
+        assert failed[name].status.status_code.name == "ERROR" and failed[name].attributes["error.type"] == "AgentError"
+    assert store.live() == 0 and store.current(owner) is None
+    exporter.clear()
+    final = SimpleNamespace(id="chatcmpl-7", model="m", usage=SimpleNamespace(prompt_tokens=3, completion_tokens=1),
+                            choices=[SimpleNamespace(finish_reason="stop", message=SimpleNamespace(tool_calls=None))])
+    with telemetry.start_invocation(owner) as invocation:
+        with telemetry.start_chat(owner, {"model": "m"}) as chat:
+            chat.result = final
+        invocation.result = {"final_response": "x"}
+    done = {s.name: s for s in exporter.get_finished_spans()}
+    assert done["chat m"].attributes["gen_ai.response.id"] == "chatcmpl-7", "stop(result) read the block's result"
+    assert done["invoke_agent hermes"].attributes["gen_ai.usage.input_tokens"] == 3
+    assert all(s.status.status_code.name != "ERROR" for s in done.values())
+    assert store.live() == 0 and store.current(owner) is None
+    assert raising.raised == (len(failed) + len(done) if broken == "on_end" else 0), "every span's on_end raised"
+
+
 class _UnreadableResult(dict):
     """A result dict whose ``get`` raises."""
 
