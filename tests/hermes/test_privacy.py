@@ -199,3 +199,38 @@ def test_the_bound_is_configurable_and_a_bad_value_keeps_the_default(
     assert len(tool.attributes["gen_ai.tool.call.result"]) == 16384 + len(f"{MARK}{HUGE + 12 - 16384} chars]")
     (record,) = [r for r in logs.records if "CONTENT_MAX_LENGTH" in r.getMessage()]
     assert "'lots'" in record.getMessage() and "integer >= 0" in record.getMessage() and record.levelno == logging.ERROR
+
+
+
+def test_a_huge_user_message_is_bounded_on_spans_and_in_content_events(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 7, the bound where content is the user's own: a 200,000-character message (a pasted document; Hermes
+    cuts a huge tool result itself before the next chat, not the user's message) with content on spans and in events
+    (SPAN_AND_EVENT): invoke_agent's and each chat's input messages, on the span and in the chat's
+    ``gen_ai.client.inference.operation.details`` event, carry it cut at the bound and marked; the call is unchanged
+    (failed on 83ee177: the 200,000 characters went out whole, on each chat span and each event)."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
+
+    pasted = "y" * 200_000
+    bench.uninstrument()
+    reference = bench.call(agent, "pv-paste", f"[tools:1] {pasted}")
+    bench.reset()
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_AND_EVENT")
+    logs = InMemoryLogExporter()
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    bench.instrumentor.instrument(tracer_provider=bench.provider, logger_provider=logger_provider,
+                                  state_backend="invocation_id")
+    result = bench.call(agent, "pv-paste", f"[tools:1] {pasted}")
+    assert result["final_response"] == reference["final_response"] == "done pv-paste"
+    events = [r.log_record for r in logs.get_finished_logs()]
+    assert len(events) == 2, "one details event per chat"
+    on_spans = [str(v) for s in _ours(bench) for v in (s.attributes or {}).values()]
+    in_events = [str(v) for e in events for v in (e.attributes or {}).values()] + [str(e.body) for e in events]
+    for where, texts in (("spans", on_spans), ("events", in_events)):
+        carrying = [t for t in texts if "yyyy" in t]
+        assert carrying, f"the message is captured on {where}"
+        assert max(len(t) for t in texts) < 4 * 16384, f"every text on {where} is bounded"
+        assert all(MARK in t for t in carrying), f"cut and marked on {where}"
