@@ -25,7 +25,7 @@ from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.schemas import Schemas
 
-from statebackends import log_safely
+from statebackends import at_fork_in_child, log_safely
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ _ALIASES = {"TRUE": CaptureMode.SPAN_ONLY, "FALSE": CaptureMode.NO_CONTENT}
 beside ours means the same here, without a warning."""
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def _new_warned_lock_after_fork() -> None:
+    """A child forked while another thread held :data:`_warned_lock` gets a free one (it would wait forever)."""
+    global _warned_lock
+    _warned_lock = threading.Lock()
+
+
+at_fork_in_child(_new_warned_lock_after_fork)
 
 
 def capture_mode(environ: Mapping[str, str] | None = None) -> CaptureMode:
