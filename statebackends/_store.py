@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import inspect
 import logging
@@ -300,16 +301,22 @@ def at_fork_in_child(callback: Callable[[], object]) -> Callable[[], object]:
 
     For what an instrumentation keeps per process (its locks, the prefix of the ids it makes up):
     ``os.register_at_fork(after_in_child=...)`` with three promises more. A bound method is held
-    weakly, so registering keeps no object alive; callbacks run in the order they were registered;
-    whatever one raises is logged at WARNING and the next one runs (``KeyboardInterrupt`` excepted).
+    weakly and forgotten when its object dies, so registering keeps no object alive; callbacks run
+    in the order they were registered; whatever one raises is logged at WARNING and the next one
+    runs (``KeyboardInterrupt`` excepted).
     """
     if not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}")
-    if inspect.ismethod(callback):
-        _fork_callbacks.append(weakref.WeakMethod(callback))
+    if inspect.ismethod(callback):  # forgotten when its object dies, so registering in a loop keeps nothing
+        _fork_callbacks.append(weakref.WeakMethod(callback, _forget_fork_callback))
     else:
         _fork_callbacks.append(lambda: callback)
     return callback
+
+
+def _forget_fork_callback(ref: weakref.WeakMethod[Any]) -> None:
+    with contextlib.suppress(ValueError):  # already dropped (a child's pass over the list, or never appended)
+        _fork_callbacks.remove(ref)
 
 
 def _after_fork_in_child() -> None:

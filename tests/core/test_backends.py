@@ -1082,3 +1082,27 @@ def test_each_built_in_backend_uses_only_what_a_third_party_backend_has(module: 
     import statebackends
 
     assert _private_reaches(Path(statebackends.__file__).parent / f"{module}.py") == []
+
+
+def test_at_fork_in_child_forgets_a_bound_method_once_its_object_is_gone() -> None:
+    """Registering in a loop (instrument and uninstrument, again and again) keeps nothing: a bound method's entry goes
+    with its object, not only at the next fork (on 83a5a81 every dead entry stayed until a fork)."""
+    import gc
+
+    from statebackends import _store, at_fork_in_child
+
+    class Owner:
+        def hook(self) -> None:
+            pass
+
+    before = len(_store._fork_callbacks)
+    for _ in range(100):
+        at_fork_in_child(Owner().hook)  # the Owner dies as soon as this line is done
+    gc.collect()
+    assert len(_store._fork_callbacks) == before
+    kept = Owner()
+    at_fork_in_child(kept.hook)
+    assert len(_store._fork_callbacks) == before + 1
+    del kept
+    gc.collect()
+    assert len(_store._fork_callbacks) == before
