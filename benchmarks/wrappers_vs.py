@@ -4,7 +4,8 @@
 ``instrumentation/hermes-agent/src/statebackends_hermes_agent/`` as it is at ``REV`` (default ``main``) into a
 temporary package (``--this REV2``: REV2's too, in place of this checkout), builds each copy's wrappers over the
 same components ``instrument()`` would give them (the bench's tracer provider, the global meter provider or the one ``--meter`` names, content capture off, a fresh store
-of ``--backend``), and
+of ``--backend``; the hook on ``threading.Thread.__init__`` with the gate ``instrument()`` installs it with, and none
+for a release before the chat carry, whose stub then builds its request threads unwrapped), and
 replays both around the same stub (:class:`~benchmarks.replay.WrapperReplay`: one ``[tools:1]`` conversation, its
 request threads built under the chat as Hermes builds them) with the floor (the same spans with the bare SDK),
 interleaved in a rotating order (:func:`~benchmarks.replay.interleaved`), each block timed in this thread's CPU time
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .replay import THREAD_INIT_ENABLED
 from .stats import bootstrap_ci, ratio_of_trimmed_means, trimmed_mean
 from .timing import FLOOR
 
@@ -94,7 +96,17 @@ def wrappers_of(package: Any, provider: Any, backend: str, meters: Any = None) -
         wrappers = cls(tracer, store, meter=meter)
     else:
         wrappers = cls(lifecycle.HermesTelemetry(tracer, store, meter=meter))
-    return {target: getattr(wrappers, name) for target, name in TARGETS.items()}
+    found = {target: getattr(wrappers, name, None) for target, name in TARGETS.items()}
+    if found["Thread.__init__"] is None:  # a release before the chat carry (issue 16): Thread.__init__ stays unwrapped
+        del found["Thread.__init__"]
+    else:  # the gate instrument() installs the hook with (wrapt's enabled=), where the release has one
+        gate = getattr(wrappers_module, "_in_chat", None)
+        if gate is not None:
+            found[THREAD_INIT_ENABLED] = gate.get
+    missing = [target for target in TARGETS if target != "Thread.__init__" and found.get(target) is None]
+    if missing:
+        raise RuntimeError(f"{package.__name__}: no wrapper for {missing}")
+    return found
 
 
 def main(argv: Optional[List[str]] = None) -> None:
