@@ -219,10 +219,12 @@ def isolated_overhead(
     *,
     repeats: int = 20,
     calls: int = 200,
+    block: Optional[Callable[[Callable[[], Any], int], float]] = None,
 ) -> Dict[str, Any]:
     """Seconds per call of each instrumentation's wrappers alone (instrumented stub minus bare stub, paired), and the floor.
 
-    ``modes`` default: every backend, and ``loongsuite`` when installed. Returns
+    ``modes`` default: every backend, and ``loongsuite`` when installed. ``block`` times one block (see
+    :func:`interleaved`: wall time by default, :func:`cpu_block` for this thread's CPU time). Returns
     ``{mode: [seconds per call, one per repeat], "floor": [...], "spans": {mode: spans per stub call}}``;
     spans go to the same counting provider as the full calls.
     """
@@ -240,7 +242,7 @@ def isolated_overhead(
         ended = bench.spans_ended()
         replay.call()
         spans[mode] = bench.spans_ended() - ended
-    out.update(interleaved(bench, replays, repeats=repeats, calls=calls))
+    out.update(interleaved(bench, replays, repeats=repeats, calls=calls, block=block))
     out["spans"] = spans
     return out
 
