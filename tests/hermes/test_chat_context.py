@@ -223,6 +223,34 @@ def test_a_failing_carry_changes_nothing_the_agent_does(
     assert sum("could not carry the chat context" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
+def test_a_keyboard_interrupt_making_the_chat_current_leaves_no_span_open(
+    bench: HermesBench, monkeypatch: pytest.MonkeyPatch, streaming: bool
+) -> None:
+    """The one exception let through, raised where the chat span is made current (the runtime context's attach): it
+    reaches the caller, after the chat span that had started is ended and the state released, as everywhere else."""
+    agent = bench.agent(streaming=streaming)
+    caller = threading.get_ident()
+    real_attach = hermes_wrappers._attach
+
+    def attach(context: Any) -> Any:
+        if threading.get_ident() == caller and trace.get_current_span(context).is_recording():
+            raise KeyboardInterrupt
+        return real_attach(context)
+
+    store = bench.instrument("invocation_id")
+    bench.reset()
+    monkeypatch.setattr(hermes_wrappers, "_attach", attach)
+    with pytest.raises(KeyboardInterrupt):
+        bench.call(agent, "kic", "[tools:1]")
+    monkeypatch.setattr(hermes_wrappers, "_attach", real_attach)
+    bench.provider.force_flush()
+    chats = [s for s in bench.exporter.get_finished_spans() if kind_of(s) == "chat"]
+    assert len(chats) == 1, "the chat that had started is ended"
+    assert [s.name for s in bench.tracker.open_spans()] == []
+    assert store.live() == 0
+
+
 def test_an_abandoned_stream_worker_outlives_its_chat_harmlessly(
     bench: HermesBench, caplog: pytest.LogCaptureFixture
 ) -> None:

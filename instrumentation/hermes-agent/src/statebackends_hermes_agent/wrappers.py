@@ -91,6 +91,8 @@ def _call_current(call: ChatCall, wrapped: Callable[..., Any], args: tuple[Any, 
     try:
         token = _attach(_set_span_in_context(span))
     except BaseException as exc:  # noqa: BLE001 - the call runs, its chat is just not current
+        if isinstance(exc, KeyboardInterrupt):  # let through: the chat that started is ended first
+            call.fail(exc)
         _contain(exc, "could not make the chat span current")
     gate = _in_chat.set(True)
     try:  # _call, inlined: one frame less per chat
