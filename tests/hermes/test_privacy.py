@@ -25,6 +25,8 @@ PRIVACY_TOOLSET = "sb_privacy"
 SECRET_FILE = "payroll-2026.xlsx"
 HUGE = 10 * 1024 * 1024
 """Characters of the tool result of ``sb_huge``: 10 MB."""
+DEEP = 20_000
+"""Nesting depth of the JSON ``sb_deep`` returns: past ``json``'s recursion limit."""
 MARK = "…[+"
 """How a cut text continues (``genai.bounded``)."""
 
@@ -39,6 +41,11 @@ def _sb_leak_returned(args: dict[str, Any], **_: Any) -> str:
     return json.dumps({"error": f"File not found: /home/ada/{args.get('text')}/{SECRET_FILE}"})
 
 
+def _sb_deep(args: dict[str, Any], **_: Any) -> str:
+    """A tool returning JSON that names an error and nests deeper than Python's ``json`` can parse."""
+    return '{"error": ' + "[" * DEEP + "]" * DEEP + "}"
+
+
 def _sb_huge(args: dict[str, Any], **_: Any) -> str:
     """A tool returning 10 MB of text."""
     return str(args.get("text", "")) + "x" * HUGE
@@ -50,6 +57,7 @@ def agent(hermes_bench: HermesBench) -> Any:
     register_tool("sb_leak_returned", PRIVACY_TOOLSET, _sb_leak_returned,
                   "Privacy test tool: returns an error result with its argument in the text.")
     register_tool("sb_huge", PRIVACY_TOOLSET, _sb_huge, "Privacy test tool: returns 10 MB.")
+    register_tool("sb_deep", PRIVACY_TOOLSET, _sb_deep, "Privacy test tool: returns JSON too deep to parse.")
     return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, PRIVACY_TOOLSET))
 
 
@@ -183,6 +191,21 @@ def test_a_huge_tool_result_neither_breaks_the_call_nor_exports_unbounded(
     assert captured == "pv-huge-1" + "x" * (16384 - len("pv-huge-1")) + f"{MARK}{cut} chars]", "the 10 MB, cut"
     longest = max(len(str(v)) for s in _ours(bench) for v in (s.attributes or {}).values())
     assert longest < 4 * 16384, "every attribute is bounded, the chats' input messages included"
+
+
+def test_a_tool_result_too_deep_to_parse_is_recorded_as_text(
+    bench: HermesBench, agent: Any, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+) -> None:
+    """A tool result that looks like Hermes's ``{"error": ...}`` but nests past ``json``'s recursion limit: not an
+    error result Hermes made, its (bounded) text recorded, nothing logged as failed; json.loads's RecursionError
+    lost the result and logged the span as not completed."""
+    _configure(bench, monkeypatch, capture="SPAN_ONLY")
+    bench.call(agent, "pv-deep", "[tool:sb_deep] [tools:1]")
+    (tool,) = _spans(bench, "execute_tool")
+    assert tool.attributes["gen_ai.tool.call.result"].startswith('{"error": [[[')
+    assert tool.status.status_code is StatusCode.UNSET
+    assert [r.getMessage() for r in logs.records if r.name.startswith("statebackends") and r.levelno >= logging.WARNING
+            ] == []
 
 
 def test_the_bound_is_configurable_and_a_bad_value_keeps_the_default(

@@ -244,7 +244,7 @@ def _tool_error_type(result: Any) -> tuple[str, str] | None:
         return None
     try:
         payload = json.loads(result)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses: not Hermes's error result
         return None
     if not isinstance(payload, dict) or not payload.get("error") or payload.get("success") is True:
         return None
