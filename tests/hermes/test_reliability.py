@@ -1452,3 +1452,62 @@ def test_a_fork_while_another_thread_finishes_a_deferred_wrapping_cannot_hang_th
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["deferred"] is True, "instrument() found run_agent still importing and deferred the wrapping"
     assert result["child"] == 0, f"the forked child hung or failed: {result['child']}"
+
+
+_PROVIDER_ENV_CHILD = r'''
+import json, logging, os, sys
+from statebackends_hermes_testbed.hermes_harness import loopback_only
+from statebackends_hermes_testbed.traces import kind_of
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append((record.levelname, record.getMessage()))
+logging.getLogger("statebackends_hermes_agent").addHandler(Keep())
+out = {}
+with loopback_only():
+    from statebackends_hermes_testbed.driver import HermesBench
+    bench = HermesBench()
+    os.environ.update(json.loads(sys.argv[2]))  # after the bench: the SDK's span processors load the meter provider
+    try:
+        given = {"tracer_provider": bench.provider} if sys.argv[1] == "given" else {}
+        try:
+            bench.instrumentor.instrument(state_backend="invocation_id", **given)
+            out["instrument"] = "returned"
+        except BaseException as exc:
+            out["instrument"] = repr(exc)
+        out["answer"] = bench.call(bench.agent(), "envp", "[tools:1]")["final_response"]
+        bench.provider.force_flush()
+        out["kinds"] = sorted({kind_of(s) for s in bench.exporter.get_finished_spans()} - {None})
+        out["errors"] = [message for level, message in records if level == "ERROR"]
+    finally:
+        bench.close()
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("variable", ["OTEL_PYTHON_LOGGER_PROVIDER", "OTEL_PYTHON_TRACER_PROVIDER"])
+def test_an_unloadable_global_provider_named_by_the_environment_never_fails_instrument(variable: str) -> None:
+    """``OTEL_PYTHON_LOGGER_PROVIDER`` (content events on) or ``OTEL_PYTHON_TRACER_PROVIDER`` (no tracer provider given)
+    naming no installed provider (a typo): OpenTelemetry re-raises (a ``StopIteration``) when it loads the global one,
+    and ``instrument()`` raised it. Now one ERROR line naming the variable, its value and the valid names; the rest
+    still traces (with the logger's typo) or nothing does (the tracer's); the real agent's answer is unchanged. A fresh
+    interpreter: the global providers are loaded once per process. (A bad ``OTEL_PYTHON_METER_PROVIDER`` fails the
+    SDK's own span processors and tracers first.)"""
+    import os
+    import subprocess
+    import sys
+
+    logger = variable == "OTEL_PYTHON_LOGGER_PROVIDER"
+    bad = {variable: "sdk_providr", "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "SPAN_AND_EVENT"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STATEBACKENDS_"))}
+    done = subprocess.run([sys.executable, "-c", _PROVIDER_ENV_CHILD, "given" if logger else "global", json.dumps(bad)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["instrument"] == "returned"
+    assert out["answer"] == "done envp"
+    assert out["kinds"] == (["chat", "execute_tool", "invoke_agent", "step"] if logger else [])
+    (line,) = out["errors"]
+    assert f"{variable}='sdk_providr'" in line
+    assert ("sdk_logger_provider" if logger else "sdk_tracer_provider") in line

@@ -23,9 +23,10 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import os
 import sys
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import wrapt
@@ -262,10 +263,16 @@ class HermesAgentInstrumentor(BaseInstrumentor):
         settings = resolve(kwargs, InvocationState)
         store, mode = settings.store, settings.capture_mode
         # The instrumentation's version and the schema of the semantic-conventions release it follows, as contrib does.
-        tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"), schema_url=genai.SCHEMA_URL)
-        meter = metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=genai.SCHEMA_URL)
+        # The global providers are loaded from OTEL_PYTHON_*_PROVIDER here when none is given (see _global_or).
+        tracer = _global_or(lambda: trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"),
+                                                     schema_url=genai.SCHEMA_URL),
+                            "tracer_provider", trace.NoOpTracer, "nothing is traced")
+        meter = _global_or(lambda: metrics.get_meter(__name__, __version__, kwargs.get("meter_provider"),
+                                                     schema_url=genai.SCHEMA_URL),
+                           "meter_provider", lambda: None, "no metrics are recorded")
         # The Logs API logger is made only when content goes to events: capturing nothing costs nothing.
-        logger = genai.event_logger(kwargs.get("logger_provider"), __version__) if mode.on_event else None
+        logger = _global_or(lambda: genai.event_logger(kwargs.get("logger_provider"), __version__),
+                            "logger_provider", lambda: None, "no content events are emitted") if mode.on_event else None
         telemetry = HermesTelemetry(tracer, store, meter=meter, capture_content=mode, event_logger=logger,
                                     error_text=settings.error_text, content_max_length=settings.content_max_length,
                                     legacy_react_attributes=settings.legacy_react_attributes)
@@ -305,6 +312,31 @@ class HermesAgentInstrumentor(BaseInstrumentor):
             log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: our wrapper on threading.Thread.__init__ "
                        "is out of reach; it stays, inert")
         self.store = self.state_backend = None
+
+
+def _global_or(make: Callable[[], Any], provider: str, fallback: Callable[[], Any], consequence: str) -> Any:
+    """``make()``, else ``fallback()`` and one ERROR naming the variable, its value and the valid names.
+
+    With no provider given, OpenTelemetry loads the global one that ``OTEL_PYTHON_<PROVIDER>`` names and re-raises
+    when it cannot (a ``StopIteration`` for an unknown name): an environment variable must not fail ``instrument()``.
+    """
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - configuration from the environment never crashes the host
+        variable = f"OTEL_PYTHON_{provider.upper()}"
+        group = f"opentelemetry_{provider}"
+        if variable not in os.environ:  # not the variable: what raised is named, and what is off
+            log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: the %s could not be used (%s: %s); %s",
+                       provider.replace("_", " "), type(exc).__name__, exc, consequence)
+            return fallback()
+        try:
+            valid = ", ".join(sorted({ep.name for ep in importlib.metadata.entry_points(group=group)}))
+        except Exception:  # noqa: BLE001 - only used in the message
+            valid = "(could not be listed)"
+        log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: the global %s could not be loaded (%s=%r; "
+                   "%s); valid names (entry points %r): %s; %s", provider.replace("_", " "), variable,
+                   os.environ.get(variable), type(exc).__name__, group, valid or "none installed", consequence)
+        return fallback()
 
 
 def _take_out(owner: Any, attribute: str, wrappers: Any) -> bool:
