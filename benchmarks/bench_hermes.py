@@ -11,7 +11,7 @@ asv runs every parameter in a fresh process, so ``time_`` figures of two modes
 come from two processes and differ by the machine's run-to-run noise (about 20%
 here). The trustworthy overhead figures are the ``PairedOverhead.track_*`` ones:
 paired and interleaved in one process (see ``benchmarks.timing.paired_overhead``).
-The agent bench is the testbed's (``statebackends_hermes_testbed.agentbench``).
+The agent bench is the testbed's (``statebackends_hermes_testbed.driver.HermesBench.timing``).
 Nothing here imports Hermes until a benchmark's setup runs.
 """
 
@@ -45,7 +45,7 @@ def _unavailable() -> str | None:
     try:
         import statebackends_hermes_agent  # noqa: F401 - imported to see that it can be
         import run_agent  # noqa: F401 - likewise (hermes-agent)
-        import statebackends_hermes_testbed.agentbench  # noqa: F401 - likewise
+        import statebackends_hermes_testbed.driver  # noqa: F401 - likewise
     except Exception as exc:  # noqa: BLE001 - whatever fails, the benchmarks say why they cannot run
         return f"Hermes instrumentation or hermes-agent not importable here: {type(exc).__name__}: {exc}"
     return None
@@ -62,9 +62,9 @@ def _bench(modes: List[str]) -> Any:
     reason = _unavailable()
     if reason:
         raise NotImplementedError(reason)
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
-    return AgentBench(warm=modes)
+    return HermesBench.timing(warm=modes)
 
 
 def _skip_if(cache: Dict[str, Any]) -> None:
@@ -104,7 +104,7 @@ class FullCall:
         self.bench = _bench([mode])
         self.bench.set_mode(mode)
         ended = self.bench.spans_ended()
-        result = self.bench.call()
+        result = self.bench.run()
         if not self.bench.completed(result):
             raise RuntimeError(f"{mode}: the call did not complete: {result!r}")
         if mode != NONE and self.bench.spans_ended() == ended:
@@ -115,7 +115,7 @@ class FullCall:
             self.bench.close()
 
     def time_run_conversation(self, mode: str) -> None:
-        self.bench.call()
+        self.bench.run()
 
 
 class Concurrency:
@@ -259,7 +259,7 @@ class AgentMemory:
     def peakmem_run_conversation(self, mode: str, calls: int) -> None:
         bench = self.bench
         for i in range(calls):
-            bench.call()
+            bench.run()
             if i % 50 == 49:
                 bench.reset()  # the fake LLM's and the bench tool's own logs, not the instrumentation's
         bench.reset()

@@ -27,7 +27,7 @@ import sys
 from contextvars import ContextVar
 from typing import Any, Dict, List, Optional
 
-from statebackends_hermes_testbed.agentbench import AgentBench
+from statebackends_hermes_testbed.driver import HermesBench
 from statebackends_hermes_testbed.modes import LOONGSUITE
 
 from .replay import THREAD_INIT_ENABLED, WrapperReplay, interleaved, replay_responses
@@ -38,7 +38,7 @@ MINIMAL = "minimal"
 END_KEYS = ("gen_ai.usage.", "gen_ai.response.")  # what ours sets when the call ends, not at span start
 
 
-def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None, *, carry: bool = True) -> Dict[str, Any]:
+def minimal_wrappers(bench: HermesBench, provider: Any = None, store: Any = None, *, carry: bool = True) -> Dict[str, Any]:
     """The minimal wrapper callables, by target name, on ``provider`` (default ``bench``'s; see the module doc).
 
     ``store``: the ``invocation_id`` store to keep the state in (default a new one), so that they can share
@@ -165,7 +165,7 @@ def minimal_wrappers(bench: AgentBench, provider: Any = None, store: Any = None,
     return out
 
 
-def measure(bench: AgentBench, *, repeats: int = 20, calls: int = 200, mode: str = "invocation_id") -> Dict[str, List[float]]:
+def measure(bench: HermesBench, *, repeats: int = 20, calls: int = 200, mode: str = "invocation_id") -> Dict[str, List[float]]:
     """Seconds per call, one per repeat, of ``mode``'s wrappers, the minimal ones, loongsuite's (when installed) and the floor."""
     responses = replay_responses(bench)
     bench.record_plan()
@@ -192,7 +192,7 @@ PATHS = {
 """Our three wrapper paths, by the wrapper callables each one is made of."""
 
 
-def path_costs(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
+def path_costs(bench: HermesBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
     """Seconds per call, one per repeat, of our ``invocation_id`` wrappers with one path at a time swapped for the
     minimal one (``"minimal <path>"``), of ours and of the minimal wrappers whole, and of the floor.
 
@@ -248,7 +248,7 @@ def uncarried_wrappers(ours: Dict[str, Any], telemetry: Any) -> Dict[str, Any]:
     return out
 
 
-def carry_cost(bench: AgentBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
+def carry_cost(bench: HermesBench, *, repeats: int = 20, calls: int = 200) -> Dict[str, List[float]]:
     """CPU seconds per call, one per repeat, of our ``invocation_id`` wrappers, of the same without the thread hook
     (the chat made current, nothing carried), of the same without making the chat current or carrying it
     (:func:`uncarried_wrappers`), of the minimal wrappers with and without the same mechanism
@@ -287,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     paths, carry = "--paths" in argv, "--carry" in argv
     argv = [a for a in argv if a not in ("--paths", "--carry")]
     repeats = int(argv[0]) if argv else 20
-    bench = AgentBench()
+    bench = HermesBench.timing()
     try:
         if carry:
             out = carry_cost(bench, repeats=repeats)

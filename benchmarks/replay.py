@@ -15,7 +15,7 @@ from statebackends_hermes_testbed.modes import NONE
 from .timing import FLOOR
 
 if TYPE_CHECKING:  # pragma: no cover - importing it builds nothing, but pulls in the SDK
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
 _STUB_TARGETS = (
     ("run_agent", "AIAgent", "run_conversation"),
@@ -54,13 +54,13 @@ def _installed_wrappers() -> Dict[str, Any]:
     return found
 
 
-def _switch_of(bench: AgentBench) -> Any:
+def _switch_of(bench: HermesBench) -> Any:
     """The switch of our instrumentor's installed wrappers (their ``HermesWrappers``), None when it is not active."""
     ours = bench.instrumentors.ours
     return getattr(ours, "_wrappers", None) if ours.is_instrumented_by_opentelemetry else None
 
 
-def installed_ours(bench: AgentBench, mode: str = "invocation_id", provider: Any = None) -> Tuple[Dict[str, Any], Any]:
+def installed_ours(bench: HermesBench, mode: str = "invocation_id", provider: Any = None) -> Tuple[Dict[str, Any], Any]:
     """The wrappers our instrumentor installs in ``mode`` (by target name; on ``provider``, default the bench's), kept
     tracing after ``bench`` went back to its mode, and the
     :class:`~statebackends_hermes_agent.lifecycle.HermesTelemetry` they close over."""
@@ -101,7 +101,7 @@ class WrapperReplay:
 
     def __init__(
         self,
-        bench: AgentBench,
+        bench: HermesBench,
         mode: str,
         responses: Optional[Sequence[Any]] = None,
         wrappers: Optional[Dict[str, Any]] = None,
@@ -130,7 +130,7 @@ class WrapperReplay:
         if missing:
             raise RuntimeError(f"{mode}: no wrapper installed on {missing}")
         self.mode = mode
-        real = bench.agent
+        real = bench.timed_agent
 
         def handle_function_call(function_name: str, function_args: dict, task_id: Any = None,
                                  tool_call_id: Any = None, **kwargs: Any) -> str:
@@ -199,7 +199,7 @@ class WrapperReplay:
         return self._bare.run_conversation(self.message)
 
 
-def replay_responses(bench: AgentBench) -> Tuple[Any, Any]:
+def replay_responses(bench: HermesBench) -> Tuple[Any, Any]:
     """The two real ``ChatCompletion`` objects of a ``[tools:1]`` conversation, from the in-process fake LLM."""
     user = {"role": "user", "content": bench.message("stub")}
     first = bench.llm.create(model="fake-model", messages=[user])
@@ -214,7 +214,7 @@ def replay_responses(bench: AgentBench) -> Tuple[Any, Any]:
 
 
 def isolated_overhead(
-    bench: AgentBench,
+    bench: HermesBench,
     modes: Optional[Sequence[str]] = None,
     *,
     repeats: int = 20,
@@ -257,7 +257,7 @@ def cpu_block(fn: Callable[[], Any], calls: int) -> float:
 
 
 def interleaved(
-    bench: AgentBench,
+    bench: HermesBench,
     replays: Dict[str, WrapperReplay],
     *,
     repeats: int,
@@ -267,9 +267,9 @@ def interleaved(
     """Seconds per call, one per repeat, of each replay (instrumented stub minus bare stub) and of the floor.
 
     Blocks of ``calls`` calls, every replay and the floor in each repeat, the order rotated by one each repeat.
-    ``block`` times one block (default: wall time, ``agentbench.timed_block``; :func:`cpu_block` for CPU time).
+    ``block`` times one block (default: wall time, ``driver.timed_block``; :func:`cpu_block` for CPU time).
     """
-    from statebackends_hermes_testbed.agentbench import timed_block as wall_block
+    from statebackends_hermes_testbed.driver import timed_block as wall_block
 
     timed_block = block or wall_block
 

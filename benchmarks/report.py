@@ -158,9 +158,9 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
     out["retained"] = {b: so.retained_after(b, pick["retained_invocations"]) for b in backends}
 
     log("building the agent (about 3 s)")
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
-    bench = AgentBench()
+    bench = HermesBench.timing()
     try:
         out["modes"] = bench.modes()
         out["directives"] = bench.directives

@@ -16,7 +16,7 @@ from statebackends_hermes_testbed.modes import NONE
 from .stats import bootstrap_ci, mean, ratio_of_trimmed_means, trimmed_mean
 
 if TYPE_CHECKING:  # pragma: no cover
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
 CONCURRENCY = (1, 4, 16, 64)
 """Overlapping invocations on one shared agent."""
@@ -74,7 +74,7 @@ class PairedResult:
 
 
 def paired_overhead(
-    bench: AgentBench,
+    bench: HermesBench,
     modes: Optional[Sequence[str]] = None,
     *,
     repeats: int = 150,
@@ -99,7 +99,7 @@ def paired_overhead(
     per_call: Dict[str, List[float]] = {m: [] for m in order if m != FLOOR}
     spans: Dict[str, List[float]] = {m: [] for m in modes}
     floor: List[float] = []
-    call, floor_call = bench.call, bench.floor_call
+    call, floor_call = bench.run, bench.floor_call
 
     def call_and_floor() -> None:
         call()
@@ -136,7 +136,7 @@ def paired_overhead(
 
 
 def per_call_vs_n(
-    bench: AgentBench,
+    bench: HermesBench,
     modes: Optional[Sequence[str]] = None,
     ns: Sequence[int] = CONCURRENCY,
     *,
@@ -155,7 +155,7 @@ def per_call_vs_n(
                 shift = (r + n) % len(modes)
                 for mode in modes[shift:] + modes[:shift]:
                     bench.set_mode(mode)
-                    bench.call("warm")
+                    bench.run("warm")
                     out[mode][n].append(run(n, total))
             if progress is not None:
                 progress(f"per call vs N ({driver}): repeat {r + 1}/{repeats}")

@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
 
     import statebackends_hermes_agent
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
     from .replay import WrapperReplay, cpu_block, interleaved, replay_responses
 
@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = load_snapshot(args.rev, Path(tmp))
         this = load_snapshot(args.this, Path(tmp), f"{SNAPSHOT}_this") if args.this else statebackends_hermes_agent
-        bench = AgentBench(warm=["none"])
+        bench = HermesBench.timing(warm=["none"])
         try:
             responses = replay_responses(bench)
             bench.record_plan(args.backend)

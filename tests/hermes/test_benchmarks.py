@@ -68,9 +68,9 @@ def test_state_begin_end(benchmark: Any, state_op: stateops.StateOp) -> None:
 @pytest.fixture(scope="module")
 def agent_bench() -> Iterator[Any]:
     import run_agent  # noqa: F401 - hermes-agent comes with requirements-dev.txt: a missing one fails, never skips
-    from statebackends_hermes_testbed.agentbench import AgentBench
+    from statebackends_hermes_testbed.driver import HermesBench
 
-    bench = AgentBench(warm=[NONE])
+    bench = HermesBench.timing(warm=[NONE])
     try:
         yield bench
     finally:
@@ -87,14 +87,14 @@ def test_full_call(benchmark: Any, agent_bench: Any, mode: str) -> None:
         pytest.skip(loongsuite_skip_reason())
     agent_bench.set_mode(mode)
     try:
-        agent_bench.call("warm")
+        agent_bench.run("warm")
         calls = 0
         ended = agent_bench.spans_ended()
 
         def one() -> Any:
             nonlocal calls
             calls += 1
-            return agent_bench.call()
+            return agent_bench.run()
 
         result = benchmark(one)
         spans = (agent_bench.spans_ended() - ended) / calls
