@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-
 from statebackends_hermes_testbed.driver import COUNT, IN_PROCESS, NONE, HermesBench, run_threads
 
 SPANS_PER_CALL = 6  # invoke_agent, 2 x react step, 2 x chat, 1 x execute_tool for "[tools:1]"

@@ -30,7 +30,7 @@ from statebackends_hermes_agent import genai
 from statebackends_hermes_agent.config import ENV_LEGACY_REACT_ATTRIBUTES
 from statebackends_hermes_agent.descriptions import ToolDescriptions
 from statebackends_hermes_testbed.driver import HermesBench
-from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version, make_agent
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND",
@@ -458,7 +458,7 @@ def test_a_chat_with_no_model_is_named_chat_and_records_no_request_model(
 ) -> None:
     """The conventions: gen_ai.request.model only if known, and the span is then named "chat" (no "unknown")."""
     _with_mode(tel, monkeypatch, "SPAN_AND_EVENT")
-    agent = make_agent(tel.bench.server.base_url, model="")
+    agent = tel.bench.agent(model="", fresh=True)
     assert not agent.model
     tel.run(agent, "cv-nomodel")
     chats = [s for s in tel.spans.get_finished_spans() if s.attributes.get("gen_ai.operation.name") == "chat"]
@@ -488,7 +488,7 @@ def test_a_tool_span_carries_the_description_hermess_registry_holds(
     _with_mode(tel, monkeypatch, None)
     readable = tmp_path / "notes.txt"
     readable.write_text("notes\n")
-    tel.run(make_agent(tel.bench.server.base_url, toolsets=(BENCH_TOOLSET, "file")), "cv-desc",
+    tel.run(tel.bench.agent(toolsets=(BENCH_TOOLSET, "file"), fresh=True), "cv-desc",
             f"[files:{readable}]")
     tel.run(tel.bench.agent(), "cv-desc2")
     tools = {s.attributes["gen_ai.tool.name"]: s for s in tel.of("execute_tool")}

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from statebackends_hermes_testbed.driver import HermesBench
-from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, make_agent, register_tool
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, register_tool
 from statebackends_hermes_testbed.traces import kind_of
 
 PRIVACY_TOOLSET = "sb_privacy"
@@ -58,7 +58,7 @@ def agent(hermes_bench: HermesBench) -> Any:
                   "Privacy test tool: returns an error result with its argument in the text.")
     register_tool("sb_huge", PRIVACY_TOOLSET, _sb_huge, "Privacy test tool: returns 10 MB.")
     register_tool("sb_deep", PRIVACY_TOOLSET, _sb_deep, "Privacy test tool: returns JSON too deep to parse.")
-    return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, PRIVACY_TOOLSET))
+    return hermes_bench.agent(toolsets=(BENCH_TOOLSET, PRIVACY_TOOLSET), fresh=True)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ EVICTED_ATTRIBUTE = "statebackends.state.evicted"  # the public names, pinned he
 EVICTED_EVENT = "statebackends.state.evicted"
 from statebackends_hermes_agent.state import InvocationState
 from statebackends_hermes_testbed.driver import HermesBench, run_threads
-from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, make_agent, register_bench_tools, wait_for_delegations
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, register_bench_tools, wait_for_delegations
 
 RELIABILITY_TOOLSET = "sb_reliability"
 
@@ -114,7 +114,7 @@ def _register_tools() -> None:
 def hermes(hermes_bench: HermesBench) -> Any:
     """A real agent with the bench tools, the tools above and ``delegate_task`` (built once: about a second)."""
     _register_tools()
-    return make_agent(hermes_bench.server.base_url, toolsets=(BENCH_TOOLSET, RELIABILITY_TOOLSET), delegation=True)
+    return hermes_bench.agent(toolsets=(BENCH_TOOLSET, RELIABILITY_TOOLSET), delegation=True, fresh=True)
 
 
 class Telemetry:

@@ -39,7 +39,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
 from statebackends_hermes_testbed.driver import HermesBench
-from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, make_agent, wait_for_delegations
+from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, wait_for_delegations
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_VARIABLES = (
@@ -259,7 +259,7 @@ def _emit_everything(bench: HermesBench, monkeypatch: pytest.MonkeyPatch, tmp_pa
         monkeypatch.setenv(var, value)
     readable = tmp_path / "readable.txt"
     readable.write_text("registry check\n")
-    files_agent = make_agent(bench.server.base_url, toolsets=(BENCH_TOOLSET, "file"))  # Hermes's own read_file
+    files_agent = bench.agent(toolsets=(BENCH_TOOLSET, "file"), fresh=True)  # Hermes's own read_file
     for capture in ("NO_CONTENT", "SPAN_AND_EVENT"):
         monkeypatch.setenv(ENV_CAPTURE, capture)
         bench.uninstrument()

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from statebackends import StateStore
 
 from .fakellm import FakeLLMServer, ScriptRecords
-from .hermes_harness import InProcessLLM, clear_tool_log, hermes_home, make_agent, wait_for_delegations
+from .hermes_harness import BENCH_TOOLSET, InProcessLLM, clear_tool_log, hermes_home, make_agent, wait_for_delegations
 from .modes import LOONGSUITE, NONE, Instrumentors
 from .traces import (
     CALLER_PREFIX,
@@ -237,8 +237,8 @@ class HermesBench:
         """Whether :meth:`truth` lists the LLM requests received, for the judge to check their HTTP spans."""
         self.fixtures: dict[Any, Any] = {}
         """What code driving this bench builds once and keeps with it, by a key of its own (the scenarios' agents)."""
-        self.timed_agent: Any = self.agent() if llm == IN_PROCESS or warm else None
-        """The agent :meth:`run` calls (built at once with the in-process LLM or ``warm``, else on first :meth:`run`)."""
+        self.timed_agent: Any = self.agent()
+        """The agent :meth:`run` calls: :meth:`agent`'s default kind (built once, shared with the callers of :meth:`agent`)."""
         self._frozen = False
         self._plan: Optional[List[_SpanNode]] = None
         self._plan_spans = 0
@@ -257,27 +257,39 @@ class HermesBench:
 
     # -- set-up --------------------------------------------------------------------------
 
-    def agent(self, *, streaming: bool = False, delegation: bool = False, fresh: bool = False) -> Any:
-        """A real AIAgent on the fake LLM, built once per kind (building costs about a second).
+    def agent(
+        self,
+        *,
+        streaming: bool = False,
+        delegation: bool = False,
+        toolsets: Sequence[str] = (BENCH_TOOLSET,),
+        fresh: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """A real AIAgent on the bench's fake LLM (:func:`~.hermes_harness.make_agent`), built once per kind.
 
-        With the in-process LLM the agent is built on a closed loopback port (its construction
-        probes refused at once) and its LLM client shadowed; ``delegate_task``'s children are not
-        covered (they get a fresh client factory): use the server for delegation.
+        Building costs about a second: the agent is kept by its arguments (``kwargs`` go to ``AIAgent``
+        and must then be hashable) unless ``fresh``, which builds a new one and keeps nothing. With the
+        in-process LLM the agent is built on a closed loopback port (its construction probes refused at
+        once) and its LLM client shadowed; ``delegate_task``'s children are not covered (they get a
+        fresh client factory): use the server for delegation.
         """
-        key = (streaming, delegation)
-        if fresh or key not in self._agents:
-            if self.server is not None:
-                agent = make_agent(self.server.base_url, streaming=streaming, delegation=delegation)
-            else:
-                # Hermes keeps ONE iteration budget per instance (replaced at every turn's start and
-                # consumed by every overlapping turn): 64 overlapping calls of 2 LLM rounds exhaust the
-                # default 90 and take another code path. A large cap keeps every call on the same path.
-                agent = cast(InProcessLLM, self.llm).install(make_agent(
-                    closed_loopback_url(), streaming=streaming, delegation=delegation, max_iterations=MAX_ITERATIONS))
-            if fresh:
-                return agent
+        key = None if fresh else (streaming, delegation, tuple(toolsets), tuple(sorted(kwargs.items())))
+        if key is not None and key in self._agents:
+            return self._agents[key]
+        if self.server is not None:
+            agent = make_agent(self.server.base_url, streaming=streaming, delegation=delegation, toolsets=toolsets,
+                               **kwargs)
+        else:
+            # Hermes keeps ONE iteration budget per instance (replaced at every turn's start and
+            # consumed by every overlapping turn): 64 overlapping calls of 2 LLM rounds exhaust the
+            # default 90 and take another code path. A large cap keeps every call on the same path.
+            kwargs.setdefault("max_iterations", MAX_ITERATIONS)
+            agent = cast(InProcessLLM, self.llm).install(make_agent(
+                closed_loopback_url(), streaming=streaming, delegation=delegation, toolsets=toolsets, **kwargs))
+        if key is not None:
             self._agents[key] = agent
-        return self._agents[key]
+        return agent
 
     def modes(self, include_loongsuite: bool = True) -> List[str]:
         """``none``, every backend, and ``loongsuite`` when installed."""
@@ -381,8 +393,6 @@ class HermesBench:
 
     def warm_up(self, modes: Optional[Sequence[str]] = None) -> None:
         """The first conversation is slow (lazy imports); two calls in every mode (default: all) warm the wrappers too."""
-        if self.timed_agent is None:
-            self.timed_agent = self.agent()
         for mode in (modes if modes is not None else self.modes()):
             self.set_mode(mode)
             for _ in range(2):
@@ -466,8 +476,6 @@ class HermesBench:
         ``correct`` (calls that completed and whose own tree is right), the aggregate ``orphans``,
         ``cross_talk``, ``never_ended`` and ``state_left``, ``ok`` and ``summary``.
         """
-        if self.timed_agent is None:
-            self.timed_agent = self.agent()
         recorder = Recorder("statebackends.agentbench.caller")
         self.set_mode(mode, recorder.provider)
         try:
@@ -505,8 +513,6 @@ class HermesBench:
     def record_plan(self, mode: Optional[str] = None) -> int:
         """Record the span tree of one :meth:`run` in ``mode`` (default: the first backend) to replay as the floor."""
         mode = mode or self.modes(include_loongsuite=False)[1]
-        if self.timed_agent is None:
-            self.timed_agent = self.agent()
         recorder = Recorder("statebackends.agentbench.plan")
         previous = self.mode
         self.set_mode(mode, recorder.provider)

@@ -40,7 +40,6 @@ from .driver import HermesBench, run_threads
 from .hermes_harness import (
     BENCH_TOOLSET,
     InProcessLLM,
-    make_agent,
     register_bench_tools,
     register_tool,
     wait_for_delegations,
@@ -207,7 +206,7 @@ class Rig:
         self.nested_child: Any = None
         """The agent ``sb_nested`` runs inline (set by the nested row while it runs)."""
         self.activate()  # before building: Hermes fixes an agent's tool names at construction
-        self._url = bench.server.base_url
+        self._bench = bench
         self.main = self._build()
         self.delegating = bench.agent(delegation=True)
         self._twin: Any = None
@@ -257,7 +256,7 @@ class Rig:
     def _build(self) -> Any:
         # Built with the session id its shared-id turns pass as task_id, as Hermes's CLI, ACP adapter and API server
         # build theirs (AIAgent(session_id=S) ... run_conversation(task_id=S)): hooks then see one id for both.
-        return make_agent(self._url, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET), session_id=SESSION_ID)
+        return self._bench.agent(toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET), session_id=SESSION_ID, fresh=True)
 
     @property
     def twin(self) -> Any:
@@ -271,7 +270,7 @@ class Rig:
         """Two streaming agents (Hermes's default), built on first use: one open turn each at a time."""
         if not self._streamers:
             self._streamers = tuple(
-                make_agent(self._url, streaming=True, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET)) for _ in range(2)
+                self._bench.agent(streaming=True, toolsets=(BENCH_TOOLSET, MATRIX_TOOLSET), fresh=True) for _ in range(2)
             )
         return self._streamers
 
