@@ -46,6 +46,7 @@ SETTINGS: Dict[str, Any] = {
     "state_repeats": (15, 31),
     "isolated_repeats": (8, 60),
     "isolated_calls": (200, 200),
+    "carry_repeats": (8, 60),  # blocks of isolated_calls calls: ours beside ours without the chat made current/carried
     "paired_repeats": (120, 500),
     "paired_calls": (2, 2),
     # The fake LLM's wait per request in the full-call measurement (a sleep, the GIL released, like a network
@@ -171,6 +172,11 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
         out["isolated"] = rp.isolated_overhead(bench, repeats=pick["isolated_repeats"], calls=pick["isolated_calls"],
                                               block=rp.cpu_block)
 
+        log("the chat made current and carried into its request thread, side by side")
+        from .lower_bound import carry_cost
+
+        out["carry"] = carry_cost(bench, repeats=pick["carry_repeats"], calls=pick["isolated_calls"])
+
         log(f"paired overhead ({pick['paired_repeats']} repeats)")
         directives = bench.directives
         if pick["llm_delay_ms"]:
@@ -197,6 +203,36 @@ def run(quick: bool, *, paired_repeats: Optional[int] = None, n_repeats: Optiona
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
+
+
+CARRY_TARGET_US = 1.0
+"""Issue 16's aim: making the chat current and carrying it into Hermes's request thread costs about this per chat."""
+
+
+def _carry_section(data: Dict[str, Any]) -> List[str]:
+    """What making the chat current and carrying it costs per chat, ours and the minimal mechanism, side by side."""
+    from .lower_bound import CURRENT_ONLY, MINIMAL, MINIMAL_UNCARRIED, UNCARRIED
+
+    carry = data["carry"]
+    lines = ["## Making the chat current and carrying it into Hermes's request thread", "",
+             "Ours (`invocation_id`) beside ours with the chat wrapper of the release before, which neither makes the "
+             "chat span current nor carries it (`benchmarks.lower_bound.carry_cost`), on the wrappers-alone stub, whose "
+             "two chats each build and run their request thread as Hermes does; the minimal hand-written wrappers with "
+             f"and without the same mechanism beside them. {data['settings']['carry_repeats']} interleaved blocks of "
+             f"{data['settings']['isolated_calls']} calls in this thread's CPU time; the paired difference per block, "
+             "halved (two chats a call): trimmed mean [95% bootstrap CI].", "",
+             "| what | µs per chat [95% CI] | target | verdict |", "|---|---:|---|---|"]
+    for label, with_it, without in (("ours: made current and carried", "ours", UNCARRIED),
+                                     ("ours: made current only (no thread hook)", CURRENT_ONLY, UNCARRIED),
+                                     ("minimal wrappers: the same mechanism, no guards", MINIMAL, MINIMAL_UNCARRIED)):
+        diffs = [(a - b) * 1e6 / 2 for a, b in zip(carry[with_it], carry[without])]
+        est, lo, hi = st.bootstrap_ci(diffs, st.trimmed_mean)
+        verdict = "" if with_it != "ours" else (
+            "met" if hi <= CARRY_TARGET_US else "**missed**" if lo > CARRY_TARGET_US else "inconclusive")
+        target = f"about {CARRY_TARGET_US:g} µs" if with_it == "ours" else ""
+        lines.append(f"| {label} | {est:+.2f} [{lo:+.2f}, {hi:+.2f}] | {target} | {verdict} |")
+    lines.append("")
+    return lines
 
 
 def render(data: Dict[str, Any], command: str, stamp: str) -> str:
@@ -364,6 +400,10 @@ def render(data: Dict[str, Any], command: str, stamp: str) -> str:
     add(f"| floor ({spans} bare SDK spans) | {spans} | {_us(iso_floor)} | {_us(iso_floor / max(spans, 1))} | 1 |"
         + (" |" if iso_loong else ""))
     add("")
+
+    # -- the chat carry ------------------------------------------------------------------------------
+    if "carry" in data:
+        lines += _carry_section(data)
 
     # -- correctness ---------------------------------------------------------------------------------
     add("## Correctness under load")

@@ -190,13 +190,17 @@ def test_report_end_to_end_on_tiny_settings(agent_bench: Any, tmp_path: Path) ->
     from benchmarks import report
 
     tiny = {"state_repeats": 1, "isolated_repeats": 1, "isolated_calls": 3, "paired_repeats": 2, "paired_calls": 1,
-            "n_repeats": 1, "ns": (1, 2), "total_calls": 2, "correctness_calls": 2, "retained_invocations": 1000}
+            "n_repeats": 1, "ns": (1, 2), "total_calls": 2, "correctness_calls": 2, "retained_invocations": 1000,
+            "carry_repeats": 2}
     data = report.run(True, overrides=tiny, log=report.Log(quiet=True))
     data["command"], data["stamp"] = "tiny", "now"
     text = report.render(data, "tiny", "now")
     for heading in ("## State operations per backend", "## Overhead of one full `run_conversation`",
-                    "## Each instrumentation's wrappers alone", "## Correctness under load", "## Time per call against", "## Targets"):
+                    "## Each instrumentation's wrappers alone", "## Making the chat current and carrying it",
+                    "## Correctness under load", "## Time per call against", "## Targets"):
         assert heading in text
+    assert set(data["carry"]) >= {"ours", "minimal"} and all(len(v) == 2 for v in data["carry"].values())
+    assert "| ours: made current and carried | " in text and "about 1 µs" in text
     assert all(data["correctness"][b]["correct"] == 2 for b in ("contextvar", "invocation_id", "otel_context"))
     # The full calls wait on the fake LLM (so Hermes's log thread keeps up); nothing else does.
     delay = report.SETTINGS["llm_delay_ms"][0]
