@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from statebackends_hermes_testbed.driver import HermesBench
 from statebackends_hermes_testbed.modes import LOONGSUITE
 
-from .replay import THREAD_INIT_ENABLED, WrapperReplay, interleaved, replay_responses
+from .replay import THREAD_INIT_ENABLED, WrapperReplay, interleaved, replay_responses, warm_up
 from .stats import trimmed_mean
 from .timing import FLOOR
 
@@ -173,14 +173,7 @@ def measure(bench: HermesBench, *, repeats: int = 20, calls: int = 200, mode: st
                MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal_wrappers(bench))}
     if LOONGSUITE in bench.modes():
         replays[LOONGSUITE] = WrapperReplay(bench, LOONGSUITE, responses)
-    for name, replay in replays.items():  # warm-up; the minimal wrappers must make our span count
-        for _ in range(20):
-            replay.call()
-            replay.bare_call()
-        ended = bench.spans_ended()
-        replay.call()
-        if name != LOONGSUITE and bench.spans_ended() - ended != bench.plan_spans:
-            raise RuntimeError(f"{name}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    warm_up(bench, replays, expect=[name for name in replays if name != LOONGSUITE])  # ours and the minimal: our tree
     return interleaved(bench, replays, repeats=repeats, calls=calls)
 
 
@@ -209,14 +202,7 @@ def path_costs(bench: HermesBench, *, repeats: int = 20, calls: int = 200) -> Di
     for path, names in PATHS.items():
         variants[f"{MINIMAL} {path}"] = {**ours, **{name: minimal[name] for name in names}}
     replays = {label: WrapperReplay(bench, label, responses, wrappers=wrappers) for label, wrappers in variants.items()}
-    for label, replay in replays.items():  # warm-up; every variant must make our span count
-        for _ in range(20):
-            replay.call()
-            replay.bare_call()
-        ended = bench.spans_ended()
-        replay.call()
-        if bench.spans_ended() - ended != bench.plan_spans:
-            raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    warm_up(bench, replays, expect=list(replays))  # every variant must make our span count
     return interleaved(bench, replays, repeats=repeats, calls=calls)
 
 
@@ -271,14 +257,7 @@ def carry_cost(bench: HermesBench, *, repeats: int = 20, calls: int = 200) -> Di
                MINIMAL: WrapperReplay(bench, MINIMAL, responses, wrappers=minimal),
                MINIMAL_UNCARRIED: WrapperReplay(bench, MINIMAL_UNCARRIED, responses,
                                                 wrappers=minimal_wrappers(bench, store=store, carry=False))}
-    for label, replay in replays.items():  # warm-up; both must make our span count
-        for _ in range(20):
-            replay.call()
-            replay.bare_call()
-        ended = bench.spans_ended()
-        replay.call()
-        if bench.spans_ended() - ended != bench.plan_spans:
-            raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+    warm_up(bench, replays, expect=list(replays))  # every variant must make our span count
     return interleaved(bench, replays, repeats=repeats, calls=calls, block=cpu_block)
 
 

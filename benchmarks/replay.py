@@ -234,17 +234,28 @@ def isolated_overhead(
     if bench.plan_spans == 0:
         bench.record_plan()
     out: Dict[str, Any] = {}
+    spans = warm_up(bench, replays)
+    out.update(interleaved(bench, replays, repeats=repeats, calls=calls, block=block))
+    out["spans"] = spans
+    return out
+
+
+def warm_up(bench: HermesBench, replays: Dict[str, "WrapperReplay"], *, rounds: int = 20,
+            expect: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Run each replay ``rounds`` times beside its bare stub, then once more counting the spans it makes; return
+    ``{label: spans per call}``. Each label in ``expect`` must make the recorded plan's span count (a replay that
+    makes another tree would time other work): a :class:`RuntimeError` names the one that does not."""
     spans: Dict[str, float] = {}
-    for mode, replay in replays.items():  # warm-up, and the spans one stub call makes
-        for _ in range(20):
+    for label, replay in replays.items():
+        for _ in range(rounds):
             replay.call()
             replay.bare_call()
         ended = bench.spans_ended()
         replay.call()
-        spans[mode] = bench.spans_ended() - ended
-    out.update(interleaved(bench, replays, repeats=repeats, calls=calls, block=block))
-    out["spans"] = spans
-    return out
+        spans[label] = bench.spans_ended() - ended
+        if expect is not None and label in expect and spans[label] != bench.plan_spans:
+            raise RuntimeError(f"{label}: {spans[label]:.0f} spans per call, not {bench.plan_spans}")
+    return spans
 
 
 def cpu_block(fn: Callable[[], Any], calls: int) -> float:

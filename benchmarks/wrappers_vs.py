@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     import statebackends_hermes_agent
     from statebackends_hermes_testbed.driver import HermesBench
 
-    from .replay import WrapperReplay, cpu_block, interleaved, replay_responses
+    from .replay import WrapperReplay, cpu_block, interleaved, replay_responses, warm_up
 
     this_label = args.this or THIS
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,14 +141,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 args.rev: WrapperReplay(bench, args.rev, responses,
                                         wrappers=wrappers_of(snapshot, bench.provider, args.backend, meters)),
             }
-            for label, replay in replays.items():  # warm-up; both must make the real call's span count
-                for _ in range(50):
-                    replay.call()
-                    replay.bare_call()
-                ended = bench.spans_ended()
-                replay.call()
-                if bench.spans_ended() - ended != bench.plan_spans:
-                    raise RuntimeError(f"{label}: {bench.spans_ended() - ended} spans per call, not {bench.plan_spans}")
+            warm_up(bench, replays, rounds=50, expect=list(replays))  # both must make the real call's span count
             for _ in range(50):
                 bench.floor_call()
             out = interleaved(bench, replays, repeats=args.repeats, calls=args.calls,
