@@ -1368,6 +1368,22 @@ def test_a_second_instrument_call_checks_its_state_backend(bench: HermesBench, c
     assert bench.instrumentor.state_backend == "contextvar"
 
 
+def test_a_second_instrument_call_reports_a_store_object_other_than_the_one_in_use(
+    bench: HermesBench, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store object passed while instrumented is ignored like a name is, so it is reported even when its name is the
+    one in use (the caller's own ContextVarStore was silently dropped); the store in use passed again is not."""
+    bench.instrumentor.instrument(tracer_provider=bench.provider, state_backend="contextvar")
+    in_use = bench.instrumentor.store
+    mine = ContextVarStore(InvocationState)
+    with caplog.at_level(logging.WARNING, logger="statebackends_hermes_agent"):
+        bench.instrumentor.instrument(state_backend=mine)
+        bench.instrumentor.instrument(state_backend=in_use)
+    assert bench.instrumentor.store is in_use
+    reports = [r.getMessage() for r in caplog.records if r.name.startswith("statebackends") and "ignored" in r.getMessage()]
+    assert len(reports) == 1 and "contextvar" in reports[0], reports
+
+
 def test_to_json_keeps_its_promise_on_an_object_whose_str_raises() -> None:
     """Issue 17, finding 7 (failed on dff20c4): ``genai.to_json`` is documented as never raising."""
     from statebackends_hermes_agent import genai

@@ -245,12 +245,14 @@ class HermesAgentInstrumentor(BaseInstrumentor):
 
     def instrument(self, **kwargs: Any) -> None:
         """``BaseInstrumentor.instrument``; while already instrumented, a ``state_backend`` is still checked (a bad one
-        raises ``ValueError``, as on the first call) and one naming another backend than the one in use is reported
-        (a WARNING: ``uninstrument()`` first), instead of being silently ignored."""
+        raises ``ValueError``, as on the first call) and one naming another backend than the one in use, or a store
+        object other than the one in use, is reported (a WARNING: ``uninstrument()`` first), instead of being silently
+        ignored."""
         value = kwargs.get("state_backend")
         if self.is_instrumented_by_opentelemetry and value is not None:
             asked = resolve_store(value, InvocationState)
-            if asked is not self.store and asked.name != self.state_backend:
+            # Another name, or another store object (a caller's own, even named as the one in use): not used.
+            if asked is not self.store and (asked.name != self.state_backend or not isinstance(value, str)):
                 log_safely(_logger, logging.WARNING, "hermes-agent instrumentation: already instrumented with state "
                            "backend %r; state_backend=%r is ignored (uninstrument() first)", self.state_backend,
                            asked.name or value)
