@@ -1527,3 +1527,44 @@ def test_an_unloadable_global_provider_named_by_the_environment_never_fails_inst
     (line,) = out["errors"]
     assert f"{variable}='sdk_providr'" in line
     assert ("sdk_logger_provider" if logger else "sdk_tracer_provider") in line
+
+
+class FrameLocals(logging.Handler):
+    """Records what a handler that reports each traceback frame's local variables (as Sentry's logging integration
+    does by default) would be handed: every record's message and the repr of every frame's locals."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.texts: list[str] = []
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        self.texts.append(record.getMessage())
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            self.texts.append(repr(tb.tb_frame.f_locals))
+            tb = tb.tb_next
+
+
+@pytest.mark.parametrize("where", ["on_end", "on_start"])
+def test_a_contained_telemetry_error_hands_log_handlers_no_content_in_its_frames(
+    bench: HermesBench, hermes: Any, where: str
+) -> None:
+    """Content capture off means no content in our logs, also for a handler that records the local variables of a
+    logged traceback's frames: when a span processor raises on a chat span, what we log of it (the boundary's ERROR)
+    carries the traceback as text, not its frames, whose locals hold the call's messages and the LLM's response (on
+    8bd1c68 the user's message reached the handler through them)."""
+    raising = RaisingProcessor(where, "chat")
+    instrumented(bench, raising)
+    handler = FrameLocals()
+    logger = logging.getLogger("statebackends_hermes_agent")
+    logger.addHandler(handler)
+    try:
+        result = bench.call(hermes, "framesecret", "[tools:1]")
+    finally:
+        logger.removeHandler(handler)
+    assert result["final_response"] == "done framesecret"
+    assert raising.raised > 0 and handler.records > 0, "the processor raised and the boundary logged it"
+    assert any("ProcessorBoom" in text for text in handler.texts), "the log keeps what failed, as text"
+    assert [text[:200] for text in handler.texts if "framesecret" in text] == []

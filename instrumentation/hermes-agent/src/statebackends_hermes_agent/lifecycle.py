@@ -32,6 +32,7 @@ import logging
 import re
 import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections.abc import Callable
@@ -155,7 +156,16 @@ def _contain(exc: BaseException, what: str) -> None:
     (through :func:`statebackends.log_safely`, so a raising log handler changes nothing) and dropped."""
     if isinstance(exc, KeyboardInterrupt):
         raise exc
-    log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: %s", what, exc_info=exc)
+    log_safely(_logger, logging.ERROR, "hermes-agent instrumentation: %s\n%s", what, _traceback_text(exc))
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """``exc`` and its traceback as text, never its frames: a log handler that records each frame's local variables
+    (Sentry's logging integration does by default) would be handed the call's messages and responses; never raises."""
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises: its class alone
+        return type(exc).__qualname__
 
 
 # -- ids --------------------------------------------------------------------------------------------------
@@ -226,9 +236,9 @@ def _outcome(result: Any) -> tuple[bool, bool, Any, Any]:
         interrupted = bool(result.get("interrupted"))
         final = result.get("final_response")
         return failed, interrupted, (final if final else None), (result.get("error") if failed else None)
-    except Exception:  # noqa: BLE001 - an unreadable result counts as a plain one with no answer
-        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: the run's result could not be read",
-                   exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable result counts as a plain one with no answer
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: the run's result could not be read\n%s",
+                   _traceback_text(exc))  # its frame holds the result, the answer in it: text only
         return False, False, None, None
 
 
