@@ -1085,7 +1085,8 @@ class HermesTelemetry:
         at_fork_in_child(self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: the locks anew (another thread of the parent may have held one), nothing pending."""
+        """In a forked child: the locks anew (another thread of the parent may have held one); the pending subagents
+        are kept (the thread that forked may still run one of them here; the others' agents are freed with them)."""
         self._pending_lock = threading.Lock()
         self.components.chunk_lock = threading.Lock()
 
