@@ -329,12 +329,10 @@ def _after_fork_in_child() -> None:
             raise
         except BaseException:  # noqa: BLE001 - a fork must never fail because of a store
             log_safely(_logger, logging.DEBUG, "%s: re-initialisation after fork failed", store.name, exc_info=True)
-    live = []
-    for ref in _fork_callbacks:
+    for ref in list(_fork_callbacks):  # a copy: an object a callback lets die takes its entry out meanwhile
         callback = ref()
-        if callback is None:  # its object is gone: forget it
+        if callback is None:  # its object is gone (its entry is on its way out)
             continue
-        live.append(ref)
         try:
             callback()
         except KeyboardInterrupt:
@@ -342,7 +340,6 @@ def _after_fork_in_child() -> None:
         except BaseException:  # noqa: BLE001 - a fork must never fail because of a callback
             log_safely(_logger, logging.WARNING, "statebackends: fork callback %r failed in the child", callback,
                        exc_info=True)
-    _fork_callbacks[:] = live
 
 
 if hasattr(os, "register_at_fork"):

@@ -1106,3 +1106,33 @@ def test_at_fork_in_child_forgets_a_bound_method_once_its_object_is_gone() -> No
     del kept
     gc.collect()
     assert len(_store._fork_callbacks) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only: os.fork")
+def test_a_fork_callback_that_lets_an_earlier_ones_object_die_skips_no_later_callback() -> None:
+    """An object freed while the child runs the callbacks takes its entry out of the list being run: the ones after
+    it still run, and one registered in the child during the pass stays (on 7eefe10 the list shifted under the loop:
+    'last' never ran)."""
+    from statebackends import _store, at_fork_in_child
+
+    class Hooked:
+        def hook(self) -> None:
+            pass
+
+    seen: list[Any] = []
+    box = [Hooked()]
+    at_fork_in_child(box[0].hook)  # before the one that lets it die
+
+    def let_it_die() -> None:
+        box.clear()  # the earlier callback's object is freed here, in the middle of the pass
+        seen.append("let it die")
+        at_fork_in_child(Hooked.hook.__get__(keep))  # a registration made in the child, during the pass
+
+    keep = Hooked()
+    at_fork_in_child(let_it_die)
+    at_fork_in_child(lambda: seen.append("last"))
+
+    def child() -> Any:
+        return [seen, any(ref() == keep.hook for ref in _store._fork_callbacks)]
+
+    assert in_forked_child(child) == [["let it die", "last"], True]
