@@ -1568,3 +1568,19 @@ def test_a_contained_telemetry_error_hands_log_handlers_no_content_in_its_frames
     assert raising.raised > 0 and handler.records > 0, "the processor raised and the boundary logged it"
     assert any("ProcessorBoom" in text for text in handler.texts), "the log keeps what failed, as text"
     assert [text[:200] for text in handler.texts if "framesecret" in text] == []
+
+
+def test_a_telemetry_error_raised_while_recording_the_llms_error_logs_none_of_that_errors_text(
+    bench: HermesBench, hermes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Content capture off: a span processor that raises while the chat records the provider's error (which quotes
+    the conversation) is logged with its own traceback only, not the chained error it was raised in (on 5ca0bdc the
+    log's text went on with 'During handling of the above exception' and the provider's message)."""
+    raising = RaisingProcessor("on_end", "chat")
+    instrumented(bench, raising)
+    with caplog.at_level(logging.DEBUG, logger="statebackends_hermes_agent"):
+        result = bench.call(hermes, "chainsecret", "[llm_error]")
+    assert result.get("failed") or not result.get("completed"), result
+    logged = [r.getMessage() + (r.exc_text or "") for r in caplog.records if r.name.startswith("statebackends")]
+    assert raising.raised > 0 and any("ProcessorBoom" in text for text in logged), logged
+    assert [text[-300:] for text in logged if "chainsecret" in text] == []

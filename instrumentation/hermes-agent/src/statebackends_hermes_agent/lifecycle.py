@@ -161,9 +161,10 @@ def _contain(exc: BaseException, what: str) -> None:
 
 def _traceback_text(exc: BaseException) -> str:
     """``exc`` and its traceback as text, never its frames: a log handler that records each frame's local variables
-    (Sentry's logging integration does by default) would be handed the call's messages and responses; never raises."""
+    (Sentry's logging integration does by default) would be handed the call's messages and responses; nor the
+    exceptions it was raised in (the agent's own, whose text can quote the conversation); never raises."""
     try:
-        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False)).rstrip()
     except Exception:  # noqa: BLE001 - an exception whose __str__ raises: its class alone
         return type(exc).__qualname__
 
