@@ -10,31 +10,20 @@ this/REV with a 95% bootstrap interval over the paired repeats. Needs the core a
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from .snapshot import write_snapshot
 from .stateops import measure_state_ops
 from .stats import bootstrap_ci, ratio_of_trimmed_means, trimmed_mean
 
-ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = "statebackends_snapshot"
 
 
 def load_snapshot(rev: str, into: Path) -> str:
     """Write ``statebackends/`` at ``rev`` as the package :data:`SNAPSHOT` under ``into``; put it on ``sys.path``."""
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:statebackends"],
-                           check=True, capture_output=True, text=True).stdout.split()
-    package = into / SNAPSHOT
-    package.mkdir()
-    for name in names:
-        if name.endswith(".py"):
-            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:statebackends/{name}"],
-                                    check=True, capture_output=True, text=True).stdout
-            (package / name).write_text(source)
-    sys.path.insert(0, str(into))
+    write_snapshot(rev, "statebackends", into, SNAPSHOT)
     return SNAPSHOT
 
 

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .replay import THREAD_INIT_ENABLED
+from .snapshot import write_snapshot
 from .stats import bootstrap_ci, ratio_of_trimmed_means, trimmed_mean
 from .timing import FLOOR
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "instrumentation/hermes-agent/src/statebackends_hermes_agent"
 SNAPSHOT = "statebackends_hermes_agent_snapshot"
 THIS = "this checkout"
@@ -43,17 +41,7 @@ TARGETS = {  # the stub's wrapped callables (benchmarks.replay) -> the wrapper's
 
 def load_snapshot(rev: str, into: Path, name: str = SNAPSHOT) -> Any:
     """The instrumentation package at ``rev``, written under ``into`` as the package ``name`` and imported."""
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{PACKAGE}"],
-                           check=True, capture_output=True, text=True).stdout.split()
-    package = into / name
-    package.mkdir()
-    for file in names:
-        if file.endswith(".py"):
-            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{PACKAGE}/{file}"],
-                                    check=True, capture_output=True, text=True).stdout
-            (package / file).write_text(source)
-    if str(into) not in sys.path:
-        sys.path.insert(0, str(into))
+    write_snapshot(rev, PACKAGE, into, name)
     return importlib.import_module(name)
 
 
