@@ -17,13 +17,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
 from statebackends_hermes_agent import genai
@@ -31,6 +25,7 @@ from statebackends_hermes_agent.config import ENV_LEGACY_REACT_ATTRIBUTES
 from statebackends_hermes_agent.descriptions import ToolDescriptions
 from statebackends_hermes_testbed.driver import HermesBench
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version
+from statebackends_hermes_testbed.inmemory import InMemoryProviders
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_BACKENDS = ("OTEL_INSTRUMENTATION_HERMES_AGENT_STATE_BACKEND", "STATEBACKENDS_BACKEND", "OTEL_PYTHON_STATE_BACKEND",
@@ -92,21 +87,13 @@ class StartRecorder(SpanProcessor):
         self.at_start[span.context.span_id] = dict(span.attributes or {})
 
 
-class Telemetry:
+class Telemetry(InMemoryProviders):
     """SDK tracer, meter and logger providers with in-memory exporters, and the instrumentation on them."""
 
     def __init__(self, bench: HermesBench) -> None:
         self.bench = bench
-        self.spans = InMemorySpanExporter()
         self.starts = StartRecorder()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(self.starts)
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.logs = InMemoryLogExporter()
-        self.logger_provider = LoggerProvider()
-        self.logger_provider.add_log_record_processor(SimpleLogRecordProcessor(self.logs))
+        super().__init__(self.starts)
 
     def instrument(self) -> None:
         self.bench.instrumentor.instrument(

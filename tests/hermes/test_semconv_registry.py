@@ -29,17 +29,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import Gauge, Histogram, InMemoryMetricReader, Sum
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GenAI
 
 from statebackends_hermes_testbed.driver import HermesBench
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, wait_for_delegations
+from statebackends_hermes_testbed.inmemory import InMemoryProviders
 
 ENV_CAPTURE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_VARIABLES = (
@@ -201,18 +196,8 @@ def _kind(data: Any) -> str:
     return type(data).__name__
 
 
-class Collector:
+class Collector(InMemoryProviders):
     """SDK providers with in-memory exporters; :meth:`collect` reads everything they got into :class:`Emitted`."""
-
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.logs = InMemoryLogExporter()
-        self.logger_provider = LoggerProvider()
-        self.logger_provider.add_log_record_processor(SimpleLogRecordProcessor(self.logs))
 
     def instrument(self, bench: HermesBench) -> None:
         bench.instrumentor.instrument(
