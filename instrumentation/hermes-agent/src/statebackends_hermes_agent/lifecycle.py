@@ -221,8 +221,9 @@ def _id_text(response_id: Any) -> str | None:
         if isinstance(response_id, (bytes, bytearray)):
             return bytes(response_id).decode("utf-8", "replace")
         return str(response_id)
-    except Exception:  # noqa: BLE001 - an id whose __bool__ or __str__ raises: the rest of the chat is still recorded
-        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: response id not readable", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - an id whose __bool__ or __str__ raises: the rest of the chat is still recorded
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: response id not readable\n%s",
+                   _traceback_text(exc))
         return None
 
 
@@ -1280,15 +1281,15 @@ def _end_quietly(span: Span) -> None:
     """``span.end()`` while undoing a start; what it raises is logged (a KeyboardInterrupt being raised already)."""
     try:
         span.end()
-    except BaseException:  # noqa: BLE001 - undoing: the first failure is the one reported
-        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a span being undone failed",
-                   exc_info=True)
+    except BaseException as exc:  # noqa: BLE001 - undoing: the first failure is the one reported
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a span being undone failed\n%s",
+                   _traceback_text(exc))
 
 
 def _end_scope_quietly(store: StateStore[InvocationState], scope: Scope[InvocationState]) -> None:
     """``store.end(scope)`` while undoing a start (see :func:`_end_quietly`)."""
     try:
         store.end(scope)
-    except BaseException:  # noqa: BLE001 - undoing: the first failure is the one reported
-        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a state being undone failed",
-                   exc_info=True)
+    except BaseException as exc:  # noqa: BLE001 - undoing: the first failure is the one reported
+        log_safely(_logger, logging.DEBUG, "hermes-agent instrumentation: ending a state being undone failed\n%s",
+                   _traceback_text(exc))
