@@ -85,11 +85,6 @@ def is_entry(span: Optional[ReadableSpan]) -> bool:
     return span is not None and _operation(span) in ENTRY_OPERATIONS
 
 
-def is_instrumentation_span(span: ReadableSpan) -> bool:
-    """A span the instrumentation made: one of the judged kinds or an entry span (counted when never ended)."""
-    return kind_of(span) is not None or is_entry(span)
-
-
 ENTRY = Kind.ENTRY
 
 
