@@ -24,6 +24,7 @@ from statebackends_hermes_agent import genai
 from statebackends_hermes_agent.config import ENV_LEGACY_REACT_ATTRIBUTES
 from statebackends_hermes_agent.descriptions import ToolDescriptions
 from statebackends_hermes_testbed.driver import HermesBench
+from statebackends_hermes_testbed.forking import in_forked_child
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, hermes_version
 from statebackends_hermes_testbed.inmemory import InMemoryProviders
 
@@ -886,25 +887,6 @@ def test_a_first_chunk_racing_the_end_of_its_chat_is_recorded_before_the_end_or_
 def test_a_child_forked_while_the_warn_once_lock_is_held_still_reads_the_capture_mode() -> None:
     """Issue 17, finding 7 (locks after fork): the lock behind the invalid-mode warning is made anew in a forked child;
     a child forked while another thread held it waited forever on its first invalid value (on 83a5a81)."""
-    import os
-    import signal
-
-    with genai._warned_lock:  # the thread holding it while the process forks
-        pid = os.fork()
-        if pid == 0:  # the child: read an invalid value (takes the lock), report by exit code only
-            try:
-                code = 0 if genai.capture_mode({ENV_CAPTURE: "forked-child-bogus"}) is genai.CaptureMode.NO_CONTENT else 3
-            except BaseException:
-                code = 4
-            os._exit(code)
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung on the warn-once lock its parent held at fork")
-        time.sleep(0.05)
-    assert os.waitstatus_to_exitcode(status) == 0
+    with genai._warned_lock:  # the thread holding it while the process forks; the child reads an invalid value
+        mode = in_forked_child(lambda: genai.capture_mode({ENV_CAPTURE: "forked-child-bogus"}).name, timeout=30)
+    assert mode == genai.CaptureMode.NO_CONTENT.name

@@ -32,6 +32,7 @@ EVICTED_ATTRIBUTE = "statebackends.state.evicted"  # the public names, pinned he
 EVICTED_EVENT = "statebackends.state.evicted"
 from statebackends_hermes_agent.state import InvocationState
 from statebackends_hermes_testbed.driver import HermesBench, run_threads
+from statebackends_hermes_testbed.forking import in_forked_child
 from statebackends_hermes_testbed.hermes_harness import BENCH_TOOLSET, register_bench_tools, wait_for_delegations
 
 RELIABILITY_TOOLSET = "sb_reliability"
@@ -1198,41 +1199,6 @@ def test_a_chats_tokens_still_count_when_its_span_could_not_start() -> None:
 # -- forks --------------------------------------------------------------------------------------------------------------
 
 
-def _in_child(body: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Run ``body`` in a forked child; its JSON-able return value, or AssertionError if it hung or failed."""
-    import os
-    import signal
-    import time
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(body()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.02)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(read_end)
-        raise AssertionError(f"the forked child hung for {timeout} s")
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    assert status == 0 and data, f"the forked child failed (status {status})"
-    return json.loads(data)
-
-
 def test_task_ids_we_make_never_repeat_across_a_fork() -> None:
     """Issue 17, finding 6 (failed on dff20c4): a parent and its forked child both make task ids for turns the caller
     gave none; before, both went on from the same prefix and counter (the same ids, so the same Docker sandbox
@@ -1250,7 +1216,7 @@ def test_task_ids_we_make_never_repeat_across_a_fork() -> None:
             out.append(invocation.task_id)
         return out
 
-    child = _in_child(ids)
+    child = in_forked_child(ids)
     parent = ids()
     assert not set(child) & set(parent), (child, parent)
     assert all(len(i) == 36 and i[14] == "4" for i in child + parent), "shaped as Hermes's own uuid4 strings"
@@ -1299,7 +1265,7 @@ def test_a_fork_while_another_thread_holds_the_subagent_lock_cannot_hang_the_chi
             telemetry.prepare_subagent(child)
             return telemetry.take_subagent(child) is not None
 
-        assert _in_child(in_child) is True
+        assert in_forked_child(in_child) is True
     finally:
         release.set()
         holder.join(10)
@@ -1346,7 +1312,7 @@ def test_a_fork_while_a_stream_reader_records_its_first_chunk_cannot_hang_the_ch
             invocation.stop(None)
             return store.live() or 0
 
-        assert _in_child(in_child) == 0
+        assert in_forked_child(in_child) == 0
     finally:
         meter.release.set()
         reader.join(10)
