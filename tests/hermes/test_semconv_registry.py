@@ -310,9 +310,16 @@ def test_every_attribute_is_in_the_registry_or_ours(emitted: Emitted, registry: 
 
 
 def test_known_bad_names_are_still_emitted_and_still_not_in_the_registry(emitted: Emitted, registry: Registry) -> None:
-    """A name fixed (no longer emitted) or adopted by the registry must leave :data:`KNOWN_BAD`."""
+    """A name fixed (no longer emitted) or adopted by the registry must leave :data:`KNOWN_BAD`; the step's old
+    ``gen_ai.react.*`` names, the last ones fixed, stay out of what is emitted by default (they come only behind the
+    deprecated switch) and are still not the registry's (else the switch would be no deprecation)."""
+    from statebackends_hermes_agent.lifecycle import LEGACY_REACT_FINISH_REASON, LEGACY_REACT_ROUND
+
     assert {name: name in emitted.attributes for name in KNOWN_BAD} == {name: True for name in KNOWN_BAD}
     assert [name for name in KNOWN_BAD if name in registry.attributes] == []
+    legacy = (LEGACY_REACT_ROUND, LEGACY_REACT_FINISH_REASON)
+    assert [name for name in legacy if name in emitted.attributes] == []
+    assert [name for name in legacy if name in registry.attributes] == []
 
 
 def test_names_newer_than_the_installed_registry_are_missing_from_it_only_there(
